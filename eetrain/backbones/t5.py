@@ -1,0 +1,67 @@
+"""T5 (encoder-decoder): exits on the decoder blocks, shared LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+
+from eetrain.backbones.base import ExitBackbone, ExitStates, pad
+
+
+class T5Backbone(ExitBackbone):
+    family = "t5"
+    model_class = T5ForConditionalGeneration
+    config_class = T5Config
+
+    @classmethod
+    def config_defaults(cls, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        # Without these ids a T5Config from a dict fails in the forward pass with labels.
+        return {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+        }
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.decoder.block
+
+    def forward(self, batch: dict[str, Tensor], layers: Sequence[int] | None = None) -> ExitStates:
+        """batch: input_ids, attention_mask (B, S); labels (B, T) with -100 padding."""
+        labels = batch["labels"]
+        encoder_states = self.model.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        decoder_input_ids = self.model._shift_right(labels)
+        with self.capture(layers) as cap:
+            self.model.decoder(
+                input_ids=decoder_input_ids,
+                encoder_hidden_states=encoder_states,
+                encoder_attention_mask=batch["attention_mask"],
+                use_cache=False,
+            )
+        order = sorted(cap.states)
+        return ExitStates(tuple(order), [cap.states[i] for i in order], labels)
+
+    def exit_features(self, h: Tensor) -> Tensor:
+        out = self.model.decoder.dropout(self.model.decoder.final_layer_norm(h))
+        if self.model.config.scale_decoder_outputs:
+            # T5 with tied embeddings rescales before the LM head.
+            out = out * (self.model.config.d_model**-0.5)
+        return out
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.model.lm_head.weight
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        input_ids = pad([e["source_ids"] for e in examples], self.tokenizer.pad_token_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (pad([[1] * len(e["source_ids"]) for e in examples], 0)),
+            "labels": pad([e["target_ids"] for e in examples], -100),
+        }

@@ -1,0 +1,73 @@
+"""Per-layer loss, top-1 accuracy and agreement with the last layer, accumulated over batches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eetrain.backbones.base import ExitBackbone, ExitStates
+
+
+@torch.no_grad()
+def layer_predictions(states: ExitStates, backbone: ExitBackbone) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-1 predictions and token CE of every captured exit at the scored positions.
+
+    Returns preds (n, N) long, token_ce (n, N) float, labels (N,), n = len(states.layers). One layer's
+    logits exist at a time, so this is cheap in memory even for a large vocabulary.
+    """
+    labels = states.labels
+    keep = labels != -100
+    preds, ces = [], []
+    for h in states.hidden:
+        if backbone.head_kind == "sequence":
+            logits = backbone.exit_logits(h)[keep]
+        else:
+            logits = backbone.exit_logits(h[keep])
+        logits = logits.float()
+        preds.append(logits.argmax(-1))
+        ces.append(F.cross_entropy(logits, labels[keep], reduction="none"))
+    return torch.stack(preds), torch.stack(ces), labels[keep]
+
+
+class LayerStats:
+    """Sums over batches; `compute()` gives one row per exit layer:
+    loss (mean token CE), acc (top-1 == label), agree (top-1 == the last layer's top-1)."""
+
+    def __init__(self, layers: tuple[int, ...]):
+        self.layers = layers
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(self.layers)
+        self.ce_sum = torch.zeros(n, dtype=torch.float64)
+        self.correct = torch.zeros(n, dtype=torch.long)
+        self.agree = torch.zeros(n, dtype=torch.long)
+        self.count = 0
+
+    def update(self, preds: Tensor, token_ce: Tensor, labels: Tensor) -> None:
+        """preds, token_ce: (n, N); labels: (N,). The last row is the reference for agreement."""
+        self.ce_sum += token_ce.double().sum(-1).cpu()
+        self.correct += (preds == labels).sum(-1).cpu()
+        self.agree += (preds == preds[-1]).sum(-1).cpu()
+        self.count += labels.numel()
+
+    def compute(self) -> list[dict[str, float]]:
+        n = max(self.count, 1)
+        return [
+            {
+                "layer": layer,
+                "loss": float(self.ce_sum[k] / n),
+                "acc": float(self.correct[k]) / n,
+                "agree": float(self.agree[k]) / n,
+            }
+            for k, layer in enumerate(self.layers)
+        ]
+
+
+def format_table(rows: list[dict[str, float]]) -> str:
+    """A fixed-width text table of `LayerStats.compute()` rows."""
+    lines = [f"{'layer':>5}  {'loss':>8}  {'top1_acc':>8}  {'agree_last':>10}"]
+    for r in rows:
+        lines.append(f"{r['layer']:>5}  {r['loss']:>8.4f}  {r['acc']:>8.4f}  {r['agree']:>10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The Lightning module: trains any `ExitBackbone` with a joint loss and logs every exit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from eetrain.backbones.base import ExitBackbone
+from eetrain.errors import NonFiniteLossError
+from eetrain.layer_metrics import LayerStats, layer_predictions
+from eetrain.losses.joint import JointLoss, LossOutput
+
+
+class EarlyExitModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: ExitBackbone,
+        loss: JointLoss,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+        scheduler: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler = dict(scheduler) if scheduler else None
+        layers = tuple(range(1, backbone.num_layers + 1))
+        self.val_stats = LayerStats(layers)
+        self.val_rows: list[dict[str, float]] = []
+
+    def _step(self, batch: dict[str, Tensor]) -> tuple[Any, LossOutput]:
+        states = self.backbone(batch)
+        out = self.loss(states, self.backbone)
+        if not torch.isfinite(out.total):
+            per_layer = {i: round(float(v), 4) for i, v in out.layer_ce.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss {float(out.total)} at global step {self.global_step} "
+                f"(terms {({k: float(v) for k, v in out.logs.items()})}, per-layer CE {per_layer}); "
+                "lower optimizer.lr, check the data, or use trainer.precision=32. "
+                "The last checkpoint written before this step is intact."
+            )
+        return states, out
+
+    def _log_loss(self, stage: str, out: LossOutput, batch_size: int) -> None:
+        on_step = stage == "train"
+        kw = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+        self.log(f"{stage}/loss", out.total.detach(), prog_bar=True, **kw)
+        for name, value in out.logs.items():
+            self.log(f"{stage}/{name}", value, **kw)
+        for layer, value in out.layer_ce.items():
+            self.log(f"{stage}/layer_{layer:02d}/ce", value, **kw)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        states, out = self._step(batch)
+        bs = batch["input_ids"].shape[0]
+        self._log_loss("train", out, bs)
+        # Per-layer accuracy costs one extra head pass per exit: only when the logger writes.
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            preds, _, labels = layer_predictions(states, self.backbone)
+            for k, layer in enumerate(states.layers):
+                self.log(f"train/layer_{layer:02d}/acc", (preds[k] == labels).float().mean(), batch_size=bs)
+        return out.total
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        states, out = self._step(batch)
+        self._log_loss("val", out, batch["input_ids"].shape[0])
+        preds, token_ce, labels = layer_predictions(states, self.backbone)
+        self.val_stats.update(preds, token_ce, labels)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_stats.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_rows = self.val_stats.compute()
+        for r in self.val_rows:
+            for metric in ("loss", "acc", "agree"):
+                self.log(f"val/layer_{r['layer']:02d}/{metric}", r[metric])
+        self.log("val/full/loss", self.val_rows[-1]["loss"])
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if not self.scheduler or self.scheduler.get("name") in (None, "constant"):
+            return optimizer
+        from transformers import get_scheduler
+
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.scheduler.get("warmup_steps") or int(self.scheduler.get("warmup_ratio", 0.0) * total)
+        sched = get_scheduler(self.scheduler["name"], optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

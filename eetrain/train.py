@@ -1,0 +1,101 @@
+"""The training recipe, top to bottom: build, fit, report every exit, export."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from eetrain.backbones.base import ExitBackbone
+from eetrain.checkpointing import AtomicCheckpointIO, export_pretrained
+from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
+from eetrain.losses.joint import JointLoss
+from eetrain.module import EarlyExitModule
+
+
+@torch.no_grad()
+def evaluate_layers(backbone: ExitBackbone, loader: Any) -> list[dict[str, float]]:
+    """Per-layer loss, top-1 accuracy and agreement with the last layer over a data loader."""
+    was_training = backbone.training
+    backbone.eval()
+    stats = LayerStats(tuple(range(1, backbone.num_layers + 1)))
+    device = next(backbone.parameters()).device
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        stats.update(*layer_predictions(backbone(batch), backbone))
+    backbone.train(was_training)
+    return stats.compute()
+
+
+def exit_settings(cfg: DictConfig, backbone: ExitBackbone, loss: JointLoss, rows: list[dict]) -> dict[str, Any]:
+    """What a reader of the export needs to run early exit: depth, trained exits, weights, report."""
+    trained = {}
+    for name, term in loss.terms.items():
+        if hasattr(term, "resolve"):
+            layers, weights = term.resolve(backbone.num_layers)
+            trained[name] = {"layers": list(layers), "weights": [round(float(w), 6) for w in weights]}
+    return {
+        "family": backbone.family,
+        "num_layers": backbone.num_layers,
+        "hidden_size": backbone.hidden_size,
+        "head_kind": backbone.head_kind,
+        "trained_exits": trained,
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "validation_layers": rows,
+    }
+
+
+def write_rows(rows: list[dict[str, float]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train with `cfg`; returns the last layer's validation loss (for sweeps)."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    backbone: ExitBackbone = instantiate(cfg.model)
+    loss: JointLoss = instantiate(cfg.loss)
+    for term in loss.terms.values():
+        if hasattr(term, "resolve"):
+            term.resolve(backbone.num_layers)  # bad exit layers or weights fail before any data loads
+    data = instantiate(cfg.data, tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
+    module = EarlyExitModule(
+        backbone,
+        loss,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+        if not trainer.is_global_zero:
+            return float("nan")
+        rows = evaluate_layers(backbone, data.val_dataloader())
+        print("\nPer-layer validation report (agree_last: top-1 equals the last layer's top-1)")
+        print(format_table(rows))
+        write_rows(rows, out_dir / "layer_report.csv")
+        if cfg.get("export", True):
+            where = export_pretrained(backbone, out_dir / "export", exit_settings(cfg, backbone, loss, rows))
+            print(f"\nExported model, tokenizer and early_exit.json to {where}")
+        return rows[-1]["loss"]
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()

@@ -1,0 +1,47 @@
+import os
+
+# Tests never touch the network: hub lookups fail fast, W&B writes offline run files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from eetrain.data.make_demo import DEMO_DIR  # noqa: E402
+
+TOKENIZER = str(DEMO_DIR / "tokenizer")
+
+TINY = {
+    "t5": dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=3, dropout_rate=0.0),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128),
+    "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0),
+}
+
+
+def make_backbone(family: str, **overrides):
+    from eetrain.backbones import BertBackbone, LlamaBackbone, T5Backbone
+
+    cls = {"t5": T5Backbone, "llama": LlamaBackbone, "bert": BertBackbone}[family]
+    return cls(config={**TINY[family], **overrides}, tokenizer=TOKENIZER, seed=0)
+
+
+def examples():
+    return [
+        {"source_ids": [5, 6, 7, 8, 1], "target_ids": [9, 10, 1], "label": 1},
+        {"source_ids": [11, 1], "target_ids": [12, 13, 14, 15, 1], "label": 2},
+    ]
+
+
+@pytest.fixture
+def backbone_factory():
+    return make_backbone
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,117 @@
+import time
+
+import pytest
+import torch
+
+from eetrain.backbones import check_layers
+from eetrain.errors import ConfigError, HubUnreachableError
+from tests.conftest import TOKENIZER, examples, make_backbone
+
+FAMILIES = ["t5", "llama", "bert"]
+
+
+def _scale_norms(model):
+    # The double-norm pitfall hides behind norm weights of all ones: make them differ.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.mul_(1.7).add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exits_shapes_and_last_exit_equals_model_logits(family):
+    bb = make_backbone(family).eval()
+    _scale_norms(bb.model)
+    batch = bb.collate(examples())
+    with torch.no_grad():
+        states = bb(batch)
+        ref = bb.model_logits(batch)
+        last = bb.exit_logits(states.hidden[-1])
+    assert bb.num_layers == 3 and states.layers == (1, 2, 3) and len(states.hidden) == 3
+    B = 2
+    for h in states.hidden:
+        assert h.shape[0] == B and h.shape[-1] == 32
+    assert last.shape == ref.shape
+    torch.testing.assert_close(last, ref, rtol=1e-5, atol=1e-5)
+    # intermediate exits give different logits through the same head
+    assert not torch.allclose(bb.exit_logits(states.hidden[0]), ref)
+
+
+def test_t5_rescale_follows_config():
+    bb = make_backbone("t5", tie_word_embeddings=True).eval()
+    h = torch.randn(2, 4, 32)
+    plain = bb.model.decoder.final_layer_norm(h)
+    torch.testing.assert_close(bb.exit_features(h), plain * 32**-0.5)
+
+
+def test_llama_labels_are_shifted_to_next_token():
+    bb = make_backbone("llama")
+    batch = bb.collate(examples())
+    states = bb(batch)
+    # row 0: source [5,6,7,8,1] (no loss) then target [9,10,1]; position 4 predicts 9
+    assert batch["labels"][0].tolist()[:8] == [-100] * 5 + [9, 10, 1]
+    assert states.labels[0].tolist()[:8] == [-100] * 4 + [9, 10, 1, -100]
+
+
+def test_bert_sequence_head_features():
+    bb = make_backbone("bert").eval()
+    batch = bb.collate(examples())
+    states = bb(batch)
+    assert states.labels.tolist() == [1, 2]
+    assert bb.exit_features(states.hidden[0]).shape == (2, 32)
+    assert bb.exit_logits(states.hidden[0]).shape == (2, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_only_selected_layers(family):
+    bb = make_backbone(family)
+    states = bb(bb.collate(examples()), layers=[1, 3])
+    assert states.layers == (1, 3) and len(states.hidden) == 2
+
+
+def test_check_layers_errors():
+    assert check_layers(None, 4) == (1, 2, 3, 4)
+    with pytest.raises(ConfigError, match="outside 1..4"):
+        check_layers([0, 2], 4)
+    with pytest.raises(ConfigError, match="outside 1..4"):
+        check_layers([5], 4)
+    with pytest.raises(ConfigError, match="sorted"):
+        check_layers([3, 2], 4)
+    with pytest.raises(ConfigError, match="sorted"):
+        check_layers([2, 2], 4)
+
+
+def test_missing_local_model_path(tmp_path):
+    from eetrain.backbones import T5Backbone
+
+    with pytest.raises(ConfigError, match="model.name_or_path=.*no such file"):
+        T5Backbone(name_or_path=str(tmp_path / "nope"))
+
+
+def test_hub_name_offline_fails_fast_with_instructions():
+    from eetrain.backbones import T5Backbone
+
+    t0 = time.monotonic()
+    with pytest.raises(HubUnreachableError, match="Point model.name_or_path at a local directory"):
+        T5Backbone(name_or_path="google-t5/t5-large")
+    assert time.monotonic() - t0 < 10
+
+
+def test_from_pretrained_round_trip(tmp_path):
+    from eetrain.backbones import T5Backbone
+
+    bb = make_backbone("t5").eval()
+    bb.save_pretrained(str(tmp_path / "m"))
+    again = T5Backbone(name_or_path=str(tmp_path / "m")).eval()
+    batch = bb.collate(examples())
+    with torch.no_grad():
+        torch.testing.assert_close(bb.model_logits(batch), again.model_logits(batch))
+
+
+def test_exactly_one_source_required():
+    from eetrain.backbones import T5Backbone
+
+    with pytest.raises(ConfigError, match="exactly one of model.name_or_path"):
+        T5Backbone(tokenizer=TOKENIZER)
+    with pytest.raises(ConfigError, match="not a valid T5Config"):
+        T5Backbone(config={"d_model": 32, "num_heads": "x"}, tokenizer=TOKENIZER)

@@ -1,0 +1,100 @@
+"""Hydra composition of every shipped config, and the CLI's handling of bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from eetrain.config import CONF_DIR, compose
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eetrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"+experiment={experiment}"], return_hydra_config=True)
+    OmegaConf.resolve(cfg.loss)
+    assert cfg.task_name == experiment or experiment in cfg.task_name
+    for group in ("model", "data", "loss", "optimizer", "trainer"):
+        assert "_target_" in cfg[group], group
+    loss = instantiate(cfg.loss)
+    assert loss.terms
+
+
+@pytest.mark.parametrize("group", ["model", "data", "loss", "optimizer", "trainer", "logger", "callbacks"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        cfg = compose([f"{group}={option}"], return_hydra_config=True)
+        if cfg[group] is not None:
+            OmegaConf.to_container(cfg[group], resolve=False)
+
+
+def test_demo_is_the_tiny_t5_on_shipped_data():
+    cfg = compose(["+experiment=demo"], return_hydra_config=True)
+    assert cfg.model._target_.endswith("T5Backbone") and cfg.model.name_or_path is None
+    assert Path(cfg.data.files.train).exists()
+    assert cfg.loss.terms.ce.weights == "calm"
+    assert cfg.trainer.accelerator == "cpu"
+
+
+def test_calm_t5_is_the_real_recipe():
+    cfg = compose(["+experiment=calm_t5"], return_hydra_config=True)
+    assert cfg.model.name_or_path == "google-t5/t5-large"
+    assert cfg.data.hf_name == "abisee/cnn_dailymail" and cfg.data.hf_config == "3.0.0"
+    assert cfg.data.max_target_length == 128 and cfg.optimizer.lr == 1e-4
+
+
+def test_unknown_experiment_lists_available(tmp_path):
+    r = cli("+experiment=no_such_experiment", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Available options in 'experiment'" in r.stderr
+    for name in EXPERIMENTS:
+        assert name in r.stderr
+
+
+def test_unknown_group_option_and_key(tmp_path):
+    r = cli("loss=no_such_loss", cwd=tmp_path)
+    assert r.returncode != 0 and "Available options in 'loss'" in r.stderr and "calm" in r.stderr
+    r = cli("+experiment=demo", "trainer.no_such_key=1", cwd=tmp_path)
+    assert r.returncode != 0 and "no_such_key" in r.stderr
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    r = cli("+experiment=demo", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = OmegaConf.create(r.stdout)
+    assert cfg.task_name == "demo" and cfg.loss.terms.ce.weights == "calm"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.terms.ce.weights=[0.5,0.5]"], "loss.ce.weights has 2 values but there are 4 exit layers"),
+        (["loss.terms.ce.weights=[1,-1,1,1]"], "loss.ce.weights=[1.0, -1.0, 1.0, 1.0]: weights must be >= 0"),
+        (["loss.terms.ce.layers=[2,9]"], "loss.ce.layers=[2, 9]: [9] outside 1..4"),
+        (["data.source_column=article"], "no column data.source_column='article'"),
+        (["model.tokenizer=null", "model.config=null", "model.name_or_path=./no/such/model"],
+         "model.name_or_path='./no/such/model': no such file or directory"),
+    ],
+)
+def test_bad_input_one_clear_message(tmp_path, overrides, message):
+    r = cli("+experiment=demo", "logger=none", *overrides, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_calm_t5_offline_stops_at_once(tmp_path):
+    r = cli("+experiment=calm_t5", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert "hub is unreachable" in r.stderr and "model.name_or_path" in r.stderr
+    assert "Traceback" not in r.stderr

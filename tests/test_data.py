@@ -1,0 +1,105 @@
+import json
+
+import pandas as pd
+import pytest
+
+from eetrain.data.text2text import Text2TextDataModule
+from eetrain.errors import ConfigError, DataError
+from tests.conftest import make_backbone
+
+ROWS = [
+    {"document": "alice met bob in paris on monday .", "summary": "alice met bob ."},
+    {"document": "the council of rome approved 12 new parks on friday .", "summary": "rome approved 12 parks ."},
+    {"document": "bob left .", "summary": "bob left ."},
+]
+
+
+def _write(path, rows, fmt):
+    df = pd.DataFrame(rows)
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path)
+    return str(path)
+
+
+def _dm(tmp_path, fmt="jsonl", rows=ROWS, **kw):
+    bb = make_backbone("t5")
+    files = {s: _write(tmp_path / f"{s}.{fmt}", rows, fmt) for s in ("train", "validation")}
+    args = dict(files=files, source_column="document", target_column="summary", batch_size=2)
+    args.update(kw)
+    return Text2TextDataModule(bb.tokenizer, bb.collate, **args), bb
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_local_formats(tmp_path, fmt):
+    dm, bb = _dm(tmp_path, fmt, prefix="summarize: ")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert len(dm.datasets["validation"]) == 3
+    first = dm.datasets["validation"][0]
+    assert bb.tokenizer.decode(first["source_ids"], skip_special_tokens=True).startswith("summarize")
+    assert first["target_ids"][-1] == bb.tokenizer.eos_token_id
+
+
+def test_truncation_is_counted_and_keeps_eos(tmp_path, capsys):
+    dm, bb = _dm(tmp_path, max_source_length=6, max_target_length=4)
+    dm.setup("fit")
+    t = dm.truncation["train"]
+    n_src = sum(len(bb.tokenizer(r["document"])["input_ids"]) > 6 for r in ROWS)
+    n_tgt = sum(len(bb.tokenizer(r["summary"])["input_ids"]) > 4 for r in ROWS)
+    assert n_src == 2
+    assert t == {"examples": 3, "source_truncated": n_src, "target_truncated": n_tgt}
+    assert all(len(e["target_ids"]) <= 4 and e["target_ids"][-1] == 1 for e in dm.datasets["train"])
+    assert f"truncated sources {n_src}" in capsys.readouterr().out
+
+
+def test_missing_column_names_the_key(tmp_path):
+    dm, _ = _dm(tmp_path, target_column="highlights")
+    with pytest.raises(DataError, match=r"no column data.target_column='highlights'.*\['document', 'summary'\]"):
+        dm.setup("fit")
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    (tmp_path / "e.csv").write_text("document,summary\n")
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(tmp_path / "e.csv"),
+                             "validation": str(tmp_path / "e.csv")}, source_column="document",
+                             target_column="summary")
+    with pytest.raises(DataError, match="is empty"):
+        dm.setup("fit")
+
+
+def test_missing_file_and_split(tmp_path):
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(DataError, match="data.files.train=.*no such file"):
+        dm.setup("fit")
+    with pytest.raises(ConfigError, match="data.hf_name"):
+        Text2TextDataModule(bb.tokenizer, bb.collate)
+
+
+def test_hub_dataset_offline_fails_fast(tmp_path):
+    from eetrain.errors import HubUnreachableError
+
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, hf_name="abisee/cnn_dailymail", hf_config="3.0.0")
+    with pytest.raises(HubUnreachableError, match="data.files.train="):
+        dm.setup("fit")
+
+
+def test_llama_collation_from_same_data(tmp_path):
+    bb = make_backbone("llama")
+    files = {s: _write(tmp_path / f"{s}.jsonl", ROWS, "jsonl") for s in ("train", "validation")}
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files=files, source_column="document",
+                             target_column="summary", batch_size=3)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    n_target = sum(len(e["target_ids"]) for e in dm.datasets["validation"])
+    assert int((batch["labels"] != -100).sum()) == n_target
