@@ -93,6 +93,11 @@ def run(cfg: DictConfig) -> float:
         if cfg.get("export", True):
             where = export_pretrained(backbone, out_dir / "export", exit_settings(cfg, backbone, loss, rows))
             print(f"\nExported model, tokenizer and early_exit.json to {where}")
+        if cfg.get("stages"):
+            # Later stages (e.g. exit classifiers on the frozen backbone) run on the trained model.
+            from eetrain.stages import run_stages
+
+            run_stages(cfg, backbone, data, out_dir)
         return rows[-1]["loss"]
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
