@@ -4,6 +4,12 @@ Notation (see ``shared/reference/methods.md``, "Exit decisions"): ``L`` exit lay
 index ``i = 1..L``; for ``N`` tokens a record holds ``hidden: (L, N, d)``, exit ``logits: (L, N, V)``
 from a shared head (or precomputed ``probs: (L, N, V)``) and optional ``labels: (N,)``.
 
+Full ``(L, N, V)`` logits do not fit in memory for a 32k vocabulary over a validation set, so a
+record may instead hold per-layer *summaries* (see :func:`summarize_logits`): the argmax
+``predictions (L, N)``, the two largest probabilities ``top2 (L, N, 2)`` and the entropy
+``entropies (L, N)`` (with ``vocab_size``), plus ``saturation (L, N)`` when ``hidden`` is not kept.
+Every registered measure is computed from these as exactly as from the full logits.
+
 Score convention
 ----------------
 Every *registered* measure (``MEASURES``) returns an ``(L, N)`` tensor whose entry ``[i-1, n]``
@@ -50,6 +56,8 @@ __all__ = [
     "to_probs",
     "to_preds",
     "top1_probs",
+    "summarize_logits",
+    "monotonic_from_top1",
     "softmax_gap",
     "softmax_max",
     "entropy",
@@ -78,6 +86,16 @@ class ExitRecords:
         labels: ``(N,)`` gold labels with ``-100`` for padding tokens to drop, or ``None``.
         h0: ``(N, d)`` the state before layer 1 (e.g. the embeddings), used only by
             ``hidden_saturation`` at layer 1, or ``None``.
+        predictions: ``(L, N)`` long argmax of every layer (summary; used when there are no
+            logits/probs, and preferred over them when given).
+        top2: ``(L, N, 2)`` float, the largest and second-largest probability of every layer.
+        entropies: ``(L, N)`` float, the entropy ``H(p_i)`` in nats.
+        saturation: ``(L, N)`` float, ``cos(h_i, h_{i-1})`` as :func:`hidden_saturation` gives it
+            (used when ``hidden`` is not kept).
+        vocab_size: ``V``, needed by ``normalized_entropy`` on summaries.
+        positions: ``(N,)`` long, the 1-based decoding position ``t`` of each token (decaying
+            thresholds use it when no ``positions`` are passed explicitly).
+        sequence_ids: ``(N,)`` long, the sequence each token belongs to (sequence-level risks).
     """
 
     hidden: Tensor | None = None
@@ -85,29 +103,51 @@ class ExitRecords:
     probs: Tensor | None = None
     labels: Tensor | None = None
     h0: Tensor | None = None
+    predictions: Tensor | None = None
+    top2: Tensor | None = None
+    entropies: Tensor | None = None
+    saturation: Tensor | None = None
+    vocab_size: int | None = None
+    positions: Tensor | None = None
+    sequence_ids: Tensor | None = None
     _preds: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         shapes = {}
-        for key in ("hidden", "logits", "probs"):
+        for key, dims in (
+            ("hidden", 3),
+            ("logits", 3),
+            ("probs", 3),
+            ("top2", 3),
+            ("predictions", 2),
+            ("entropies", 2),
+            ("saturation", 2),
+        ):
             value = getattr(self, key)
             if value is not None:
-                if value.dim() != 3:
-                    raise ValueError(f"{key} must have shape (L, N, ...), got {tuple(value.shape)}")
+                if value.dim() != dims:
+                    want = "(L, N, ...)" if dims == 3 else "(L, N)"
+                    raise ValueError(f"{key} must have shape {want}, got {tuple(value.shape)}")
                 shapes[key] = tuple(value.shape[:2])
         if len(set(shapes.values())) > 1:
             raise ValueError(f"records disagree on (L, N): {shapes}")
-        if self.labels is not None:
-            if self.labels.dim() != 1:
-                raise ValueError(f"labels must have shape (N,), got {tuple(self.labels.shape)}")
-            if shapes and self.labels.shape[0] != next(iter(shapes.values()))[1]:
-                raise ValueError(
-                    f"labels has {self.labels.shape[0]} tokens, records have {next(iter(shapes.values()))[1]}"
-                )
+        if self.top2 is not None and self.top2.shape[-1] != 2:
+            raise ValueError(f"top2 must have shape (L, N, 2), got {tuple(self.top2.shape)}")
+        num_tokens = next(iter(shapes.values()))[1] if shapes else None
+        for key in ("labels", "positions", "sequence_ids"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if value.dim() != 1:
+                raise ValueError(f"{key} must have shape (N,), got {tuple(value.shape)}")
+            if num_tokens is not None and value.shape[0] != num_tokens:
+                raise ValueError(f"{key} has {value.shape[0]} tokens, records have {num_tokens}")
         if self.h0 is not None and self.hidden is not None and self.h0.shape != self.hidden.shape[1:]:
             raise ValueError(
                 f"h0 must have shape (N, d) = {tuple(self.hidden.shape[1:])}, got {tuple(self.h0.shape)}"
             )
+        if self.vocab_size is not None and int(self.vocab_size) < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size!r}")
 
     @property
     def num_layers(self) -> int:
@@ -120,25 +160,92 @@ class ExitRecords:
         return self._first().shape[1]
 
     def _first(self) -> Tensor:
-        for value in (self.logits, self.probs, self.hidden):
+        for value in (
+            self.logits,
+            self.probs,
+            self.hidden,
+            self.predictions,
+            self.top2,
+            self.entropies,
+            self.saturation,
+        ):
             if value is not None:
                 return value
-        raise ValueError("records hold neither hidden, logits nor probs")
+        raise ValueError("records hold neither hidden states, logits, probs nor per-layer summaries")
+
+    @property
+    def has_distribution(self) -> bool:
+        """True when full ``(L, N, V)`` logits or probs are held."""
+        return self.logits is not None or self.probs is not None
 
     def get_probs(self) -> Tensor:
         """``(L, N, V)`` probabilities (``probs`` if given, else ``softmax(logits)`` in float32)."""
         if self.probs is not None:
             return to_probs(probs=self.probs)
+        if self.logits is None:
+            raise ValueError(
+                "these records hold per-layer summaries (top2/entropies), not full logits or probs"
+            )
         return to_probs(self.logits)
 
     def preds(self) -> Tensor:
         """``(L, N)`` long argmax prediction of every layer (cached)."""
+        if self.predictions is not None:
+            return self.predictions.long()
         if self._preds is None:
             source = self.logits if self.logits is not None else self.probs
             if source is None:
-                raise ValueError("predictions need logits or probs in the records")
+                raise ValueError("predictions need logits, probs or predictions in the records")
             self._preds = source.argmax(dim=-1)
         return self._preds
+
+    def summarized(self) -> ExitRecords:
+        """A copy holding per-layer summaries instead of the ``(L, N, V)`` logits/probs.
+
+        Measures give the same values on the copy (see :func:`summarize_logits`).
+        """
+        if not self.has_distribution:
+            return self
+        if self.logits is not None:
+            pred, top2, ent = summarize_logits(self.logits)
+        else:
+            pred, top2, ent = summarize_logits(probs=self.probs)
+        vocab = (self.logits if self.logits is not None else self.probs).shape[-1]  # type: ignore[union-attr]
+        return replace(
+            self,
+            logits=None,
+            probs=None,
+            predictions=self.preds() if self.predictions is not None else pred,
+            top2=top2,
+            entropies=ent,
+            vocab_size=vocab,
+            _preds=None,
+        )
+
+    def subset(self, index: Tensor) -> ExitRecords:
+        """The records of some tokens: ``index`` is an ``(M,)`` long index or ``(N,)`` bool mask."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(-1)
+
+        def take(value: Tensor | None, dim: int) -> Tensor | None:
+            return None if value is None else value.index_select(dim, index.to(value.device))
+
+        return replace(
+            self,
+            hidden=take(self.hidden, 1),
+            logits=take(self.logits, 1),
+            probs=take(self.probs, 1),
+            labels=take(self.labels, 0),
+            h0=take(self.h0, 0),
+            predictions=take(self.predictions, 1),
+            top2=take(self.top2, 1),
+            entropies=take(self.entropies, 1),
+            saturation=take(self.saturation, 1),
+            positions=take(self.positions, 0),
+            sequence_ids=take(self.sequence_ids, 0),
+            _preds=take(self._preds, 1),
+        )
 
     def with_probs(self) -> ExitRecords:
         """A copy with ``probs`` filled in (so repeated measures do not recompute the softmax)."""
@@ -182,6 +289,26 @@ def to_preds(logits_or_preds: Tensor) -> Tensor:
 def top1_probs(logits: Tensor | None = None, *, probs: Tensor | None = None) -> Tensor:
     """``(L, N)`` each layer's own top-1 probability ``max_v p_i[v]``."""
     return to_probs(logits, probs=probs).amax(dim=-1)
+
+
+def summarize_logits(
+    logits: Tensor | None = None, *, probs: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-layer summaries that every registered measure can be computed from.
+
+    ``(..., V)`` logits (or probs) -> ``predictions (...)`` long argmax, ``top2 (..., 2)`` float32
+    largest two probabilities, ``entropies (...)`` float32 entropy in nats.  Computed exactly as the
+    measures compute them from full logits (float32 softmax, ``log_softmax`` entropy), so a summary
+    record gives identical scores while storing 4 numbers per layer and token instead of ``V``.
+    """
+    source = logits if logits is not None else probs
+    if source is None or (logits is not None and probs is not None):
+        raise ValueError("pass exactly one of logits or probs")
+    if source.shape[-1] < 2:
+        raise ValueError(f"summaries need a vocabulary of at least 2, got V={source.shape[-1]}")
+    p = to_probs(logits, probs=probs)
+    top2 = p.topk(2, dim=-1).values
+    return source.argmax(dim=-1), top2, entropy(logits, probs=probs)
 
 
 def softmax_max(logits: Tensor | None = None, *, probs: Tensor | None = None) -> Tensor:
@@ -294,9 +421,13 @@ def monotonic(
     With ``c_i`` each layer's own top-1 probability, the rule fires at layer ``i`` iff
     ``i >= 3`` and ``c_{i-2} < c_{i-1} < c_i`` (strictly increasing) and ``c_i >= min_confidence``.
     """
+    return monotonic_from_top1(top1_probs(logits, probs=probs), min_confidence)
+
+
+def monotonic_from_top1(c: Tensor, min_confidence: float = 0.9) -> Tensor:
+    """:func:`monotonic` from each layer's own top-1 probability ``c: (L, N)`` -> ``(L, N)`` bool."""
     if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence!r}")
-    c = top1_probs(logits, probs=probs)
     fires = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
     if c.shape[0] >= 3:
         fires[2:] = (c[:-2] < c[1:-1]) & (c[1:-1] < c[2:]) & (c[2:] >= min_confidence)
@@ -363,27 +494,52 @@ def _need(records: ExitRecords, key: str) -> Tensor:
     return value
 
 
+def _top2(records: ExitRecords) -> Tensor:
+    if records.top2 is None:
+        raise ValueError("this measure needs logits, probs or top2 summaries in the records")
+    return records.top2
+
+
 def _m_softmax_gap(records: ExitRecords) -> Tensor:
-    return softmax_gap(probs=_need(records, "probs"))
+    if records.has_distribution:
+        return softmax_gap(probs=_need(records, "probs"))
+    top2 = _full(_top2(records))
+    return top2[..., 0] - top2[..., 1]
 
 
 def _m_softmax_max(records: ExitRecords) -> Tensor:
-    return softmax_max(probs=_need(records, "probs"))
+    if records.has_distribution:
+        return softmax_max(probs=_need(records, "probs"))
+    return _full(_top2(records)[..., 0])
+
+
+def _entropies(records: ExitRecords) -> Tensor:
+    if records.entropies is None:
+        raise ValueError("this measure needs logits, probs or entropies in the records")
+    return _full(records.entropies)
 
 
 def _m_entropy(records: ExitRecords) -> Tensor:
     if records.probs is None and records.logits is not None:
         return entropy_score(records.logits)
-    return entropy_score(probs=_need(records, "probs"))
+    if records.probs is not None:
+        return entropy_score(probs=records.probs)
+    return -_entropies(records)
 
 
 def _m_normalized_entropy(records: ExitRecords) -> Tensor:
     if records.probs is None and records.logits is not None:
         return normalized_entropy_score(records.logits)
-    return normalized_entropy_score(probs=_need(records, "probs"))
+    if records.probs is not None:
+        return normalized_entropy_score(probs=records.probs)
+    if records.vocab_size is None or records.vocab_size < 2:
+        raise ValueError("normalized_entropy on summaries needs vocab_size >= 2 in the records")
+    return (1.0 - _entropies(records) / math.log(records.vocab_size)).clamp(0.0, 1.0)
 
 
 def _m_hidden_saturation(records: ExitRecords) -> Tensor:
+    if records.hidden is None and records.saturation is not None:
+        return _full(records.saturation)
     return hidden_saturation(_need(records, "hidden"), records.h0)
 
 
@@ -392,7 +548,9 @@ def _m_patience(records: ExitRecords, patience: int = 3) -> Tensor:
 
 
 def _m_monotonic(records: ExitRecords, min_confidence: float = 0.9) -> Tensor:
-    return monotonic(probs=_need(records, "probs"), min_confidence=min_confidence)
+    if records.has_distribution:
+        return monotonic(probs=_need(records, "probs"), min_confidence=min_confidence)
+    return monotonic_from_top1(_full(_top2(records)[..., 0]), min_confidence)
 
 
 _INF = float("inf")

@@ -1,0 +1,457 @@
+"""Training-step time and peak memory of a multi-exit (CALM) loss: plain vs naive vs eetrain.
+
+Three implementations of one full training step (forward, backward, AdamW step) on the same model,
+data and seed:
+
+* ``plain``   -- standard fine-tuning: the wrapped Hugging Face model's own forward with ``labels``,
+  i.e. the last layer only, logits materialised (and upcast to fp32) the way transformers does it.
+* ``naive``   -- CALM loss on every exit, each exit's logits materialised and kept for backward
+  (:class:`eetrain.losses.ExitCrossEntropy` with ``impl="naive"``).
+* ``eetrain`` -- CALM loss on every exit through the fused, chunked multi-exit cross-entropy
+  (``impl="auto"``: ``chunked`` on CPU, Liger / Cut-Cross-Entropy on CUDA when installed).
+
+Usage::
+
+    python benchmarks/multi_exit_loss.py --shape cpu --device cpu
+    python benchmarks/multi_exit_loss.py --shape llama-1b --device cuda --json
+
+By default every implementation runs in a fresh subprocess (``--in-process`` runs them in this one).
+Memory (``peak_mib``) is what the step allocates beyond the model and optimizer state; see
+``benchmarks/README.md`` for how it is measured on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("plain", "naive", "eetrain")
+REQUIRED_KEYS = ("impl", "shape", "device", "s_per_step", "peak_mib")
+
+# Targets of issue 3 (same run, same shape): eetrain peak <= x * plain, eetrain time <= y * naive.
+TARGETS = {"cpu": (1.15, 1.0), "cuda": (1.10, 0.85)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    family: str  # "llama" (tokens = seq) or "t5" (encoder: source tokens, decoder: seq tokens)
+    config: dict[str, Any]
+    batch: int
+    seq: int
+    source: int = 0
+    note: str = ""
+
+
+SHAPES: dict[str, Shape] = {
+    # For tests only: seconds on any machine.
+    "tiny": Shape(
+        "llama",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=500, max_position_embeddings=64),
+        batch=2, seq=16, note="smoke-test shape",
+    ),
+    # LLaMA-like, small enough for a 2-core CPU, large vocabulary so the logits matter vs the model.
+    "cpu": Shape(
+        "llama",
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512),
+        batch=4, seq=256, note="LLaMA-like, 4 layers, d=256, V=32000",
+    ),
+    "t5-base": Shape(
+        "t5",
+        dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+             vocab_size=32128, dropout_rate=0.0),
+        batch=8, seq=512, source=512, note="T5-base shape (12+12 layers, d=768, V=32128)",
+    ),
+    "t5-large": Shape(
+        "t5",
+        dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24,
+             vocab_size=32128, dropout_rate=0.0),
+        batch=8, seq=512, source=512, note="T5-large shape (24+24 layers, d=1024, V=32128)",
+    ),
+    # Llama-3.2-1B: tied embeddings, GQA 32/8, 16 layers.
+    "llama-1b": Shape(
+        "llama",
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=2048,
+             tie_word_embeddings=True, rope_theta=500000.0),
+        batch=4, seq=1024, note="Llama-3.2-1B shape (16 layers, d=2048, V=128256)",
+    ),
+}
+
+_TOKENIZER = Path(__file__).resolve().parent.parent / "eetrain" / "data" / "demo" / "tokenizer"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, data, step
+# --------------------------------------------------------------------------------------------------
+
+
+def build(shape: Shape, device: str, dtype, seed: int = 0):
+    """Backbone (random weights, eetrain adapter) on `device` in `dtype`, train mode."""
+    from eetrain.backbones import LlamaBackbone, T5Backbone
+
+    cls = {"llama": LlamaBackbone, "t5": T5Backbone}[shape.family]
+    backbone = cls(config=dict(shape.config), tokenizer=str(_TOKENIZER), seed=seed)
+    backbone.to(device=device, dtype=dtype)
+    backbone.train()
+    return backbone
+
+
+def make_batch(shape: Shape, device: str, seed: int = 1234) -> dict:
+    """Random token ids, every target position scored; identical for every impl."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = shape.config["vocab_size"]
+    if shape.family == "llama":
+        ids = torch.randint(0, vocab, (shape.batch, shape.seq), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    else:
+        src = torch.randint(0, vocab, (shape.batch, shape.source), generator=g)
+        tgt = torch.randint(0, vocab, (shape.batch, shape.seq), generator=g)
+        batch = {"input_ids": src, "attention_mask": torch.ones_like(src), "labels": tgt}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def make_loss(impl: str, chunk_size: int | None = None):
+    """The CALM loss term for `impl` (None for plain, which uses the model's own loss)."""
+    from eetrain.losses import ExitCrossEntropy
+
+    if impl == "plain":
+        return None
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    return ExitCrossEntropy(
+        weights="calm", layers=None, impl="naive" if impl == "naive" else "auto", chunk_size=chunk_size
+    )
+
+
+def train_step(impl: str, backbone, batch: dict, optimizer, loss_fn) -> tuple[float, float]:
+    """One full step: forward, backward, optimizer step, grads freed. Returns (loss, last-layer CE)."""
+    if impl == "plain":
+        inputs = dict(backbone.model_inputs(batch))
+        inputs["labels"] = batch["labels"]
+        loss = backbone.model(**inputs, use_cache=False).loss
+        last_ce = loss.detach()
+    else:
+        states = backbone(batch)
+        out = loss_fn(states, backbone)
+        loss = out.total
+        last_ce = out.layer_ce[backbone.num_layers]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), float(last_ce)
+
+
+def resolved_impl(impl: str, backbone, device: str) -> str:
+    """What `multi_exit_cross_entropy` actually runs for `impl` (chunked / liger / cce / naive)."""
+    if impl != "eetrain":
+        return impl
+    try:
+        from eetrain.losses.fused_ce import _resolve_impl
+
+        w = backbone.head_weight
+        return _resolve_impl("auto", [w[:1]], w, 0.0)[0]
+    except Exception:  # private helper renamed: report what was asked for
+        return "auto"
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory measurement
+# --------------------------------------------------------------------------------------------------
+
+_MiB = 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _cpu_settle(libc) -> None:
+    """Drop Python garbage and hand freed malloc pages back to the OS, so RSS ~ live memory."""
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _tune_malloc(libc) -> bool:
+    """Make glibc serve every allocation >= 64 KiB by mmap and return it on free (no dynamic threshold).
+
+    Otherwise freed tensors stay resident in malloc's heap and a later step reuses them without
+    growing RSS, which hides part of the step's peak.
+    """
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 0))
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# One implementation
+# --------------------------------------------------------------------------------------------------
+
+
+def run_impl(
+    shape_name: str,
+    impl: str,
+    device: str = "cpu",
+    steps: int = 3,
+    warmup: int = 1,
+    chunk_size: int | None = None,
+    dtype: str = "auto",
+    lr: float = 1e-5,
+    threads: int | None = None,
+    isolated: bool = False,
+    shape: Shape | None = None,
+) -> dict[str, Any]:
+    """Build, warm up, time `steps` steps, measure the memory of a step; return one result record.
+
+    `isolated=True` (a fresh process per impl) also retunes malloc for the CPU memory measurement.
+    """
+    import torch
+
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1: the first step allocates AdamW's state")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    shape = shape or SHAPES[shape_name]
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+    tdtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+              "bfloat16": torch.bfloat16}[dtype]
+
+    torch.manual_seed(0)
+    backbone = build(shape, device, tdtype)
+    batch = make_batch(shape, device)
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=lr)
+    loss_fn = make_loss(impl, chunk_size)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # Warm-up: the first step allocates AdamW's state; its loss is the same for every impl.
+    first_loss, first_last_ce = train_step(impl, backbone, batch, optimizer, loss_fn)
+    for _ in range(warmup - 1):
+        train_step(impl, backbone, batch, optimizer, loss_fn)
+    sync()
+
+    libc = None if cuda else _libc()
+    if cuda:
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        train_step(impl, backbone, batch, optimizer, loss_fn)
+        sync()
+        times.append(time.perf_counter() - t0)
+
+    if cuda:
+        total_peak = torch.cuda.max_memory_allocated()
+        mem_method = "cuda max_memory_allocated - memory_allocated before the timed steps"
+    else:
+        # One more (untimed) step, with malloc tuned so that RSS follows live memory.
+        tuned = _tune_malloc(libc) if isolated else False
+        _cpu_settle(libc)
+        base = _proc_status_kib("VmRSS") * 1024
+        if _reset_hwm():
+            train_step(impl, backbone, batch, optimizer, loss_fn)
+            total_peak = _proc_status_kib("VmHWM") * 1024
+            mem_method = "VmHWM - VmRSS (clear_refs reset)" + (", mmap threshold 64K" if tuned else "")
+        else:  # no clear_refs: lifetime peak, only meaningful if the step beats the warm-up's peak
+            train_step(impl, backbone, batch, optimizer, loss_fn)
+            total_peak = _proc_status_kib("VmHWM") * 1024
+            mem_method = "VmHWM (lifetime) - VmRSS"
+
+    n_params = sum(p.numel() for p in backbone.parameters())
+    tokens = int((batch["labels"] != -100).sum())
+    return {
+        "impl": impl,
+        "shape": shape_name,
+        "device": device,
+        "s_per_step": statistics.median(times),
+        "peak_mib": round(max(total_peak - base, 0) / _MiB, 1),
+        "base_mib": round(base / _MiB, 1),
+        "total_peak_mib": round(total_peak / _MiB, 1),
+        "loss": first_loss,
+        "last_ce": first_last_ce,
+        "resolved": resolved_impl(impl, backbone, device),
+        "times": [round(t, 4) for t in times],
+        "steps": steps,
+        "warmup": warmup,
+        "dtype": str(tdtype).removeprefix("torch."),
+        "params_m": round(n_params / 1e6, 2),
+        "exits": backbone.num_layers,
+        "tokens": tokens,
+        "chunk_size": chunk_size,
+        "threads": torch.get_num_threads(),
+        "mem_method": mem_method,
+        "torch": torch.__version__,
+    }
+
+
+def run_subprocess(args: argparse.Namespace, impl: str) -> dict[str, Any]:
+    """Run one impl in a fresh interpreter (clean allocator and peak counters); return its record."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl,
+           "--shape", args.shape, "--device", args.device, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--dtype", args.dtype, "--lr", str(args.lr)]
+    if args.chunk_size is not None:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker for impl={impl!r} failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=False)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table, ratios first: memory vs plain, time vs naive."""
+    by = {r["impl"]: r for r in records}
+    plain, naive = by.get("plain"), by.get("naive")
+    head = ("| impl | peak vs plain | time vs naive | peak MiB (step) | s/step | total peak MiB "
+            "| total vs plain | loss (step 1) | last-layer CE | runs as |")
+    rows = [head, "|" + "---|" * 10]
+    for r in records:
+        rows.append(
+            f"| {r['impl']} | {_ratio(r['peak_mib'], plain and plain['peak_mib'])} "
+            f"| {_ratio(r['s_per_step'], naive and naive['s_per_step'])} "
+            f"| {r['peak_mib']:.1f} | {r['s_per_step']:.3f} | {r['total_peak_mib']:.1f} "
+            f"| {_ratio(r['total_peak_mib'], plain and plain['total_peak_mib'])} "
+            f"| {r['loss']:.4f} | {r['last_ce']:.4f} | {r['resolved']} |"
+        )
+    return "\n".join(rows)
+
+
+def target_lines(records: list[dict[str, Any]]) -> list[str]:
+    by = {r["impl"]: r for r in records}
+    if not all(k in by for k in IMPLS):
+        return []
+    dev = "cuda" if by["eetrain"]["device"].startswith("cuda") else "cpu"
+    mem_t, time_t = TARGETS[dev]
+    mem = by["eetrain"]["peak_mib"] / by["plain"]["peak_mib"] if by["plain"]["peak_mib"] else float("nan")
+    tot = by["eetrain"]["total_peak_mib"] / by["plain"]["total_peak_mib"]
+    tim = by["eetrain"]["s_per_step"] / by["naive"]["s_per_step"]
+    ok = lambda v, t: "met" if v <= t else "NOT met"  # noqa: E731
+    return [
+        f"target ({dev}) eetrain step peak <= {mem_t:.2f} x plain: {mem:.2f}x -> {ok(mem, mem_t)} "
+        f"(total peak incl. model+optimizer: {tot:.2f}x -> {ok(tot, mem_t)})",
+        f"target ({dev}) eetrain time <= {time_t:.2f} x naive: {tim:.2f}x -> {ok(tim, time_t)}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS,
+                   help="implementations to run (default: all three)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: AdamW state)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="rows per chunk for the chunked loss (default: fused_ce's own sizing)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="model dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--json", action="store_true", help="one JSON object per impl, one per line")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every impl in this process (default: a fresh subprocess each)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        (impl,) = args.impl
+        rec = run_impl(args.shape, impl, args.device, args.steps, args.warmup, args.chunk_size,
+                       args.dtype, args.lr, args.threads, isolated=True)
+        print(json_line(rec), flush=True)
+        return 0
+    records = []
+    for impl in args.impl:
+        if args.in_process:
+            rec = run_impl(args.shape, impl, args.device, args.steps, args.warmup, args.chunk_size,
+                           args.dtype, args.lr, args.threads)
+        else:
+            rec = run_subprocess(args, impl)
+        records.append(rec)
+        if args.json:
+            print(json_line(rec), flush=True)
+    if not args.json:
+        r0 = records[0]
+        print(f"shape={args.shape} ({SHAPES[args.shape].note}) device={args.device} dtype={r0['dtype']} "
+              f"params={r0['params_m']}M exits={r0['exits']} tokens={r0['tokens']} steps={args.steps} "
+              f"(median) warmup={args.warmup} threads={r0['threads']} torch={r0['torch']}")
+        print(f"peak = allocated during a step beyond model+optimizer state [{r0['mem_method']}]")
+        print(format_table(records))
+        for line in target_lines(records):
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
