@@ -23,11 +23,11 @@ TINY = {
 }
 
 
-def make_backbone(family: str, **overrides):
+def make_backbone(family: str, lora: dict | None = None, **overrides):
     from eetrain.backbones import BertBackbone, LlamaBackbone, T5Backbone
 
     cls = {"t5": T5Backbone, "llama": LlamaBackbone, "bert": BertBackbone}[family]
-    return cls(config={**TINY[family], **overrides}, tokenizer=TOKENIZER, seed=0)
+    return cls(config={**TINY[family], **overrides}, tokenizer=TOKENIZER, seed=0, lora=lora)
 
 
 def examples():

@@ -115,3 +115,30 @@ def test_exactly_one_source_required():
         T5Backbone(tokenizer=TOKENIZER)
     with pytest.raises(ConfigError, match="not a valid T5Config"):
         T5Backbone(config={"d_model": 32, "num_heads": "x"}, tokenizer=TOKENIZER)
+
+
+@pytest.mark.parametrize("family, targets", [("t5", ["q", "v"]), ("llama", ["q_proj", "v_proj"])])
+def test_lora_trains_only_adapters_and_exports_merged(tmp_path, family, targets):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    bb = make_backbone(family, lora={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    trainable = [n for n, p in bb.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = bb.collate(examples())
+    with torch.no_grad():
+        for n, p in bb.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # make the adapters matter
+        bb.eval()
+        before = bb.exit_logits(bb(batch).hidden[-1])
+    bb.save_pretrained(str(tmp_path / "m"))
+    auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM
+    plain = auto.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        after = plain(**bb.model_inputs(batch)).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_lora_config_names_the_key():
+    with pytest.raises(ConfigError, match="model.lora"):
+        make_backbone("t5", lora={"r": 4, "no_such_option": 1})

@@ -95,6 +95,7 @@ class ExitBackbone(nn.Module):
         tokenizer: str | None = None,
         seed: int = 0,
         model_kwargs: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ):
         super().__init__()
         if (name_or_path is None) == (config is None):
@@ -125,6 +126,25 @@ class ExitBackbone(nn.Module):
                 self.model = self.model_class(cfg)
         self.num_layers: int = self._num_layers()
         self.hidden_size: int = self.model.config.hidden_size
+        if lora:
+            self._add_lora(dict(lora))
+
+    def _add_lora(self, lora: dict[str, Any]) -> None:
+        """Inject LoRA adapters in place and freeze everything else (peft's LoraConfig arguments).
+
+        `self.model` stays the Hugging Face model, so the blocks, norms and head keep their paths; the
+        PeftModel wrapper is kept outside the module tree so parameters are not registered twice.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        try:
+            config = LoraConfig(**lora)
+        except TypeError as e:
+            raise ConfigError(f"model.lora is not a valid peft LoraConfig: {e}") from e
+        try:
+            self.__dict__["_peft"] = get_peft_model(self.model, config)
+        except ValueError as e:
+            raise ConfigError(f"model.lora: {e}") from e
 
     # --- family-specific parts -------------------------------------------------------------
     @classmethod
@@ -177,7 +197,13 @@ class ExitBackbone(nn.Module):
         return LayerCapture(self.blocks, check_layers(layers, self.num_layers))
 
     def save_pretrained(self, directory: str) -> None:
-        """Save model and tokenizer so plain `transformers` loads them with `from_pretrained`."""
+        """Save model and tokenizer so plain `transformers` loads them with `from_pretrained`.
+
+        With LoRA the adapters are merged into the weights first (the module keeps working, merged).
+        """
+        peft_model = self.__dict__.pop("_peft", None)
+        if peft_model is not None:
+            peft_model.merge_and_unload()
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
