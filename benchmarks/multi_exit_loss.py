@@ -65,7 +65,7 @@ SHAPES: dict[str, Shape] = {
         "llama",
         dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512),
-        batch=4, seq=256, note="LLaMA-like, 4 layers, d=256, V=32000",
+        batch=4, seq=128, note="LLaMA-like, 4 layers, d=256, V=32000",
     ),
     "t5-base": Shape(
         "t5",
@@ -201,12 +201,25 @@ def _cpu_settle(libc) -> None:
 def _tune_malloc(libc) -> bool:
     """Make glibc serve every allocation >= 64 KiB by mmap and return it on free (no dynamic threshold).
 
-    Otherwise freed tensors stay resident in malloc's heap and a later step reuses them without
-    growing RSS, which hides part of the step's peak.
+    With glibc's defaults, freed tensors (up to 32 MiB) stay resident in malloc's heap and a later
+    step reuses them without growing RSS, which hides part of the step's peak and, depending on the
+    heap's history, makes the measured peak jump by whole buffers between runs. Call this before
+    anything big is allocated.
     """
     if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 0))
+
+
+def _default_like_malloc(libc) -> None:
+    """Thresholds glibc's dynamic defaults settle at once tensors have been freed (for the timing).
+
+    The default mmap threshold grows to the largest freed mmapped chunk, capped at 32 MiB, and the
+    trim threshold to twice that; fixed values reproduce that steady state.
+    """
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * _MiB)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * _MiB)
 
 
 def _reset_hwm() -> bool:
@@ -224,6 +237,79 @@ def _reset_hwm() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Run:
+    """One implementation's model, data, optimizer and loss, ready to step."""
+
+    impl: str
+    backbone: Any
+    batch: dict
+    optimizer: Any
+    loss_fn: Any
+
+    def step(self) -> tuple[float, float]:
+        return train_step(self.impl, self.backbone, self.batch, self.optimizer, self.loss_fn)
+
+
+def _torch_dtype(device: str, dtype: str):
+    import torch
+
+    cuda = device.startswith("cuda")
+    return {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[dtype]
+
+
+def _setup(shape: Shape, impl: str, device: str, dtype: str, lr: float, chunk_size: int | None) -> _Run:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+    torch.manual_seed(0)
+    backbone = build(shape, device, _torch_dtype(device, dtype))
+    batch = make_batch(shape, device)
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=lr)
+    return _Run(impl, backbone, batch, optimizer, make_loss(impl, chunk_size))
+
+
+def _timed_steps(runs: list[_Run], steps: int, cuda: bool) -> dict[str, dict[str, Any]]:
+    """`steps` rounds; each round steps every run once, starting one run later than the last round.
+
+    Returns per impl: median wall and CPU seconds per step, all wall times, load average around.
+    """
+    import torch
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {r.impl: [] for r in runs}
+    cpu: dict[str, list[float]] = {r.impl: [] for r in runs}
+    load_before = os.getloadavg()[0]
+    for i in range(steps):
+        k = i % len(runs)
+        for run in runs[k:] + runs[:k]:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            run.step()
+            sync()
+            times[run.impl].append(time.perf_counter() - t0)
+            cpu[run.impl].append(time.process_time() - c0)
+    load_after = os.getloadavg()[0]
+    return {
+        impl: {
+            "s_per_step": statistics.median(times[impl]),
+            "times": [round(t, 4) for t in times[impl]],
+            # CPU seconds of this process (all threads) per step. Careful: spinning OpenMP threads
+            # count too, so on an oversubscribed machine this inflates as well.
+            "cpu_s_per_step": round(statistics.median(cpu[impl]), 4),
+            # 1-minute load average around the timed steps: above the core count means contention.
+            "load_avg": [round(load_before, 2), round(load_after, 2)],
+            "steps": steps,
+        }
+        for impl in times
+    }
+
+
 def run_impl(
     shape_name: str,
     impl: str,
@@ -237,115 +323,147 @@ def run_impl(
     isolated: bool = False,
     shape: Shape | None = None,
 ) -> dict[str, Any]:
-    """Build, warm up, time `steps` steps, measure the memory of a step; return one result record.
+    """Build, warm up, measure the memory of a step, time `steps` steps; return one result record.
 
-    `isolated=True` (a fresh process per impl) also retunes malloc for the CPU memory measurement.
+    CPU: warm-up, one untimed step whose peak RSS is the memory, then the timed steps (`steps=0`:
+    memory only). CUDA: warm-up, then the timed steps, whose peak allocation is the memory.
+    `isolated=True` (a fresh process per impl, as the CLI runs it) also sets malloc up for the RSS
+    measurement; without it the CPU memory figure is only indicative.
     """
     import torch
 
     if warmup < 1:
         raise ValueError("warmup must be >= 1: the first step allocates AdamW's state")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
+    cuda = device.startswith("cuda")
+    if steps < (1 if cuda else 0):
+        raise ValueError(f"steps must be >= {1 if cuda else 0} on {device}")
     shape = shape or SHAPES[shape_name]
     if threads:
         torch.set_num_threads(threads)
-    cuda = device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
-    tdtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-              "bfloat16": torch.bfloat16}[dtype]
-
-    torch.manual_seed(0)
-    backbone = build(shape, device, tdtype)
-    batch = make_batch(shape, device)
-    optimizer = torch.optim.AdamW(backbone.parameters(), lr=lr)
-    loss_fn = make_loss(impl, chunk_size)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    # Warm-up: the first step allocates AdamW's state; its loss is the same for every impl.
-    first_loss, first_last_ce = train_step(impl, backbone, batch, optimizer, loss_fn)
-    for _ in range(warmup - 1):
-        train_step(impl, backbone, batch, optimizer, loss_fn)
-    sync()
 
     libc = None if cuda else _libc()
+    # CPU memory is read from RSS: malloc must give freed memory back from the very start.
+    tuned = _tune_malloc(libc) if isolated else False
+
+    run = _setup(shape, impl, device, dtype, lr, chunk_size)
+    # Warm-up: the first step allocates AdamW's state; its loss is the same for every impl.
+    first_loss, first_last_ce = run.step()
+    for _ in range(warmup - 1):
+        run.step()
+
     if cuda:
         gc.collect()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        # One untimed step for the memory: peak RSS of the step minus RSS before it.
+        _cpu_settle(libc)
+        base = _proc_status_kib("VmRSS") * 1024
+        reset = _reset_hwm()
+        run.step()
+        total_peak = _proc_status_kib("VmHWM") * 1024
+        mem_method = ("VmHWM - VmRSS, peak reset via /proc/self/clear_refs" if reset
+                      else "VmHWM (lifetime, clear_refs not writable) - VmRSS")
+        mem_method += ", malloc mmap threshold 64 KiB" if tuned else ", default malloc"
+        if tuned:
+            _default_like_malloc(libc)
 
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        train_step(impl, backbone, batch, optimizer, loss_fn)
-        sync()
-        times.append(time.perf_counter() - t0)
+    timing = _timed_steps([run], steps, cuda)[impl] if steps else {
+        "s_per_step": None, "times": [], "cpu_s_per_step": None, "load_avg": None, "steps": 0}
 
     if cuda:
         total_peak = torch.cuda.max_memory_allocated()
-        mem_method = "cuda max_memory_allocated - memory_allocated before the timed steps"
-    else:
-        # One more (untimed) step, with malloc tuned so that RSS follows live memory.
-        tuned = _tune_malloc(libc) if isolated else False
-        _cpu_settle(libc)
-        base = _proc_status_kib("VmRSS") * 1024
-        if _reset_hwm():
-            train_step(impl, backbone, batch, optimizer, loss_fn)
-            total_peak = _proc_status_kib("VmHWM") * 1024
-            mem_method = "VmHWM - VmRSS (clear_refs reset)" + (", mmap threshold 64K" if tuned else "")
-        else:  # no clear_refs: lifetime peak, only meaningful if the step beats the warm-up's peak
-            train_step(impl, backbone, batch, optimizer, loss_fn)
-            total_peak = _proc_status_kib("VmHWM") * 1024
-            mem_method = "VmHWM (lifetime) - VmRSS"
+        mem_method = "cuda max_memory_allocated - memory_allocated, over the timed steps"
 
-    n_params = sum(p.numel() for p in backbone.parameters())
-    tokens = int((batch["labels"] != -100).sum())
+    backbone, batch = run.backbone, run.batch
     return {
         "impl": impl,
         "shape": shape_name,
         "device": device,
-        "s_per_step": statistics.median(times),
+        "s_per_step": timing["s_per_step"],
         "peak_mib": round(max(total_peak - base, 0) / _MiB, 1),
         "base_mib": round(base / _MiB, 1),
         "total_peak_mib": round(total_peak / _MiB, 1),
         "loss": first_loss,
         "last_ce": first_last_ce,
         "resolved": resolved_impl(impl, backbone, device),
-        "times": [round(t, 4) for t in times],
-        "steps": steps,
+        "times": timing["times"],
+        "cpu_s_per_step": timing["cpu_s_per_step"],
+        "timing": "isolated",
+        "steps": timing["steps"],
         "warmup": warmup,
-        "dtype": str(tdtype).removeprefix("torch."),
-        "params_m": round(n_params / 1e6, 2),
+        "dtype": str(_torch_dtype(device, dtype)).removeprefix("torch."),
+        "params_m": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 2),
         "exits": backbone.num_layers,
-        "tokens": tokens,
+        "tokens": int((batch["labels"] != -100).sum()),
         "chunk_size": chunk_size,
         "threads": torch.get_num_threads(),
+        "load_avg": timing["load_avg"],
         "mem_method": mem_method,
         "torch": torch.__version__,
     }
 
 
-def run_subprocess(args: argparse.Namespace, impl: str) -> dict[str, Any]:
-    """Run one impl in a fresh interpreter (clean allocator and peak counters); return its record."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl,
-           "--shape", args.shape, "--device", args.device, "--steps", str(args.steps),
+def time_interleaved(
+    shape_name: str,
+    impls: list[str],
+    device: str = "cpu",
+    steps: int = 3,
+    warmup: int = 1,
+    chunk_size: int | None = None,
+    dtype: str = "auto",
+    lr: float = 1e-5,
+    threads: int | None = None,
+    shape: Shape | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time all `impls` in one process, their steps interleaved, so load drift hits them alike."""
+    import torch
+
+    if warmup < 1 or steps < 1:
+        raise ValueError("warmup and steps must be >= 1")
+    shape = shape or SHAPES[shape_name]
+    if threads:
+        torch.set_num_threads(threads)
+    runs = [_setup(shape, impl, device, dtype, lr, chunk_size) for impl in impls]
+    for run in runs:
+        for _ in range(warmup):
+            run.step()
+    out = _timed_steps(runs, steps, device.startswith("cuda"))
+    for rec in out.values():
+        rec["timing"] = "interleaved"
+    return out
+
+
+def _worker_cmd(args: argparse.Namespace, impls: list[str], steps: int, flag: str) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, "--impl", *impls,
+           "--shape", args.shape, "--device", args.device, "--steps", str(steps),
            "--warmup", str(args.warmup), "--dtype", args.dtype, "--lr", str(args.lr)]
     if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
+def _run_worker(cmd: list[str], what: str) -> dict[str, Any]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark worker for impl={impl!r} failed (exit {proc.returncode})")
+        raise RuntimeError(f"benchmark worker for {what} failed (exit {proc.returncode})")
     return json.loads(lines[-1])
+
+
+def run_subprocess(args: argparse.Namespace, impl: str, steps: int | None = None) -> dict[str, Any]:
+    """Run one impl in a fresh interpreter (clean allocator and peak counters); return its record."""
+    steps = args.steps if steps is None else steps
+    return _run_worker(_worker_cmd(args, [impl], steps, "--worker"), f"impl={impl!r}")
+
+
+def time_subprocess(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Interleaved timing of all requested impls in one fresh interpreter."""
+    return _run_worker(_worker_cmd(args, list(args.impl), args.steps, "--worker-timing"), "timing")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,16 +483,24 @@ def format_table(records: list[dict[str, Any]]) -> str:
     """Markdown table, ratios first: memory vs plain, time vs naive."""
     by = {r["impl"]: r for r in records}
     plain, naive = by.get("plain"), by.get("naive")
-    head = ("| impl | peak vs plain | time vs naive | peak MiB (step) | s/step | total peak MiB "
-            "| total vs plain | loss (step 1) | last-layer CE | runs as |")
-    rows = [head, "|" + "---|" * 10]
+
+    def ref(r: dict | None, key: str):
+        return r.get(key) if r else None
+
+    head = ("| impl | peak vs plain | time vs naive | CPU time vs naive | peak MiB (step) | s/step "
+            "| CPU s/step | total peak MiB | total vs plain | loss (step 1) | last-layer CE | runs as | load |")
+    rows = [head, "|" + "---|" * 13]
     for r in records:
+        cpu_s = r.get("cpu_s_per_step")
+        load = r.get("load_avg")
         rows.append(
-            f"| {r['impl']} | {_ratio(r['peak_mib'], plain and plain['peak_mib'])} "
-            f"| {_ratio(r['s_per_step'], naive and naive['s_per_step'])} "
-            f"| {r['peak_mib']:.1f} | {r['s_per_step']:.3f} | {r['total_peak_mib']:.1f} "
-            f"| {_ratio(r['total_peak_mib'], plain and plain['total_peak_mib'])} "
-            f"| {r['loss']:.4f} | {r['last_ce']:.4f} | {r['resolved']} |"
+            f"| {r['impl']} | {_ratio(r['peak_mib'], ref(plain, 'peak_mib'))} "
+            f"| {_ratio(r['s_per_step'], ref(naive, 's_per_step'))} "
+            f"| {_ratio(cpu_s, ref(naive, 'cpu_s_per_step'))} "
+            f"| {r['peak_mib']:.1f} | {r['s_per_step']:.3f} | {'-' if cpu_s is None else f'{cpu_s:.3f}'} "
+            f"| {r['total_peak_mib']:.1f} | {_ratio(r['total_peak_mib'], ref(plain, 'total_peak_mib'))} "
+            f"| {r['loss']:.4f} | {r['last_ce']:.4f} | {r['resolved']} "
+            f"| {'-' if not load else '/'.join(f'{x:.1f}' for x in load)} |"
         )
     return "\n".join(rows)
 
@@ -419,8 +545,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object per impl, one per line")
     p.add_argument("--in-process", action="store_true",
                    help="run every impl in this process (default: a fresh subprocess each)")
+    p.add_argument("--timing", choices=["interleaved", "isolated"], default=None,
+                   help="interleaved: time all impls in one extra process, steps in turn, so load "
+                        "drift on a shared machine hits them alike (default on CPU); isolated: time "
+                        "each in its own memory worker (default on CUDA)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--worker-timing", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.timing is None:
+        args.timing = "interleaved" if args.device == "cpu" else "isolated"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,21 +565,36 @@ def main(argv: list[str] | None = None) -> int:
                        args.dtype, args.lr, args.threads, isolated=True)
         print(json_line(rec), flush=True)
         return 0
+    if args.worker_timing:
+        out = time_interleaved(args.shape, list(args.impl), args.device, args.steps, args.warmup,
+                               args.chunk_size, args.dtype, args.lr, args.threads)
+        print(json.dumps(out), flush=True)
+        return 0
+
+    interleave = args.timing == "interleaved" and not args.in_process
     records = []
     for impl in args.impl:
         if args.in_process:
             rec = run_impl(args.shape, impl, args.device, args.steps, args.warmup, args.chunk_size,
                            args.dtype, args.lr, args.threads)
-        else:
-            rec = run_subprocess(args, impl)
+        else:  # a fresh process per impl; memory only when the timing comes from the shared run
+            rec = run_subprocess(args, impl, steps=0 if interleave and args.device == "cpu" else None)
         records.append(rec)
-        if args.json:
+        if args.json and not interleave:
             print(json_line(rec), flush=True)
+    if interleave:
+        timing = time_subprocess(args)
+        for rec in records:
+            rec.update(timing[rec["impl"]])
+        if args.json:
+            for rec in records:
+                print(json_line(rec), flush=True)
     if not args.json:
         r0 = records[0]
         print(f"shape={args.shape} ({SHAPES[args.shape].note}) device={args.device} dtype={r0['dtype']} "
               f"params={r0['params_m']}M exits={r0['exits']} tokens={r0['tokens']} steps={args.steps} "
-              f"(median) warmup={args.warmup} threads={r0['threads']} torch={r0['torch']}")
+              f"(median) warmup={args.warmup} threads={r0['threads']} timing={r0['timing']} "
+              f"torch={r0['torch']}")
         print(f"peak = allocated during a step beyond model+optimizer state [{r0['mem_method']}]")
         print(format_table(records))
         for line in target_lines(records):

@@ -12,7 +12,7 @@ from torch import Tensor
 from eetrain.backbones.base import ExitBackbone
 from eetrain.errors import NonFiniteLossError
 from eetrain.layer_metrics import LayerStats, layer_predictions
-from eetrain.losses.joint import JointLoss, LossOutput
+from eetrain.losses.joint import JointLoss, LossOutput, TrainStep
 
 
 class EarlyExitModule(L.LightningModule):
@@ -24,6 +24,9 @@ class EarlyExitModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
     ):
         super().__init__()
+        # Validates the terms against the model (bad exits fail before any data loads) and creates
+        # model-dependent term parameters before the optimizer and checkpoint loading see the module.
+        loss.setup(backbone)
         self.backbone = backbone
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -31,10 +34,15 @@ class EarlyExitModule(L.LightningModule):
         layers = tuple(range(1, backbone.num_layers + 1))
         self.val_stats = LayerStats(layers)
         self.val_rows: list[dict[str, float]] = []
+        self._total_steps: int | None = None
 
-    def _step(self, batch: dict[str, Tensor]) -> tuple[Any, LossOutput]:
-        states = self.backbone(batch)
-        out = self.loss(states, self.backbone)
+    def _step(
+        self, batch: dict[str, Tensor], step: TrainStep | None = None, skip: frozenset[int] = frozenset()
+    ) -> tuple[Any, LossOutput]:
+        """One forward and loss. step: the training step (curricula apply), None in validation;
+        skip: the layers the forward skips (layer dropout, training only)."""
+        states = self.backbone(batch, skip=skip)
+        out = self.loss(states, self.backbone, step)
         if not torch.isfinite(out.total):
             per_layer = {i: round(float(v), 4) for i, v in out.layer_ce.items()}
             raise NonFiniteLossError(
@@ -54,10 +62,23 @@ class EarlyExitModule(L.LightningModule):
         for layer, value in out.layer_ce.items():
             self.log(f"{stage}/layer_{layer:02d}/ce", value, **kw)
 
+    def _train_step(self) -> TrainStep:
+        # The planned number of optimizer steps only matters to the gradual curriculum; the trainer
+        # knows it once fitting has started.
+        if self._total_steps is None:
+            total = self.trainer.estimated_stepping_batches
+            self._total_steps = int(total) if total != float("inf") else 0
+        return TrainStep(index=self.global_step, total=self._total_steps)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        states, out = self._step(batch)
+        # Every rank derives the same step, hence the same dropped layers and active exits.
+        step = self._train_step()
+        skip = self.loss.dropped_layers(step.index, self.backbone.num_layers)
+        states, out = self._step(batch, step, skip)
         bs = batch["input_ids"].shape[0]
         self._log_loss("train", out, bs)
+        if self.loss.layer_dropout is not None:
+            self.log("train/skipped_layers", float(len(skip)), on_step=True, batch_size=bs)
         # Per-layer accuracy costs one extra head pass per exit: only when the logger writes.
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             preds, _, labels = layer_predictions(states, self.backbone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -9,14 +10,45 @@ from omegaconf import DictConfig
 
 from eetrain.errors import ConfigError
 
-STAGES: dict[str, str] = {}
+#: stage name -> "module.function(cfg, backbone, data, out_dir)". A stage module may also define
+#: `check_config(cfg, backbone)`, run by `check_stages` before training so bad settings fail at once.
+STAGES: dict[str, str] = {
+    # exit classifiers (CALM, MEE MLP, MEE LSTM) trained on the frozen backbone
+    "exit_classifiers": "eetrain.exits.training.run_stage",
+    # record the validation set once, sweep exit policies, LTT calibration, policies.csv/.png
+    "policies": "eetrain.exits.evaluation.run_stage",
+}
+
+#: stage name -> "module.function(cfg, backbone)" validating the stage's config before training.
+CHECKS: dict[str, str] = {
+    "exit_classifiers": "eetrain.exits.settings.check_config",
+    "policies": "eetrain.exits.settings.check_config",
+}
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, fn = target.rpartition(".")
+    return getattr(importlib.import_module(module_name), fn)
+
+
+def _names(cfg: DictConfig) -> list[str]:
+    names = list(cfg.get("stages") or [])
+    for name in names:
+        if name not in STAGES:
+            raise ConfigError(f"stages: unknown stage {name!r}; allowed: {', '.join(sorted(STAGES))}")
+    return names
+
+
+def check_stages(cfg: DictConfig, backbone: Any) -> None:
+    """Validate the configured stages (names and settings) before any training starts."""
+    done = set()
+    for name in _names(cfg):
+        check = CHECKS.get(name)
+        if check and check not in done:
+            _resolve(check)(cfg, backbone)
+            done.add(check)
 
 
 def run_stages(cfg: DictConfig, backbone: Any, data: Any, out_dir: Path) -> None:
-    for name in cfg.stages:
-        if name not in STAGES:
-            raise ConfigError(f"stages: unknown stage {name!r}; allowed: {', '.join(sorted(STAGES))}")
-        module_name, _, fn = STAGES[name].rpartition(".")
-        import importlib
-
-        getattr(importlib.import_module(module_name), fn)(cfg, backbone, data, out_dir)
+    for name in _names(cfg):
+        _resolve(STAGES[name])(cfg, backbone, data, out_dir)

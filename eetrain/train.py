@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eetrain.backbones.base import ExitBackbone
 from eetrain.checkpointing import AtomicCheckpointIO, export_pretrained
+from eetrain.errors import ConfigError
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
@@ -57,6 +58,17 @@ def write_rows(rows: list[dict[str, float]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def load_module_weights(module: EarlyExitModule, ckpt_path: str | None) -> None:
+    """Load a Lightning checkpoint's weights into `module` (no optimizer state); None keeps them."""
+    if ckpt_path is None:
+        return
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file (train=false needs a path)")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state, strict=True)
+
+
 def run(cfg: DictConfig) -> float:
     """Train with `cfg`; returns the last layer's validation loss (for sweeps)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -68,6 +80,10 @@ def run(cfg: DictConfig) -> float:
     for term in loss.terms.values():
         if hasattr(term, "resolve"):
             term.resolve(backbone.num_layers)  # bad exit layers or weights fail before any data loads
+    if cfg.get("stages"):
+        from eetrain.stages import check_stages
+
+        check_stages(cfg, backbone)  # a bad stage setting fails now, not after the fit
     data = instantiate(cfg.data, tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
     module = EarlyExitModule(
         backbone,
@@ -83,9 +99,15 @@ def run(cfg: DictConfig) -> float:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+        else:
+            # evaluation only (train=false): the weights are model.name_or_path's, or ckpt_path's
+            load_module_weights(module, cfg.get("ckpt_path"))
+            data.setup("validate")
         if not trainer.is_global_zero:
             return float("nan")
+        data.setup("validate")  # under ddp_spawn the fit ran in child processes: load here too
         rows = evaluate_layers(backbone, data.val_dataloader())
         print("\nPer-layer validation report (agree_last: top-1 equals the last layer's top-1)")
         print(format_table(rows))

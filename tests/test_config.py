@@ -80,7 +80,7 @@ def test_cfg_job_prints_composed_config(tmp_path):
     [
         (["loss.terms.ce.weights=[0.5,0.5]"], "loss.ce.weights has 2 values but there are 4 exit layers"),
         (["loss.terms.ce.weights=[1,-1,1,1]"], "loss.ce.weights=[1.0, -1.0, 1.0, 1.0]: weights must be >= 0"),
-        (["loss.terms.ce.layers=[2,9]"], "loss.ce.layers=[2, 9]: [9] outside 1..4"),
+        (["exits.layers=[2,9]"], "exits.layers=[2, 9]: [9] outside 1..4"),
         (["data.source_column=article"], "no column data.source_column='article'"),
         (["model.tokenizer=null", "model.config=null", "model.name_or_path=./no/such/model"],
          "model.name_or_path='./no/such/model': no such file or directory"),

@@ -11,7 +11,9 @@ carry an exit (T5: decoder blocks, BERT: encoder layers, LLaMA: decoder layers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,6 +79,33 @@ class LayerCapture:
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def skip_blocks(
+    blocks: nn.ModuleList, skip: Collection[int], passthrough: Callable[..., Any]
+) -> Iterator[None]:
+    """While active, the 1-based blocks in `skip` do not run: each returns `passthrough(block, *args,
+    **kwargs)` (its input, in the block's output format) instead.
+
+    The block's `forward` is replaced on the instance rather than the block being swapped out of the
+    ModuleList: forward hooks (LayerCapture's, FSDP2's) still run, so a skipped layer's captured state is
+    its input, and the module tree and state dict never change.
+    """
+    missing = object()
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for i in sorted(skip):
+            block = blocks[i - 1]
+            patched.append((block, block.__dict__.get("forward", missing)))
+            block.forward = functools.partial(passthrough, block)
+        yield
+    finally:
+        for block, old in patched:
+            if old is missing:
+                del block.forward
+            else:
+                block.forward = old
 
 
 class ExitBackbone(nn.Module):
@@ -160,13 +189,28 @@ class ExitBackbone(nn.Module):
         """The blocks whose outputs carry exits, in order."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, Tensor], layers: Sequence[int] | None = None) -> ExitStates:
-        """Run the model on `batch` and capture the states after `layers` (default: all)."""
+    def forward(
+        self, batch: dict[str, Tensor], layers: Sequence[int] | None = None, skip: Collection[int] = frozenset()
+    ) -> ExitStates:
+        """Run the model on `batch` and capture the states after `layers` (default: all).
+
+        skip: 1-based layers that do not run (layer dropout, training only): a skipped layer's state is
+        its input. The forward must not use a KV cache while skipping.
+        """
         raise NotImplementedError
 
     def exit_features(self, h: Tensor) -> Tensor:
         """Map a layer's state (..., d) to the head's input (..., d): final norm, rescale, pooling."""
         raise NotImplementedError
+
+    def final_norm(self, h: Tensor) -> Tensor:
+        """The family's final norm of a layer state (..., d) -> (..., d), without rescale, dropout or
+        pooling: the space in which layer states are compared (e.g. layerwise distillation)."""
+        raise NotImplementedError
+
+    def skipped_block_output(self, block: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """What a skipped block returns instead of running: its input, in the block's output format."""
+        return hidden_states
 
     @property
     def head_weight(self) -> Tensor:
@@ -195,6 +239,13 @@ class ExitBackbone(nn.Module):
 
     def capture(self, layers: Sequence[int] | None) -> LayerCapture:
         return LayerCapture(self.blocks, check_layers(layers, self.num_layers))
+
+    def skipping(self, skip: Collection[int]) -> contextlib.AbstractContextManager:
+        """Context in which the layers in `skip` (1-based) pass their input through."""
+        if not skip:
+            return contextlib.nullcontext()
+        layers = check_layers(sorted(skip), self.num_layers, key="skipped layers")
+        return skip_blocks(self.blocks, layers, self.skipped_block_output)
 
     def save_pretrained(self, directory: str) -> None:
         """Save model and tokenizer so plain `transformers` loads them with `from_pretrained`.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -25,9 +25,14 @@ class BertBackbone(ExitBackbone):
     def blocks(self) -> nn.ModuleList:
         return self.model.bert.encoder.layer
 
-    def forward(self, batch: dict[str, Tensor], layers: Sequence[int] | None = None) -> ExitStates:
-        """batch: input_ids, attention_mask (B, T), optional labels (B,). States are (B, T, d)."""
-        with self.capture(layers) as cap:
+    def forward(
+        self, batch: dict[str, Tensor], layers: Sequence[int] | None = None, skip: Collection[int] = frozenset()
+    ) -> ExitStates:
+        """batch: input_ids, attention_mask (B, T), optional labels (B,). States are (B, T, d).
+
+        Skipped layers need no care: the extended attention mask is built once and passed to every layer.
+        """
+        with self.capture(layers) as cap, self.skipping(skip):
             self.model.bert(**self.model_inputs(batch))
         order = sorted(cap.states)
         return ExitStates(tuple(order), [cap.states[i] for i in order], batch.get("labels"))
@@ -35,6 +40,10 @@ class BertBackbone(ExitBackbone):
     def exit_features(self, h: Tensor) -> Tensor:
         """(B, T, d) layer state -> (B, d) pooled first-token feature (BERT is post-norm: no extra norm)."""
         return self.model.dropout(self.model.bert.pooler(h))
+
+    def final_norm(self, h: Tensor) -> Tensor:
+        """BERT is post-norm: every layer's output already went through its own LayerNorm."""
+        return h
 
     @property
     def head_weight(self) -> Tensor:

@@ -5,7 +5,7 @@ Text-to-text examples become one sequence `source + target`; only target tokens 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -33,12 +33,16 @@ class LlamaBackbone(ExitBackbone):
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers
 
-    def forward(self, batch: dict[str, Tensor], layers: Sequence[int] | None = None) -> ExitStates:
+    def forward(
+        self, batch: dict[str, Tensor], layers: Sequence[int] | None = None, skip: Collection[int] = frozenset()
+    ) -> ExitStates:
         """batch: input_ids, attention_mask, labels (B, T); labels[t] is the token at t, -100 = no loss.
 
-        Returned labels are shifted: position t is scored on the token at t + 1.
+        Returned labels are shifted: position t is scored on the token at t + 1. Skipped layers need no
+        care: rotary position embeddings and the mask are computed once by the model and passed to
+        every layer.
         """
-        with self.capture(layers) as cap:
+        with self.capture(layers) as cap, self.skipping(skip):
             self.model.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             )
@@ -49,6 +53,9 @@ class LlamaBackbone(ExitBackbone):
         return ExitStates(tuple(order), [cap.states[i] for i in order], labels)
 
     def exit_features(self, h: Tensor) -> Tensor:
+        return self.model.model.norm(h)
+
+    def final_norm(self, h: Tensor) -> Tensor:
         return self.model.model.norm(h)
 
     @property

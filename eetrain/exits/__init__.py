@@ -7,6 +7,10 @@ Submodules (imported lazily, so ``import eetrain.exits`` costs nothing):
 * :mod:`eetrain.exits.thresholds` -- fixed, per-layer and decaying thresholds.
 * :mod:`eetrain.exits.policy` -- ``ExitPolicy``, ``exit_layers``, ``evaluate_policy``, sweeps.
 * :mod:`eetrain.exits.calibration` -- Learn-then-Test threshold calibration.
+* :mod:`eetrain.exits.record` -- run a frozen backbone once and record per-layer summaries.
+* :mod:`eetrain.exits.training` -- stage ``exit_classifiers``: classifiers on a frozen backbone.
+* :mod:`eetrain.exits.evaluation` -- stage ``policies``: sweep, calibrate, ``policies.csv``/``.png``.
+* :mod:`eetrain.exits.settings` -- the ``exit`` config node, validated with the config key in errors.
 """
 
 from __future__ import annotations
@@ -59,6 +63,17 @@ _EXPORTS: dict[str, str] = {
     "consistency_risk": "calibration",
     "task_risk": "calibration",
     "make_risk_fn": "calibration",
+    # recording
+    "summarize_logits": "measures",
+    "record_exits": "record",
+    "save_records": "record",
+    "load_records": "record",
+    # second stage
+    "make_classifier": "training",
+    "ExitClassifierModule": "training",
+    "train_exit_classifier": "training",
+    "evaluate_records": "evaluation",
+    "calibrate": "evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

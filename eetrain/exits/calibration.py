@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .measures import ExitRecords, to_preds
-from .policy import ExitPolicy, _check_min_exit_layer, _fires, first_exit, policy_scores
-from .thresholds import DecayingThreshold
+from .policy import ExitPolicy, _check_min_exit_layer, _fires, policy_first_exit, policy_scores
 
 __all__ = [
     "hoeffding_pvalue",
@@ -309,7 +307,9 @@ def make_risk_fn(
 
     For a threshold ``lam`` the policy is evaluated with ``policy.with_threshold(lam)`` (a float,
     or -- if the policy holds a decaying threshold -- the same decay with base ``lam``).
-    ``kind="task"`` needs ``records.labels``.
+    ``kind="task"`` needs ``records.labels``.  ``positions`` defaults to ``records.positions``;
+    ``sequence_ids`` is *not* taken from the records (``None`` = token-level risk): pass
+    ``records.sequence_ids`` for a sequence-level risk.
     """
     if kind not in ("consistency", "task"):
         raise ValueError(f"unknown risk kind {kind!r}; allowed: ['consistency', 'task']")
@@ -319,16 +319,15 @@ def make_risk_fn(
         raise ValueError(f"policy {policy.label!r} is a boolean rule without a threshold to calibrate")
     rec = records.with_probs()
     preds = rec.preds()
+    if positions is None:
+        positions = rec.positions
     _check_min_exit_layer(policy, rec.num_layers)
     scores = policy_scores(policy, rec)  # computed once; only the threshold varies
 
     def risk(threshold: float) -> Tensor:
-        if isinstance(policy.threshold, DecayingThreshold):
-            variant = policy.with_threshold(replace(policy.threshold, lam=float(threshold)))
-        else:
-            variant = policy.with_threshold(float(threshold))
+        variant = policy.with_base_threshold(float(threshold))
         fires = _fires(variant, scores, rec.num_layers, rec.num_tokens, positions)
-        ex = first_exit(fires, variant.min_exit_layer)
+        ex = policy_first_exit(variant, fires)
         if kind == "consistency":
             return consistency_risk(
                 ex, preds, sequence_ids=sequence_ids, labels=rec.labels, reduction=reduction

@@ -91,7 +91,7 @@ class ExitRecords:
         top2: ``(L, N, 2)`` float, the largest and second-largest probability of every layer.
         entropies: ``(L, N)`` float, the entropy ``H(p_i)`` in nats.
         saturation: ``(L, N)`` float, ``cos(h_i, h_{i-1})`` as :func:`hidden_saturation` gives it
-            (used when ``hidden`` is not kept).
+            (preferred over recomputing it from ``hidden``).
         vocab_size: ``V``, needed by ``normalized_entropy`` on summaries.
         positions: ``(N,)`` long, the 1-based decoding position ``t`` of each token (decaying
             thresholds use it when no ``positions`` are passed explicitly).
@@ -538,7 +538,8 @@ def _m_normalized_entropy(records: ExitRecords) -> Tensor:
 
 
 def _m_hidden_saturation(records: ExitRecords) -> Tensor:
-    if records.hidden is None and records.saturation is not None:
+    if records.saturation is not None:
+        # recorded in float32 from the live states: exact even when ``hidden`` was kept in fp16
         return _full(records.saturation)
     return hidden_saturation(_need(records, "hidden"), records.h0)
 

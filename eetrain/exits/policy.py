@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .classifiers import ExitClassifier, exit_probabilities
 from .measures import ExitRecords, compute_measure, get_measure, to_preds
 from .thresholds import (
+    DecayingThreshold,
     describe_threshold,
     make_threshold,
     resolve_threshold,
@@ -32,6 +33,7 @@ __all__ = [
     "ExitPolicy",
     "policy_scores",
     "first_exit",
+    "policy_first_exit",
     "exit_layers",
     "evaluate_policy",
     "deebert_expected_saving",
@@ -71,6 +73,9 @@ class ExitPolicy:
         measure_kwargs: keyword arguments of the measure, e.g. ``{"patience": 3}`` or
             ``{"min_confidence": 0.9}``.
         name: label for tables/plots; defaults to the measure name or the classifier kind.
+        exit_points: the 1-based layers that carry an exit (``exits.layers``, e.g. ``(2, 4, 6, 8)``
+            or FREE's ``(6, L)``); a token can only leave at one of them (and at ``L``).  ``None``:
+            every layer.
     """
 
     measure: str | nn.Module
@@ -78,6 +83,7 @@ class ExitPolicy:
     min_exit_layer: int = 4
     measure_kwargs: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    exit_points: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.measure, nn.Module):
@@ -98,6 +104,17 @@ class ExitPolicy:
             or self.min_exit_layer < 1
         ):
             raise ValueError(f"min_exit_layer must be an integer >= 1, got {self.min_exit_layer!r}")
+        if self.exit_points is not None:
+            points = tuple(self.exit_points)
+            if (
+                not points
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in points)
+                or list(points) != sorted(set(points))
+            ):
+                raise ValueError(
+                    f"exit_points must be ascending distinct integers >= 1, got {list(self.exit_points)}"
+                )
+            self.exit_points = points
         self.threshold = make_threshold(self.threshold)
         if kind == "bool":
             if self.threshold is not None:
@@ -126,6 +143,13 @@ class ExitPolicy:
         """A copy with another threshold (validated)."""
         return replace(self, threshold=threshold, measure_kwargs=dict(self.measure_kwargs))
 
+    def with_base_threshold(self, value: Any) -> ExitPolicy:
+        """A copy for a swept value: a number replaces the *base* ``lam`` of a decaying threshold
+        (keeping its decay), and the whole threshold otherwise."""
+        if isinstance(self.threshold, DecayingThreshold) and isinstance(value, int | float):
+            return self.with_threshold(replace(self.threshold, lam=float(value)))
+        return self.with_threshold(value)
+
 
 def _as_records(
     records: ExitRecords | None,
@@ -147,6 +171,13 @@ def _check_min_exit_layer(policy: ExitPolicy, num_layers: int) -> None:
         raise ValueError(
             f"min_exit_layer={policy.min_exit_layer} exceeds the number of exit layers L={num_layers}"
         )
+    if policy.exit_points is not None and policy.exit_points[-1] > num_layers:
+        raise ValueError(f"exit_points {list(policy.exit_points)} exceed the number of exit layers L={num_layers}")
+
+
+def policy_first_exit(policy: ExitPolicy, fires: Tensor) -> Tensor:
+    """:func:`first_exit` with the policy's minimum exit layer and exit points."""
+    return first_exit(fires, policy.min_exit_layer, policy.exit_points)
 
 
 def policy_scores(policy: ExitPolicy, records: ExitRecords) -> Tensor:
@@ -158,13 +189,22 @@ def policy_scores(policy: ExitPolicy, records: ExitRecords) -> Tensor:
     return compute_measure(policy.measure, records, **policy.measure_kwargs)  # type: ignore[arg-type]
 
 
-def first_exit(fires: Tensor, min_exit_layer: int = 1) -> Tensor:
-    """``(L, N)`` bool -> ``(N,)`` long: first 1-based layer ``i >= min_exit_layer`` that fires, else ``L``."""
+def first_exit(
+    fires: Tensor, min_exit_layer: int = 1, exit_points: Sequence[int] | None = None
+) -> Tensor:
+    """``(L, N)`` bool -> ``(N,)`` long: first 1-based layer ``i >= min_exit_layer`` that fires, else ``L``.
+
+    With ``exit_points`` only those layers (and ``L``) can be exit layers.
+    """
     num_layers = fires.shape[0]
     if not 1 <= min_exit_layer <= num_layers:
         raise ValueError(f"min_exit_layer={min_exit_layer} must lie in [1, L={num_layers}]")
     allowed = fires.clone()
     allowed[: min_exit_layer - 1] = False
+    if exit_points is not None:
+        carries = torch.zeros(num_layers, dtype=torch.bool, device=fires.device)
+        carries[[i - 1 for i in exit_points if 1 <= i <= num_layers]] = True
+        allowed &= carries[:, None]
     allowed[-1] = True  # the last layer always "exits"
     return allowed.long().argmax(dim=0) + 1  # argmax returns the first maximum
 
@@ -197,16 +237,19 @@ def exit_layers(
         policy: the exit policy.
         records: an :class:`ExitRecords`, or pass ``hidden (L, N, d)``, ``logits (L, N, V)``,
             ``probs (L, N, V)``, ``h0 (N, d)`` directly.
-        positions: ``(N,)`` 1-based decoding positions ``t``; needed (and used) by a decaying threshold.
+        positions: ``(N,)`` 1-based decoding positions ``t``; needed (and used) by a decaying
+            threshold.  Default: ``records.positions``.
 
     Returns:
         ``(N,)`` long: the first layer ``i >= min_exit_layer`` where the rule fires, ``L`` if never.
     """
     rec = _as_records(records, hidden, logits, probs, h0, None)
+    if positions is None:
+        positions = rec.positions
     num_layers, num_tokens = rec.num_layers, rec.num_tokens
     _check_min_exit_layer(policy, num_layers)
     scores = policy_scores(policy, rec)
-    return first_exit(_fires(policy, scores, num_layers, num_tokens, positions), policy.min_exit_layer)
+    return policy_first_exit(policy, _fires(policy, scores, num_layers, num_tokens, positions))
 
 
 def evaluate_policy(
@@ -297,18 +340,21 @@ def sweep(
     Args:
         policies: template policies (their own threshold is used when no values are given for them).
         thresholds: values applied to every *score* policy, or a mapping ``label -> values`` (policy
-            label, falling back to the measure name).  For a *boolean* measure the mapped values vary
+            label, falling back to the measure name).  For a policy with a decaying threshold a
+            number replaces its base ``lam`` (the decay is kept).  For a *boolean* measure the mapped values vary
             its ``sweep_param`` (``patience`` -> P, ``monotonic`` -> ``min_confidence``) and the
             ``threshold`` column records that value; a plain sequence is not applied to boolean
             measures (one row with the policy as is).
         records: the records (``labels`` in them give ``accuracy`` and drop ``-100`` tokens).
-        positions: ``(N,)`` decoding positions for decaying thresholds.
+        positions: ``(N,)`` decoding positions for decaying thresholds (default ``records.positions``).
 
     Returns:
         One row per (policy, value) with columns ``POLICY_TABLE_COLUMNS``.
     """
     if records is None:
         raise ValueError("sweep needs records")
+    if positions is None:
+        positions = records.positions
     rec = records.with_probs()
     preds = rec.preds()
     num_layers, num_tokens = rec.num_layers, rec.num_tokens
@@ -331,16 +377,16 @@ def sweep(
                 variants = [(policy.measure_kwargs.get(param), policy)]
             for value, variant in variants:
                 fires = policy_scores(variant, rec)
-                ex = first_exit(fires, variant.min_exit_layer)
+                ex = policy_first_exit(variant, fires)
                 rows.append(_row(policy, value, ex, preds, rec.labels, num_layers))
         else:
             scores = policy_scores(policy, rec)  # computed once per policy
-            variants = [(v, policy.with_threshold(v)) for v in values] or [
+            variants = [(v, policy.with_base_threshold(v)) for v in values] or [
                 (describe_threshold(policy.threshold), policy)
             ]
             for value, variant in variants:
                 fires = _fires(variant, scores, num_layers, num_tokens, positions)
-                ex = first_exit(fires, variant.min_exit_layer)
+                ex = policy_first_exit(variant, fires)
                 shown = value if isinstance(value, int | float) else describe_threshold(variant.threshold)
                 rows.append(_row(policy, shown, ex, preds, rec.labels, num_layers))
     return rows
@@ -397,7 +443,7 @@ def plot_consistency_vs_exit(
     from matplotlib.figure import Figure
 
     path = Path(png_path)
-    fig = Figure(figsize=(6.0, 4.0), dpi=120)
+    fig = Figure(figsize=(7.0, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     groups: dict[str, list[tuple[float, float]]] = {}
@@ -411,16 +457,28 @@ def plot_consistency_vs_exit(
         ):
             continue
         groups.setdefault(str(row["measure"]), []).append((float(x), float(y)))
-    for measure, points in groups.items():
+    # 10 colours x 4 marker/line styles, so that more than 10 curves stay distinguishable
+    colors = [f"C{i}" for i in range(10)]
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":")]
+    for k, (measure, points) in enumerate(groups.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=measure)
+        marker, line = styles[(k // len(colors)) % len(styles)]
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            color=colors[k % len(colors)],
+            linestyle=line,
+            marker=marker,
+            markersize=3,
+            label=measure,
+        )
     ax.set_xlabel("mean exit layer")
     ax.set_ylabel("consistency with the last layer")
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if groups:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", loc="best")
     fig.tight_layout()
     fd, tmp = _atomic_target(path)
     os.close(fd)

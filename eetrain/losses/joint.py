@@ -1,20 +1,25 @@
 """A joint-optimization loss is a sum of named terms, each a function of the per-layer states.
 
-Terms are built by Hydra from `conf/loss/*.yaml`; each returns its value and what to log.
+Terms are built by Hydra from `conf/loss/*.yaml` (and `conf/loss/terms/`); each returns its value and
+what to log. Terms are `nn.Module`s held in an `nn.ModuleDict`, so a term with parameters (e.g. the
+distillation's student projection) is trained by the optimizer and saved in checkpoints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from eetrain.backbones.base import ExitBackbone, ExitStates, check_layers
+from eetrain.backbones.base import ExitBackbone, ExitStates
 from eetrain.errors import ConfigError
+from eetrain.losses.curriculum import Curriculum, LayerDropout
+from eetrain.losses.exit_points import resolve_exit_points
 from eetrain.losses.fused_ce import multi_exit_cross_entropy
-from eetrain.losses.weights import layer_weights
+from eetrain.losses.weights import layer_weights, renormalise
 
 
 @dataclass
@@ -27,15 +32,26 @@ class LossOutput:
     layer_ce: dict[int, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """Where training is: optimizer step `index` (0-based, the trainer's global step) of `total`."""
+
+    index: int
+    total: int
+
+
 class LossTerm(Protocol):
-    def __call__(self, states: ExitStates, backbone: ExitBackbone) -> LossOutput: ...
+    def __call__(self, states: ExitStates, backbone: ExitBackbone, step: TrainStep | None = None) -> LossOutput: ...
 
 
 def token_rows(states: ExitStates, backbone: ExitBackbone, layers: Sequence[int]) -> tuple[list[Tensor], Tensor]:
     """Exit features of the scored positions: n tensors (N, d) and labels (N,), padding dropped."""
     labels = states.labels
     if labels is None:
-        raise ValueError("the batch has no labels: a cross-entropy term needs them")
+        raise ConfigError(
+            f"the {backbone.family} batches have no labels: this model family needs data with a label "
+            "for its head (BERT: a class label per example); a cross-entropy term cannot train without them"
+        )
     by_layer = dict(zip(states.layers, states.hidden, strict=True))
     keep = labels != -100
     feats = []
@@ -48,8 +64,16 @@ def token_rows(states: ExitStates, backbone: ExitBackbone, layers: Sequence[int]
     return feats, labels[keep]
 
 
-class ExitCrossEntropy:
+class ExitCrossEntropy(nn.Module):
     """Weighted cross-entropy of the shared head at several exits (CALM when weights="calm").
+
+    layers: the exit points (`resolve_exit_points`: null/all, last, a list, {every: k}, {shallow: L_s});
+    the shipped configs wire them to `exits.layers`, with `min_layer` / `train_below_min` from the same
+    node: exits below `min_layer` get no loss unless `train_below_min`. FREE's shallow/deep CE
+    (L_s * CE_{L_s} + L * CE_L) / (L_s + L) is layers={shallow: L_s} with weights="calm".
+    weights: see `layer_weights` (`ratio` for geometric, `e_scale` for sum_l).
+    curriculum: optional `Curriculum`; in training steps only its active exits get a loss, their weights
+    renormalised to the same total. Validation always scores every exit.
 
     The head's logits are never materialised for backward (see `fused_ce`).
     """
@@ -57,29 +81,57 @@ class ExitCrossEntropy:
     def __init__(
         self,
         weights: str | Sequence[float] = "calm",
-        layers: Sequence[int] | str | None = None,
+        layers: Any = None,
+        min_layer: int = 1,
+        train_below_min: bool = False,
         ratio: float = 0.5,
+        e_scale: float = 1.0,
+        curriculum: Curriculum | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
         impl: str = "auto",
         chunk_size: int = 4096,
     ):
+        super().__init__()
         self.weights = weights if isinstance(weights, str) else [float(w) for w in weights]
-        if isinstance(layers, str) and layers != "last":
-            raise ConfigError(f"loss.ce.layers={layers!r}; allowed: null (all), 'last', or a list of layers")
-        self.layers = layers if layers is None or isinstance(layers, str) else [int(i) for i in layers]
+        if isinstance(layers, Mapping):
+            layers = dict(layers)
+        elif isinstance(layers, Sequence) and not isinstance(layers, str):
+            layers = list(layers)
+        self.layers = layers
+        self.min_layer = min_layer
+        self.train_below_min = bool(train_below_min)
         self.ratio = ratio
+        self.e_scale = e_scale
+        # A plain mapping (an override without _target_) is accepted like the instantiated object.
+        self.curriculum = Curriculum(**curriculum) if isinstance(curriculum, Mapping) else curriculum
         self.label_smoothing = label_smoothing
         self.impl = impl
         self.chunk_size = chunk_size
+        if isinstance(layers, str) and layers not in ("all", "last"):
+            # Fail at construction for a typo; depth-dependent checks wait for `resolve`.
+            resolve_exit_points(layers, 1)
 
     def resolve(self, num_layers: int) -> tuple[tuple[int, ...], Tensor]:
         """The exit layers that get a loss and their weights, validated against the model depth."""
-        wanted = [num_layers] if self.layers == "last" else self.layers
-        layers = check_layers(wanted, num_layers, key="loss.ce.layers")
-        return layers, layer_weights(self.weights, layers, ratio=self.ratio)
+        min_layer = 1 if self.train_below_min else self.min_layer
+        if self.train_below_min:
+            resolve_exit_points(None, num_layers, self.min_layer)  # still a valid exits.min_layer
+        layers = resolve_exit_points(self.layers, num_layers, min_layer)
+        weights = layer_weights(
+            self.weights, layers, ratio=self.ratio, e_scale=self.e_scale, last_layer=num_layers
+        )
+        return layers, weights
 
-    def __call__(self, states: ExitStates, backbone: ExitBackbone) -> LossOutput:
+    def setup(self, backbone: ExitBackbone) -> None:
+        self.resolve(backbone.num_layers)
+
+    def forward(self, states: ExitStates, backbone: ExitBackbone, step: TrainStep | None = None) -> LossOutput:
         layers, weights = self.resolve(backbone.num_layers)
+        if step is not None and self.curriculum is not None:
+            active = self.curriculum.active(layers, step.index, step.total)
+            keep = torch.tensor([i in active for i in layers])
+            weights = renormalise(weights, keep)
+            layers = active
         feats, labels = token_rows(states, backbone, layers)
         loss, per_layer = multi_exit_cross_entropy(
             feats,
@@ -91,22 +143,60 @@ class ExitCrossEntropy:
             impl=self.impl,
             chunk_size=self.chunk_size,
         )
-        return LossOutput(loss, {"ce": loss.detach()}, dict(zip(layers, per_layer, strict=True)))
+        # Exits with weight 0 are not computed (NaN): they had no loss, so they are not reported.
+        layer_ce = {i: v for i, v, w in zip(layers, per_layer, weights.tolist(), strict=True) if w > 0}
+        logs = {"exits": loss.new_tensor(float(len(layer_ce)))} if self.curriculum is not None else {}
+        return LossOutput(loss, logs, layer_ce)
+
+    def extra_repr(self) -> str:
+        return (
+            f"weights={self.weights!r}, layers={self.layers!r}, min_layer={self.min_layer}, "
+            f"train_below_min={self.train_below_min}, curriculum={self.curriculum!r}"
+        )
 
 
-class JointLoss:
-    """Sum of named terms: `JointLoss({"ce": ExitCrossEntropy("calm"), "kd": ...})`."""
+class JointLoss(nn.Module):
+    """Sum of named terms: `JointLoss({"ce": ExitCrossEntropy("calm"), "kd": LayerwiseDistillation(...)})`.
 
-    def __init__(self, terms: Mapping[str, LossTerm]):
+    layer_dropout: LayerSkip's layer dropout, applied by the training step to the backbone's forward
+    (it belongs to the training objective's recipe, so it is configured with the loss).
+    """
+
+    def __init__(
+        self, terms: Mapping[str, nn.Module], layer_dropout: LayerDropout | Mapping[str, Any] | None = None
+    ):
+        super().__init__()
         if not terms:
             raise ValueError("loss.terms is empty: configure at least one term (e.g. loss=calm)")
-        self.terms = dict(terms)
+        bad = [name for name, t in terms.items() if not isinstance(t, nn.Module)]
+        if bad:
+            raise ConfigError(f"loss.terms {bad} are not torch.nn.Module terms (e.g. eetrain.losses.ExitCrossEntropy)")
+        self.terms = nn.ModuleDict(dict(terms))
+        self.layer_dropout = LayerDropout(**layer_dropout) if isinstance(layer_dropout, Mapping) else layer_dropout
 
-    def __call__(self, states: ExitStates, backbone: ExitBackbone) -> LossOutput:
+    def extra_repr(self) -> str:
+        return f"layer_dropout={self.layer_dropout!r}" if self.layer_dropout is not None else ""
+
+    def setup(self, backbone: ExitBackbone) -> None:
+        """Validate every term against the model and create parameters that depend on it."""
+        for term in self.terms.values():
+            if hasattr(term, "setup"):
+                term.setup(backbone)
+
+    def dropped_layers(self, step: int, num_layers: int) -> frozenset[int]:
+        """The layers the training forward skips at optimizer step `step` (none without layer dropout)."""
+        if self.layer_dropout is None:
+            return frozenset()
+        return self.layer_dropout.dropped(step, num_layers)
+
+    def forward(self, states: ExitStates, backbone: ExitBackbone, step: TrainStep | None = None) -> LossOutput:
+        """step: the training step (curricula apply); None in validation."""
         total, logs, layer_ce = None, {}, {}
         for name, term in self.terms.items():
-            out = term(states, backbone)
+            out = term(states, backbone, step)
             total = out.total if total is None else total + out.total
             logs[name] = out.total.detach()
+            for key, value in out.logs.items():
+                logs[f"{name}/{key}"] = value
             layer_ce.update(out.layer_ce)
         return LossOutput(total, logs, layer_ce)

@@ -1,0 +1,106 @@
+"""Smoke test of benchmarks/multi_exit_loss.py on a tiny shape: it runs, the losses agree, JSON is complete.
+
+No timing or memory assertions: those depend on the machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "multi_exit_loss.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("multi_exit_loss_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def records(bench):
+    # One thread: tiny matmuls gain nothing from two, and on a loaded machine every OpenMP barrier
+    # can wait a scheduler slice for the second thread.
+    threads = torch.get_num_threads()
+    try:
+        return {impl: bench.run_impl("tiny", impl, "cpu", steps=1, warmup=1, threads=1)
+                for impl in bench.IMPLS}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_import_has_no_side_effects(bench):
+    assert bench.IMPLS == ("plain", "naive", "eetrain")
+    assert {"cpu", "t5-base", "t5-large", "llama-1b"} <= set(bench.SHAPES)
+
+
+def test_losses_agree(records):
+    plain, naive, eetrain = records["plain"], records["naive"], records["eetrain"]
+    # Same init, same data: the CALM loss is the same for the materialising and the fused loss ...
+    assert math.isclose(naive["loss"], eetrain["loss"], rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isclose(naive["last_ce"], eetrain["last_ce"], rel_tol=1e-5, abs_tol=1e-5)
+    # ... and its last exit is exactly what Hugging Face's own loss computes for plain fine-tuning.
+    assert math.isclose(plain["loss"], naive["last_ce"], rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isfinite(plain["loss"]) and plain["loss"] > 0
+    assert eetrain["resolved"] == "chunked"  # CPU: impl="auto" falls back to the pure-PyTorch kernel
+
+
+def test_record_and_json_line(bench, records):
+    for impl, rec in records.items():
+        line = bench.json_line(rec)
+        assert "\n" not in line
+        back = json.loads(line)
+        for key in bench.REQUIRED_KEYS:
+            assert key in back, key
+        assert back["impl"] == impl and back["shape"] == "tiny" and back["device"] == "cpu"
+        assert back["s_per_step"] > 0 and back["peak_mib"] >= 0
+
+
+def test_cli_json_and_table(bench, capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--shape", "tiny", "--impl", "plain", "eetrain", "--steps", "1",
+                           "--threads", "1", "--in-process", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert [json.loads(ln)["impl"] for ln in lines] == ["plain", "eetrain"]
+    for ln in lines:
+        assert set(bench.REQUIRED_KEYS) <= set(json.loads(ln))
+
+
+def test_table_ratios(bench, records):
+    table = bench.format_table(list(records.values()))
+    assert table.splitlines()[0].startswith("| impl | peak vs plain | time vs naive")
+    assert len(table.splitlines()) == 2 + 3
+    assert len(bench.target_lines(list(records.values()))) == 2
+
+
+def test_bad_arguments(bench):
+    with pytest.raises(ValueError, match="warmup"):
+        bench.run_impl("tiny", "plain", warmup=0)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shape", "nope"])
+
+
+def test_time_interleaved(bench):
+    threads = torch.get_num_threads()
+    try:
+        out = bench.time_interleaved("tiny", ["plain", "eetrain"], "cpu", steps=2, warmup=1, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out) == {"plain", "eetrain"}
+    for rec in out.values():
+        assert rec["timing"] == "interleaved" and len(rec["times"]) == 2 and rec["s_per_step"] > 0

@@ -1,0 +1,198 @@
+"""Layerwise distillation: mappings at any depth, hand-computed losses, a brute-force closest reference."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eetrain.errors import ConfigError
+from eetrain.losses import JointLoss, LayerwiseDistillation, layerwise_distillation_loss
+from eetrain.losses.distillation import (
+    closest_alignment,
+    distillation_pairs,
+    teacher_layers,
+    uniform_teachers,
+)
+from tests.conftest import examples, make_backbone
+
+
+@pytest.mark.parametrize(
+    "num_layers, shallow, expected",
+    [
+        (24, 6, (9, 12, 15, 18, 21, 24)),
+        (12, 4, (6, 8, 10, 12)),
+        (4, 2, (3, 4)),
+        (24, 12, tuple(range(13, 25))),
+        (12, 5, (6, 8, 9, 11, 12)),  # D=7: floor(j*7/5 + 1/2) = 1, 3, 4, 6, 7
+        (4, 3, (4, 4, 4)),  # one deep layer: every student learns from it
+        (5, 3, (4, 4, 5)),  # D=2: floor(2j/3 + 1/2) = 1, 1, 2
+        (2, 1, (2,)),
+    ],
+)
+def test_uniform_teachers_by_hand(num_layers, shallow, expected):
+    assert uniform_teachers(num_layers, shallow) == expected
+
+
+def test_uniform_teachers_any_depth():
+    for num_layers in range(2, 41):
+        for shallow in range(1, num_layers):
+            t = uniform_teachers(num_layers, shallow)
+            assert len(t) == shallow and t[-1] == num_layers
+            assert all(shallow < x <= num_layers for x in t), (num_layers, shallow, t)
+            assert list(t) == sorted(t)
+            if num_layers - shallow >= shallow:
+                assert len(set(t)) == shallow  # distinct when the deep module is at least as deep
+
+
+def test_mapping_pairs():
+    assert distillation_pairs("last", 24, 6) == ((6, 24),)
+    assert distillation_pairs("uniform", 4, 2) == ((1, 3), (2, 4))
+    assert teacher_layers("closest", 4, 3) == (4,)
+    assert teacher_layers("closest", 24, 6) == (9, 12, 15, 18, 21, 24)
+
+
+@pytest.mark.parametrize(
+    "mse, expected",
+    [
+        # last teacher takes student 1 (0.4); the middle one only has student 0; the first reuses 0
+        ([[0.1, 0.5, 0.9], [0.2, 0.3, 0.8], [0.7, 0.4, 0.6]], [0, 0, 1]),
+        # each teacher takes the student just below the previous one
+        ([[0.1, 0.5, 0.9], [0.9, 0.2, 0.8], [0.7, 0.4, 0.1]], [0, 1, 2]),
+        # the middle teacher prefers student 2 but must stay below student 2
+        ([[0.3, 0.1, 0.9], [0.9, 0.5, 0.1], [0.7, 0.4, 0.1]], [0, 1, 2]),
+        # the last teacher's best is student 0: everyone pairs with it
+        ([[0.5, 0.1, 0.1], [0.9, 0.1, 0.1], [0.0, 0.4, 0.1]], [0, 0, 0]),
+    ],
+)
+def test_closest_alignment_by_hand(mse, expected):
+    assert closest_alignment(torch.tensor(mse)) == expected
+
+
+def _states(values):
+    """{layer: (1, 1)} from scalars: N = 1 position, d = 1."""
+    return [torch.tensor([[v]]) for v in values]
+
+
+def test_distillation_loss_hand_computed():
+    # L = 4, L_s = 2: students s1 = 1, s2 = 2; teachers t3 = 3, t4 = 1.1.
+    s = _states([1.0, 2.0])
+    t = dict(zip((3, 4), _states([3.0, 1.1]), strict=True))
+    # last: (2, 4): (2 - 1.1)^2 = 0.81
+    loss, pairs = layerwise_distillation_loss(s, t, "last", 4)
+    assert pairs == ((2, 4),) and loss.item() == pytest.approx(0.81)
+    # uniform: (1, 3) -> 4, (2, 4) -> 0.81; mean 2.405
+    loss, pairs = layerwise_distillation_loss(s, t, "uniform", 4)
+    assert pairs == ((1, 3), (2, 4)) and loss.item() == pytest.approx(2.405)
+    # closest: t4 picks s1 (0.01 < 0.81); nothing is below s1, so t3 reuses s1 (4); mean 2.005
+    loss, pairs = layerwise_distillation_loss(s, t, "closest", 4)
+    assert pairs == ((1, 3), (1, 4)) and loss.item() == pytest.approx(2.005)
+
+
+def _closest_reference(students, teachers, num_layers):
+    """Brute force: every MSE with F.mse_loss, the walk written out with explicit candidate lists."""
+    shallow = len(students)
+    layers = sorted(set(uniform_teachers(num_layers, shallow)))
+    table = {(s, t): F.mse_loss(students[s - 1], teachers[t]).item() for s in range(1, shallow + 1) for t in layers}
+    chosen = {}
+    previous = shallow + 1
+    for t in reversed(layers):
+        candidates = [s for s in range(1, shallow + 1) if s < previous]
+        if candidates:
+            best = min(table[(s, t)] for s in candidates)
+            previous = min(s for s in candidates if table[(s, t)] == best)
+        chosen[t] = previous
+    pairs = tuple((chosen[t], t) for t in layers)
+    loss = sum(F.mse_loss(students[s - 1], teachers[t]) for s, t in pairs) / len(pairs)
+    return loss, pairs
+
+
+@pytest.mark.parametrize("num_layers, shallow", [(4, 2), (4, 3), (6, 2), (7, 3), (12, 4), (9, 6)])
+def test_closest_matches_brute_force(num_layers, shallow):
+    gen = torch.Generator().manual_seed(num_layers * 100 + shallow)
+    for trial in range(20):
+        # states drift with depth plus noise, so the chosen students vary between trials
+        base = torch.randn(5, 8, generator=gen)
+        h = [base * (1 + 0.3 * i) + 0.8 * torch.randn(5, 8, generator=gen) for i in range(num_layers + 1)]
+        students = [h[j] for j in range(1, shallow + 1)]
+        teachers = {t: h[t] for t in range(shallow + 1, num_layers + 1)}
+        loss, pairs = layerwise_distillation_loss(students, teachers, "closest", num_layers)
+        ref_loss, ref_pairs = _closest_reference(students, teachers, num_layers)
+        assert pairs == ref_pairs, trial
+        torch.testing.assert_close(loss, ref_loss)
+
+
+def test_closest_is_the_best_monotone_choice_when_greedy_is_optimal():
+    # With one teacher the walk is a plain argmin over all students.
+    students = _states([0.0, 5.0, 2.9])
+    loss, pairs = layerwise_distillation_loss(students, {4: torch.tensor([[3.0]])}, "closest", 4)
+    assert pairs == ((3, 4),) and loss.item() == pytest.approx(0.01, rel=1e-5)
+    # brute force over every non-decreasing assignment agrees on a case where greedy is optimal
+    s = _states([1.0, 2.0, 3.0])
+    t = dict(zip((4, 5, 6), _states([1.1, 2.1, 3.1]), strict=True))
+    loss, pairs = layerwise_distillation_loss(s, t, "closest", 6)
+    best = min(
+        (sum(float(s[a][0, 0] - t[b][0, 0]) ** 2 for a, b in zip(assign, (4, 5, 6), strict=True)) / 3, assign)
+        for assign in itertools.combinations_with_replacement(range(3), 3)
+    )
+    assert [p[0] - 1 for p in pairs] == list(best[1])
+    assert loss.item() == pytest.approx(best[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama", "bert"])
+@pytest.mark.parametrize("mapping", ["last", "uniform", "closest"])
+def test_term_on_a_model(family, mapping):
+    bb = make_backbone(family)  # 3 layers, L_s = 1 or 2
+    states = bb(bb.collate(examples()))
+    term = LayerwiseDistillation(mapping, shallow_layer=2, alpha=0.5)
+    out = JointLoss({"kd": term})(states, bb)
+    # reference: final-normed states at the scored positions, teacher detached
+    labels = states.labels
+    def rows(h):
+        n = bb.final_norm(h)
+        return n[labels != -100] if bb.head_kind == "token" else n.reshape(-1, n.shape[-1])
+    s = [rows(states.hidden[0]), rows(states.hidden[1])]
+    t3 = rows(states.hidden[2]).detach()
+    pairs = {"last": [(2, 3)], "uniform": [(1, 3), (2, 3)]}.get(mapping)
+    if pairs is None:  # closest: one teacher (3), the student nearer to it
+        pairs = [(min((1, 2), key=lambda j: F.mse_loss(s[j - 1], t3).item()), 3)]
+    ref = sum(F.mse_loss(s[a - 1], t3) for a, _ in pairs) / len(pairs)
+    torch.testing.assert_close(out.total, 0.5 * ref)
+    torch.testing.assert_close(out.logs["kd/mse"], ref.detach())
+    # gradient reaches the students' layers only through the student side
+    out.total.backward()
+    last_block = bb.blocks[-1]
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in last_block.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bb.blocks[0].parameters())
+
+
+def test_t5_final_norm_has_no_rescale():
+    bb = make_backbone("t5", tie_word_embeddings=True)
+    h = torch.randn(2, 3, 32)
+    torch.testing.assert_close(bb.final_norm(h), bb.model.decoder.final_layer_norm(h))
+    torch.testing.assert_close(bb.exit_features(h), bb.final_norm(h) * 32**-0.5)
+    llama = make_backbone("llama")
+    torch.testing.assert_close(llama.final_norm(h), llama.model.model.norm(h))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mapping="nearest", shallow_layer=2), r"loss.kd.mapping='nearest' is unknown; allowed: last, uniform, closest"),
+        (dict(shallow_layer=2, alpha=-0.5), r"loss.kd.alpha=-0.5 must be a finite number >= 0"),
+        (dict(shallow_layer=None), r"loss.kd.shallow_layer is not set.*exits.layers=\{shallow: L_s\}"),
+        (dict(shallow_layer=0), r"loss.kd.shallow_layer=0 must be an integer >= 1"),
+    ],
+)
+def test_bad_term_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LayerwiseDistillation(**kwargs)
+
+
+def test_shallow_layer_must_be_below_the_depth():
+    bb = make_backbone("t5")
+    for shallow in (3, 5):
+        with pytest.raises(ConfigError, match=rf"loss.kd.shallow_layer={shallow} must be within 1..2"):
+            LayerwiseDistillation(shallow_layer=shallow).setup(bb)
+    with pytest.raises(ConfigError, match="must be within 1..23"):
+        uniform_teachers(24, 24)

@@ -1,0 +1,212 @@
+"""The evaluation entry point (train=false, stages=[policies]) on a saved model, and bad exit settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from eetrain.config import compose
+from eetrain.errors import ConfigError
+from eetrain.exits.classifiers import save_classifier
+from eetrain.exits.evaluation import best_rows, calibrate, evaluate_records, format_policy_table
+from eetrain.exits.measures import ExitRecords
+from eetrain.exits.settings import calibration_settings, check_config, policy_specs
+from eetrain.exits.training import make_classifier
+from eetrain.losses import ExitCrossEntropy, JointLoss
+from eetrain.module import EarlyExitModule
+from eetrain.train import load_module_weights
+from tests.conftest import examples, make_backbone
+
+FAST = ["exit.min_exit_layer=2", "exit.record.max_tokens=400", "data.eval_batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A tiny T5 (3 decoder layers, d=32) saved as a `transformers` export."""
+    where = tmp_path_factory.mktemp("model") / "export"
+    make_backbone("t5").save_pretrained(str(where))
+    return where
+
+
+def _evaluate(tmp_path: Path, model: Path, *overrides: str, module: str = "eetrain") -> subprocess.CompletedProcess:
+    args = ["+experiment=evaluate"] if module == "eetrain" else []
+    return subprocess.run(
+        [sys.executable, "-m", module, *args, f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'run'}",
+         *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_evaluate_experiment_composes_without_training():
+    cfg = compose(["+experiment=evaluate", "model.name_or_path=/some/export"])
+    assert cfg.train is False and cfg.export is False and list(cfg.stages) == ["policies"]
+    assert cfg.model.config is None and cfg.model.tokenizer is None
+
+
+@pytest.mark.slow
+def test_evaluate_a_saved_model(tmp_path, saved_model):
+    clf_dir = tmp_path / "classifiers"
+    save_classifier(make_classifier("calm", 32), clf_dir / "calm.pt")
+    r = _evaluate(tmp_path, saved_model, *FAST, f"exit.classifiers.dir={clf_dir}", module="eetrain.evaluate")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    with (out / "policies.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for column in ("measure", "threshold", "mean_exit_layer", "consistency", "accuracy"):
+        assert column in rows[0]
+    measures = {row["measure"] for row in rows}
+    assert {"softmax_gap", "softmax_gap_decaying", "softmax_max", "entropy", "normalized_entropy",
+            "hidden_saturation", "patience", "monotonic", "classifier:calm"} == measures
+    assert all(2 <= float(row["mean_exit_layer"]) <= 3 for row in rows)
+    assert (out / "policies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration[0]["policy"] == "softmax_gap" and calibration[0]["epsilon"] == 0.05
+    assert "Exit policies on the validation set" in r.stdout and "Learn-then-Test" in r.stdout
+    assert not (out / "export").exists() and not (out / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["exit.policies.softmax_gap.thresholds=[0.5,1.5]"],
+         "exit.policies.softmax_gap.thresholds[1]: threshold must lie in [0.0, 1.0] for this measure, got 1.5"),
+        (["exit.policies.patience.thresholds=[0]"],
+         "exit.policies.patience.thresholds[0]: patience must be an integer >= 1, got 0"),
+        (["exit.policies.softmax_max.measure=softmax_maximum"],
+         "exit.policies.softmax_max.measure='softmax_maximum' is not an exit measure; allowed: entropy,"),
+        (["exit.calibration.epsilon=1.5"], "exit.calibration.epsilon=1.5 must lie in (0, 1)"),
+        (["CLASSIFIER_DIR"], "but the model has hidden size 32"),
+    ],
+)
+def test_bad_exit_settings_one_clear_message(tmp_path, saved_model, overrides, message):
+    if overrides == ["CLASSIFIER_DIR"]:
+        save_classifier(make_classifier("lstm", 16, lstm_hidden_size=4), tmp_path / "clf" / "lstm.pt")
+        overrides = [f"exit.classifiers.dir={tmp_path / 'clf'}"]
+        message = f"exit.classifiers.dir: classifier checkpoint {tmp_path / 'clf' / 'lstm.pt'} has hidden size 16 " + message
+    r = _evaluate(tmp_path, saved_model, "exit.min_exit_layer=2", *overrides)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "policies.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[nope]"], "stages: unknown stage 'nope'; allowed: exit_classifiers, policies"),
+        (["stages=[policies]", "exit.calibration.delta=0"], "exit.calibration.delta=0.0 must lie in (0, 1)"),
+        (["stages=[policies]", "exit.calibration.delta=1"], "exit.calibration.delta=1.0 must lie in (0, 1)"),
+        (["stages=[policies]", "exit.calibration.epsilon=0"], "exit.calibration.epsilon=0.0 must lie in (0, 1)"),
+        (["stages=[policies]", "exit.min_exit_layer=5"],
+         "exit.min_exit_layer=5 exceeds the model depth: it has 3 exit layers"),
+        (["stages=[policies]", "exit.policies.patience.thresholds=[2,-1]"],
+         "exit.policies.patience.thresholds[1]: patience must be an integer >= 1, got -1"),
+        (["stages=[policies]", "exit.policies.hidden_saturation.thresholds=[1.01]"],
+         "exit.policies.hidden_saturation.thresholds[0]: threshold must lie in [-1.0, 1.0]"),
+        (["stages=[policies]", "+exit.policies.x={measure: softmax_gap, thresold: [0.5]}"],
+         "exit.policies.x: unknown key(s) ['thresold']"),
+        (["stages=[exit_classifiers]", "exit.min_exit_layer=3"],
+         "exit.min_exit_layer=3: min_exit_layer=3 leaves no layer below the last (3) for an exit classifier"),
+        (["stages=[exit_classifiers]", "exits.layers={shallow: 1}", "exits.train_below_min=true"],
+         "leaves no layer below the last (3) among the exit points [1, 3]"),
+        (["stages=[policies]", "exit.calibration.policies=[patience]"],
+         "exit.calibration.policies[0]='patience' is a boolean rule without a threshold to calibrate"),
+        (["stages=[policies]", "exit.calibration.policies=[classifier:mlp]"],
+         "exit.calibration.policies[0]='classifier:mlp' is not a configured policy"),
+        (["stages=[policies]", "exit.policies.entropy.thresholds=[0.5]"],
+         "exit.policies.entropy.thresholds[0]: threshold must lie in [-inf, 0.0]"),
+        (["stages=[policies]", "exit.policies.monotonic.thresholds=[2]"],
+         "exit.policies.monotonic.thresholds[0]: min_confidence must lie in [0, 1], got 2"),
+        (["stages=[policies]", "exit.policies.softmax_gap_decaying.decay.form=exp"],
+         "exit.policies.softmax_gap_decaying.decay.form='exp' is not a decaying-threshold form"),
+        (["stages=[policies]", "exit.classifiers.thresholds=[1.2]"],
+         "exit.classifiers.thresholds[0]=1.2: a classifier's P(exit) threshold must lie in [0, 1]"),
+        (["stages=[policies]", "exits.min_layer=4"], "exits.min_layer=4 exceeds the model depth"),
+    ],
+)
+def test_stage_checks_before_training(overrides, message):
+    from eetrain.stages import check_stages
+
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", *overrides], return_hydra_config=True)
+    with pytest.raises(ConfigError) as info:
+        check_stages(cfg, make_backbone("t5"))
+    assert message in str(info.value)
+
+
+def test_policy_table_helpers_on_a_hand_record():
+    # L = 3, four tokens whose layer-2 prediction agrees with layer 3 for tokens 0 and 1 only;
+    # layer 2's top-1 probabilities: 0.99, 0.97, 0.6, 0.5 -> softmax_max >= 0.95 exits tokens 0, 1 at 2
+    preds = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4], [1, 2, 9, 9]])
+    top1 = torch.tensor([[0.2] * 4, [0.99, 0.97, 0.6, 0.5], [0.9] * 4])
+    rec = ExitRecords(
+        predictions=preds, top2=torch.stack([top1, torch.zeros_like(top1)], -1), entropies=torch.zeros(3, 4),
+        vocab_size=10, labels=torch.tensor([1, 2, 3, 9]), positions=torch.ones(4, dtype=torch.long),
+        sequence_ids=torch.arange(4),
+    )
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "exit.policies.softmax_max.thresholds=[0.95,0.55]"])
+    specs = [s for s in policy_specs(cfg, 3, horizon=4) if s.name == "softmax_max"]
+    rows = evaluate_records(specs, rec)
+    assert [(r["threshold"], r["mean_exit_layer"], r["consistency"], r["accuracy"]) for r in rows] == [
+        (0.95, 2.5, 1.0, 0.75), (0.55, 2.25, 0.75, 1.0)]
+    assert best_rows(rows, 0.99, below=3) == [rows[0]]
+    assert best_rows(rows, 0.99, below=2.5) == []
+    table = format_policy_table(rows)
+    assert table.splitlines()[0].split() == ["measure", "threshold", "min_layer", "mean_exit", "consistency",
+                                             "accuracy", "saving"]
+    # LTT on this record: per-sequence consistency risk, all sequences calibrate
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "exit.calibration.policies=[softmax_max]",
+                   "exit.calibration.calibration_fraction=1.0", "exit.calibration.delta=0.5",
+                   "exit.calibration.epsilon=0.5", "exit.calibration.candidates=[1.0,0.95,0.55]"])
+    (result,) = calibrate(specs, rec, calibration_settings(cfg))
+    # risks: 1.0 -> 0/4, 0.95 -> 0/4, 0.55 -> 1/4 (token 2 exits with a wrong prediction)
+    assert [row["risk_hat"] for row in result["scan"]] == [0.0, 0.0, 0.25]
+    # n = 4, delta = 0.5: risk 0 passes (Hoeffding e^-2 = 0.14 <= 0.5), risk 0.25 fails (e^-0.5 = 0.61)
+    assert result["threshold"] == 0.95 and result["evaluated_on"] == "the calibration set"
+    assert result["mean_exit_layer"] == 2.5 and result["empirical_risk"] == 0.0
+
+
+def test_check_config_accepts_every_shipped_experiment_with_a_deep_enough_model():
+    for experiment in ("demo", "mee_demo", "calm_t5"):
+        cfg = compose([f"+experiment={experiment}"], return_hydra_config=True)
+        check_config(cfg, make_backbone("t5", num_layers=8, num_decoder_layers=8))
+
+
+def test_load_module_weights_from_a_lightning_checkpoint(tmp_path):
+    bb = make_backbone("t5")
+    module = EarlyExitModule(bb, JointLoss({"ce": ExitCrossEntropy()}), optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    loader = torch.utils.data.DataLoader(examples(), batch_size=2, collate_fn=bb.collate)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fresh = EarlyExitModule(make_backbone("t5"), JointLoss({"ce": ExitCrossEntropy()}), optimizer=None)
+    assert not torch.equal(fresh.backbone.head_weight, bb.head_weight)
+    load_module_weights(fresh, str(tmp_path / "last.ckpt"))
+    for key, value in module.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(ConfigError, match="ckpt_path='/no/such.ckpt': no such checkpoint file"):
+        load_module_weights(fresh, "/no/such.ckpt")
+
+
+def test_policies_exit_only_at_the_configured_exit_points():
+    # exits.layers={every: 2} on 6 layers: exits at 2, 4, 6; a rule firing at layer 3 waits for 4
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "exits.layers={every: 2}",
+                   "exit.policies.softmax_max.thresholds=[0.5]"])
+    (spec,) = [s for s in policy_specs(cfg, 6, horizon=4) if s.name == "softmax_max"]
+    assert spec.policy.exit_points == (2, 4, 6)
+
+    def record(top1: list[float]) -> ExitRecords:
+        t = torch.tensor(top1)[:, None]
+        return ExitRecords(predictions=torch.zeros(6, 1, dtype=torch.long), top2=torch.stack([t, 0 * t], -1))
+
+    (row,) = evaluate_records([spec], record([0.9, 0.1, 0.9, 0.1, 0.9, 0.1]))  # fires at layers 1, 3, 5
+    assert row["mean_exit_layer"] == 6.0  # 3 and 5 carry no exit, 1 is below the minimum
+    (row,) = evaluate_records([spec], record([0.9, 0.1, 0.9, 0.7, 0.9, 0.1]))
+    assert row["mean_exit_layer"] == 4.0
