@@ -15,9 +15,12 @@ Usage::
     python benchmarks/multi_exit_loss.py --shape cpu --device cpu
     python benchmarks/multi_exit_loss.py --shape llama-1b --device cuda --json
 
-By default every implementation runs in a fresh subprocess (``--in-process`` runs them in this one).
-Memory (``peak_mib``) is what the step allocates beyond the model and optimizer state; see
-``benchmarks/README.md`` for how it is measured on CPU and CUDA.
+By default every implementation's memory is measured in a fresh subprocess; on CPU one more
+subprocess times all implementations with their steps interleaved (``--timing``), on CUDA each worker
+times its own steps (``--in-process`` runs everything in this process, for tests). Memory
+(``peak_mib``) is what the step allocates beyond the model and optimizer state; see
+``benchmarks/README.md`` for how it is measured on CPU and CUDA. Importing this module has no side
+effects (torch and eetrain are imported lazily).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def _true_risk(lam: float) -> float:
 
 
 def test_ltt_guarantee_on_synthetic_risk() -> None:
-    epsilon, delta, n, draws = 0.05, 0.1, 2000, 200
+    epsilon, delta, n, draws = 0.05, 0.1, 2000, 100
     chosen, naive = [], []
     for seed in range(draws):
         u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -131,7 +131,7 @@ def test_ltt_guarantee_on_synthetic_risk() -> None:
 
 def test_ltt_guarantee_when_risk_jumps_just_above_delta() -> None:
     # R(lam) = 0.05 for lam >= 0.5, then 0.11 (> delta = 0.1) below: only 0.5 and above are safe
-    epsilon, delta, n, draws = 0.05, 0.1, 2000, 200
+    epsilon, delta, n, draws = 0.05, 0.1, 2000, 100
     bad = 0
     for seed in range(draws):
         u = torch.rand(n, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
