@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from eetrain.backbones.base import check_layers
 from eetrain.errors import ConfigError
 
 #: the forms `exits.layers` may take, for error messages
@@ -73,14 +74,9 @@ def resolve_exit_points(
                 )
             layers = (value, n)
     elif isinstance(spec, Sequence):
-        layers = tuple(_as_int(i, key) for i in spec)
-        if not layers:
+        if not spec:
             raise ConfigError(f"{key} is empty; allowed: {FORMS}")
-        bad = [i for i in layers if not 1 <= i <= n]
-        if bad:
-            raise ConfigError(f"{key}={list(layers)}: {bad} outside 1..{n} (the model has {n} layers)")
-        if list(layers) != sorted(set(layers)):
-            raise ConfigError(f"{key}={list(layers)} must be sorted ascending without duplicates")
+        layers = check_layers([_as_int(i, key) for i in spec], n, key=key)
     else:
         raise ConfigError(f"{key}={spec!r} is unknown; allowed: {FORMS}")
 
