@@ -89,7 +89,7 @@ class ExitCrossEntropy(nn.Module):
         curriculum: Curriculum | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
         impl: str = "auto",
-        chunk_size: int = 4096,
+        chunk_size: int | None = None,  # None: fused_ce sizes chunks to ~256 MiB of logits
     ):
         super().__init__()
         self.weights = weights if isinstance(weights, str) else [float(w) for w in weights]
