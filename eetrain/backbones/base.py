@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from eetrain.backbones.kv import DecodeContext, Slots
 from eetrain.errors import ConfigError
 from eetrain.hub import resolve_model
 
@@ -224,6 +225,42 @@ class ExitBackbone(nn.Module):
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Pad tokenised examples (`source_ids`, `target_ids` lists, or `label`) into a batch."""
         raise NotImplementedError
+
+    # --- early-exit decoding (token heads; see eetrain/decoding and backbones/kv.py) ------------
+    def decode_init(self, batch: dict[str, Tensor], max_new_tokens: int) -> DecodeContext:
+        """Start generation for `batch` (input_ids, attention_mask (B, S)): caches for
+        `max_new_tokens` steps, and the first step's input (or, after a prompt prefill, its states)."""
+        raise ConfigError(f"early-exit decoding needs a token head; the {self.family} adapter has none")
+
+    def decode_embed(self, ids: Tensor) -> Tensor:
+        """Input states `(b, q, d)` of token ids `(b, q)`."""
+        raise NotImplementedError
+
+    def decode_layer(
+        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
+        qmask: Tensor | None = None,
+    ) -> Tensor:
+        """Run the 1-based `layer` on states `h (b, q, d)` of queries at `slots` of the rows `rows`
+        (`(b,)` indices into the batch, None = all): write their keys/values (only where `qmask (b, q)`
+        is True), attend over the cache, return the layer's output `(b, q, d)`."""
+        raise NotImplementedError
+
+    def decode_kv(
+        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
+        qmask: Tensor | None = None,
+    ) -> None:
+        """Write only the keys/values that `layer` projects from the states `h (b, q, d)` (CALM's state
+        copying: no attention or MLP is computed)."""
+        raise NotImplementedError
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
 
     # --- shared -------------------------------------------------------------------------------
     def exit_logits(self, h: Tensor) -> Tensor:

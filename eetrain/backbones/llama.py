@@ -11,8 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from eetrain.backbones import kv
 from eetrain.backbones.base import ExitBackbone, ExitStates, pad
+from eetrain.backbones.kv import DecodeContext, Slots
 
 
 class LlamaBackbone(ExitBackbone):
@@ -80,3 +83,73 @@ class LlamaBackbone(ExitBackbone):
             "attention_mask": pad([[1] * len(s) for s in ids], 0),
             "labels": pad(labels, -100),
         }
+
+    # --- early-exit decoding -------------------------------------------------------------------
+    def decode_init(self, batch: dict[str, Tensor], max_new_tokens: int) -> DecodeContext:
+        """Prefill the prompts (input_ids with right or left padding, attention_mask) at full depth.
+
+        Prompts are laid out left-padded, ending at slot T0 - 1, so every row's generated token t sits
+        at slot T0 + t - 1; a row's positions are its slots minus its padding. The prompt's last
+        position after every layer gives the first new token's states (its exit is decided on them).
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        size, width = ids.shape
+        lengths = mask.sum(dim=1)
+        offset = width - lengths  # left padding of each row
+        if bool((~mask).any()):
+            # left-align: padding first, then the row's tokens in their order (a stable sort on the mask)
+            ids = ids.gather(1, torch.argsort(mask.long(), dim=1, stable=True))
+        total = width + max_new_tokens
+        key_valid = torch.arange(total, device=ids.device)[None, :] >= offset[:, None]
+        cfg = self.model.config
+        head_dim = self.blocks[0].self_attn.head_dim
+        embed = self.decode_embed(ids)
+        k, v = kv.empty_cache(self.num_layers, size, cfg.num_key_value_heads, total, head_dim, like=embed)
+        ctx = DecodeContext(
+            k=k, v=v, key_valid=key_valid, position_offset=offset, first_slot=width, prefill_input=embed[:, -1]
+        )
+        h, states = embed, []
+        for layer in range(1, self.num_layers + 1):
+            h = self.decode_layer(ctx, layer, h, None, 0)
+            states.append(h[:, -1])
+        ctx.prefill_states = states
+        return ctx
+
+    def decode_embed(self, ids: Tensor) -> Tensor:
+        return self.model.model.embed_tokens(ids)
+
+    def _qkv(self, ctx: DecodeContext, block: nn.Module, normed: Tensor, rows: Tensor | None, slots: Slots):
+        attn = block.self_attn
+        b, q, _ = normed.shape
+        shape = (b, q, -1, attn.head_dim)
+        query = attn.q_proj(normed).view(shape).transpose(1, 2)
+        key = attn.k_proj(normed).view(shape).transpose(1, 2)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = self.model.model.rotary_emb(normed, ctx.positions(slots, rows, q))
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        return query, key, value
+
+    def decode_kv(
+        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
+        qmask: Tensor | None = None,
+    ) -> None:
+        block = self.blocks[layer - 1]
+        _, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
+        kv.write(ctx.k[layer - 1], key, rows, slots, qmask)
+        kv.write(ctx.v[layer - 1], value, rows, slots, qmask)
+
+    def decode_layer(
+        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
+        qmask: Tensor | None = None,
+    ) -> Tensor:
+        block = self.blocks[layer - 1]
+        i, q = layer - 1, h.shape[1]
+        query, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
+        kv.write(ctx.k[i], key, rows, slots, qmask)
+        kv.write(ctx.v[i], value, rows, slots, qmask)
+        upto = kv.last_slot(slots, q) + 1
+        keys = ctx.k[i][:, :, :upto] if rows is None else ctx.k[i][rows, :, :upto]
+        values = ctx.v[i][:, :, :upto] if rows is None else ctx.v[i][rows, :, :upto]
+        mask = kv.attention_mask(ctx.key_valid, rows, slots, q, upto)
+        h = h + block.self_attn.o_proj(kv.attend(query, keys, values, mask, scale=block.self_attn.scaling))
+        return h + block.mlp(block.post_attention_layernorm(h))

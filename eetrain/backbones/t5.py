@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
+from eetrain.backbones import kv
 from eetrain.backbones.base import ExitBackbone, ExitStates, pad
+from eetrain.backbones.kv import DecodeContext, Slots
 
 
 class T5Backbone(ExitBackbone):
@@ -95,3 +98,100 @@ class T5Backbone(ExitBackbone):
             "attention_mask": (pad([[1] * len(e["source_ids"]) for e in examples], 0)),
             "labels": pad([e["target_ids"] for e in examples], -100),
         }
+
+    # --- early-exit decoding -------------------------------------------------------------------
+    def decode_init(self, batch: dict[str, Tensor], max_new_tokens: int) -> DecodeContext:
+        """Encode the sources; decoder slot t holds the input of generated token t + 1 (slot 0: the
+        decoder start token). Cross-attention keys/values are projected per layer on first use, so
+        layers no token reaches cost nothing."""
+        cfg = self.model.config
+        mask = batch["attention_mask"]
+        enc = self.model.encoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        size = enc.shape[0]
+        k, v = kv.empty_cache(self.num_layers, size, cfg.num_heads, max_new_tokens, cfg.d_kv, like=enc)
+        attn = self.blocks[0].layer[0].SelfAttention
+        distance = torch.arange(max_new_tokens, device=enc.device)  # query slot minus key slot
+        buckets = attn._relative_position_bucket(
+            -distance,
+            bidirectional=False,
+            num_buckets=attn.relative_attention_num_buckets,
+            max_distance=attn.relative_attention_max_distance,
+        )
+        start = cfg.decoder_start_token_id
+        return DecodeContext(
+            k=k,
+            v=v,
+            key_valid=torch.ones(size, max_new_tokens, dtype=torch.bool, device=enc.device),
+            position_offset=torch.zeros(size, dtype=torch.long, device=enc.device),
+            first_slot=0,
+            start_ids=torch.full((size,), start, dtype=torch.long, device=enc.device),
+            extra={
+                "encoder": enc,
+                "encoder_mask": mask.bool()[:, None, None, :],
+                "cross": [None] * self.num_layers,
+                "bias": attn.relative_attention_bias(buckets),  # (T_max, H): bias by distance
+            },
+        )
+
+    def decode_embed(self, ids: Tensor) -> Tensor:
+        return self.model.decoder.embed_tokens(ids)
+
+    def _self_kv(self, block: nn.Module, normed: Tensor) -> tuple[Tensor, Tensor]:
+        attn = block.layer[0].SelfAttention
+        b, q, _ = normed.shape
+        shape = (b, q, attn.n_heads, attn.key_value_proj_dim)
+        return attn.k(normed).view(shape).transpose(1, 2), attn.v(normed).view(shape).transpose(1, 2)
+
+    def decode_kv(
+        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
+        qmask: Tensor | None = None,
+    ) -> None:
+        block = self.blocks[layer - 1]
+        key, value = self._self_kv(block, block.layer[0].layer_norm(h))
+        kv.write(ctx.k[layer - 1], key, rows, slots, qmask)
+        kv.write(ctx.v[layer - 1], value, rows, slots, qmask)
+
+    def decode_layer(
+        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
+        qmask: Tensor | None = None,
+    ) -> Tensor:
+        block = self.blocks[layer - 1]
+        self_attn, cross_attn, ff = block.layer
+        attn = self_attn.SelfAttention
+        b, q, _ = h.shape
+        heads, dk = attn.n_heads, attn.key_value_proj_dim
+        i = layer - 1
+
+        normed = self_attn.layer_norm(h)
+        key, value = self._self_kv(block, normed)
+        kv.write(ctx.k[i], key, rows, slots, qmask)
+        kv.write(ctx.v[i], value, rows, slots, qmask)
+        upto = kv.last_slot(slots, q) + 1
+        keys = ctx.k[i][:, :, :upto] if rows is None else ctx.k[i][rows, :, :upto]
+        values = ctx.v[i][:, :, :upto] if rows is None else ctx.v[i][rows, :, :upto]
+        query = attn.q(normed).view(b, q, heads, dk).transpose(1, 2)
+        if isinstance(slots, int):
+            query_slots = torch.arange(slots, slots + q, device=h.device)[None, :]
+        else:
+            query_slots = slots
+        distance = (query_slots[:, :, None] - torch.arange(upto, device=h.device)).clamp_min(0)
+        bias = ctx.extra["bias"][distance].permute(0, 3, 1, 2)  # (b or 1, H, q, upto)
+        mask = kv.attention_mask(ctx.key_valid, rows, slots, q, upto)
+        h = h + attn.o(kv.attend(query, keys, values, mask, scale=1.0, bias=bias))
+
+        cross = cross_attn.EncDecAttention
+        if ctx.extra["cross"][i] is None:
+            enc = ctx.extra["encoder"]
+            shape = (enc.shape[0], enc.shape[1], heads, dk)
+            ctx.extra["cross"][i] = (
+                cross.k(enc).view(shape).transpose(1, 2),
+                cross.v(enc).view(shape).transpose(1, 2),
+            )
+        ck, cv = ctx.extra["cross"][i]
+        cmask = ctx.extra["encoder_mask"]
+        if rows is not None:
+            ck, cv, cmask = ck[rows], cv[rows], cmask[rows]
+        normed = cross_attn.layer_norm(h)
+        query = cross.q(normed).view(b, q, heads, dk).transpose(1, 2)
+        h = h + cross.o(kv.attend(query, ck, cv, cmask, scale=1.0))
+        return ff(h)

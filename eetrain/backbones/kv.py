@@ -1,0 +1,139 @@
+"""Slot-addressed key/value caches and the attention over them, for early-exit decoding.
+
+A decoder that exits tokens at different layers must write a layer's keys/values for *some* positions
+of *some* rows (a token that went deeper, positions whose skipped layers are filled in later, the
+rows still running in a batch). Hugging Face's caches append per layer and assume every position
+reaches every layer, so eetrain keeps its own: one preallocated `(B, H_kv, T_max, d_head)` tensor pair
+per layer, addressed by *slot* (column). A query at slot `s` attends to the keys at slots `<= s` that
+are valid (not left padding). Nothing here knows a model family: the adapters in `backbones/` compute
+q/k/v with their own projections and call `write` / `attend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Slots = int | Tensor
+"""Where queries sit: an int `s` (every row, `q` contiguous slots `s..s+q-1`) or a `(b, q)` long tensor."""
+
+
+@dataclass
+class DecodeContext:
+    """Everything one generation call keeps across steps.
+
+    k, v: per layer `(B, H_kv, T_max, d_head)`. key_valid: `(B, T_max)` bool, False for left padding.
+    position_offset: `(B,)` long, subtracted from a slot to get the token's position (left padding).
+    first_slot: the slot of the first generated step's input. start_ids: `(B,)` that input's ids, or
+    None when the prompt's prefill already produced the first token's states (`prefill_states`, one
+    `(B, d)` per layer, the raw state of the prompt's last position after each layer).
+    extra: family-specific values (T5: encoder output, lazily projected cross-attention keys/values).
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    key_valid: Tensor
+    position_offset: Tensor
+    first_slot: int
+    start_ids: Tensor | None = None
+    prefill_states: list[Tensor] | None = None
+    prefill_input: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_valid.shape[0]
+
+    @property
+    def max_slots(self) -> int:
+        return self.key_valid.shape[1]
+
+    def positions(self, slots: Slots, rows: Tensor | None, q: int) -> Tensor:
+        """`(b, q)` token positions of queries at `slots` (slot minus the row's left padding)."""
+        offset = self.position_offset if rows is None else self.position_offset[rows]
+        if isinstance(slots, int):
+            slots = torch.arange(slots, slots + q, device=offset.device)[None, :]
+        return slots - offset[:, None]
+
+
+def empty_cache(
+    num_layers: int, batch: int, heads: int, slots: int, head_dim: int, like: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer zeroed key and value tensors `(batch, heads, slots, head_dim)` on `like`'s device/dtype."""
+    shape = (batch, heads, slots, head_dim)
+    k = [like.new_zeros(shape) for _ in range(num_layers)]
+    v = [like.new_zeros(shape) for _ in range(num_layers)]
+    return k, v
+
+
+def write(cache: Tensor, new: Tensor, rows: Tensor | None, slots: Slots, qmask: Tensor | None) -> None:
+    """Store `new (b, H, q, d_head)` into `cache (B, H, T, d_head)` at the queries' slots.
+
+    qmask `(b, q)` bool: only True queries are written (padding of ragged query sets).
+    """
+    if isinstance(slots, int) and qmask is None:
+        q = new.shape[2]
+        if rows is None:
+            cache[:, :, slots : slots + q] = new
+        else:
+            cache[rows, :, slots : slots + q] = new
+        return
+    b, _, q, _ = new.shape
+    if isinstance(slots, int):
+        slots = torch.arange(slots, slots + q, device=new.device).expand(b, q)
+    row_idx = (torch.arange(b, device=new.device) if rows is None else rows)[:, None].expand(b, q)
+    vals = new.transpose(1, 2)  # (b, q, H, d_head)
+    if qmask is not None:
+        row_idx, slots, vals = row_idx[qmask], slots[qmask], vals[qmask]
+    cache[row_idx, :, slots] = vals
+
+
+def attention_mask(key_valid: Tensor, rows: Tensor | None, slots: Slots, q: int, upto: int) -> Tensor:
+    """`(b, 1, q, upto)` bool: key slot `<=` query slot and the key is valid."""
+    valid = key_valid[:, :upto] if rows is None else key_valid[rows, :upto]
+    if isinstance(slots, int):
+        if q == 1:
+            return valid[:, None, None, :]
+        slots = torch.arange(slots, slots + q, device=valid.device)[None, :]
+    keys = torch.arange(upto, device=valid.device)[None, None, :]
+    causal = keys <= slots[:, :, None]  # (b or 1, q, upto)
+    # A padding query attends to itself alone: a row of all-masked keys would give NaN, and NaN times
+    # a zero attention weight is still NaN once that padding slot's values are read.
+    return ((causal & valid[:, None, :]) | (keys == slots[:, :, None]))[:, None]
+
+
+def last_slot(slots: Slots, q: int) -> int:
+    """The largest query slot (a host int: it sizes the attended key range)."""
+    if isinstance(slots, int):
+        return slots + q - 1
+    return int(slots.max())
+
+
+def attend(
+    query: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Scaled dot-product attention of `query (b, H, q, d)` over `k, v (b, H_kv, S, d)`.
+
+    mask: `(b, 1, q, S)` bool (True = attend). bias: additive `(b or 1, H, q, S)` (T5's relative
+    positions). Grouped-query attention when `H_kv < H`. Returns `(b, q, H * d)`.
+    """
+    groups = query.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if bias is not None:
+        attn_mask = bias.to(query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
+    else:
+        attn_mask = mask
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=attn_mask, scale=scale)
+    b, h, q, d = out.shape
+    return out.transpose(1, 2).reshape(b, q, h * d)

@@ -1,0 +1,11 @@
+"""Early-exit generation: a KV-cached decoder whose tokens leave at their own exit layer.
+
+`generate(backbone, batch, policy=..., strategy=..., max_new_tokens=...)` decodes with any token-head
+`ExitBackbone`; see `eetrain.decoding.generate` for the strategies (copy, parallel,
+self_speculative) and the batch modes (ride_along, gather, auto).
+"""
+
+from eetrain.decoding.decisions import LayerDecider, ScheduledExits
+from eetrain.decoding.generate import BATCH_MODES, STRATEGIES, GenerateOutput, generate
+
+__all__ = ["BATCH_MODES", "STRATEGIES", "GenerateOutput", "LayerDecider", "ScheduledExits", "generate"]

@@ -1,0 +1,505 @@
+"""KV-cached generation with token-level early exits, for every token-head `ExitBackbone`.
+
+One decoding step runs the layers of the new token in order; after each layer that can carry an exit
+the decider (an `ExitPolicy`, evaluated on what has been computed so far) says whether the token
+leaves there. The token is produced by the shared exit head at its exit layer.
+
+Layers a token skips still need keys/values, since later tokens attend to them (`strategy`):
+
+* ``copy`` (CALM): a skipped layer's keys/values are its own projections of the exit state.
+* ``parallel`` (FREE's synchronized parallel decoding, EE-LLM's recomputation): the skipped layers
+  are really computed, later, in the same forward as the next token that goes deeper (one pass
+  over the waiting positions and the new token), so deep keys/values equal the full model's.
+* ``self_speculative`` (LayerSkip): draft ``draft_tokens`` tokens with layers 1..``draft_layer`` and
+  the shared head, verify them with the remaining layers in one forward, keep the accepted prefix
+  and the correction. The output equals full-model greedy decoding.
+
+Both ``copy`` and ``parallel`` are *lazy*: a skipped position waits until a later token of its row
+needs that layer, then every waiting position of the row is handled in one batched call. So layers
+that no later token reaches cost nothing (a fixed exit at layer K costs what the model truncated to
+K layers costs), and the work that is needed is batched over positions.
+
+Batches with per-sample exits (`batch_mode`):
+
+* ``ride_along``: a layer runs for every row while any row still needs it; rows whose token has
+  exited ride along (their states of those layers are real), the step ends at the batch's deepest
+  exit. Small batches are memory-bound: a layer costs about the same for 1 row as for 8.
+* ``gather``: each layer computes only the rows still deciding (gathered, scattered back); time
+  follows the batch's *mean* exit layer. Pays once the step is compute-bound (large batches).
+* ``auto``: ``gather`` from ``gather_min_batch`` rows on (the measured crossover), else ``ride_along``.
+
+``copy`` and ``parallel`` support both modes; ``self_speculative`` decodes each row alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from eetrain.errors import ConfigError
+from eetrain.exits.policy import ExitPolicy
+
+from .decisions import LayerDecider, ScheduledExits, describe
+
+STRATEGIES = ("copy", "parallel", "self_speculative")
+BATCH_MODES = ("auto", "ride_along", "gather")
+#: batch size from which `auto` gathers the running rows (measured: BENCHMARKS.md, "Early-exit decoding")
+GATHER_MIN_BATCH = {"cpu": 16, "cuda": 64}
+
+
+@dataclass
+class GenerateOutput:
+    """What :func:`generate` returns.
+
+    tokens: `(B, T)` generated ids (padding after a row's end of sequence). exit_layers: `(B, T)`
+    long, the layer each token left at (0 after a row's end). lengths: `(B,)` generated tokens per row
+    (the end-of-sequence token included). seconds: wall time of the whole call (prefill included);
+    decision_seconds: the part spent in exit decisions. batch_max_exit_layers: per step, the deepest
+    exit in the batch.
+    """
+
+    tokens: Tensor
+    exit_layers: Tensor
+    lengths: Tensor
+    num_layers: int
+    seconds: float
+    decision_seconds: float
+    policy: str
+    strategy: str
+    batch_mode: str
+    batch_max_exit_layers: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def mean_exit_layer(self) -> float:
+        valid = self.exit_layers > 0
+        return float(self.exit_layers[valid].double().mean()) if bool(valid.any()) else float("nan")
+
+    @property
+    def mean_batch_max_exit_layer(self) -> float:
+        steps = self.batch_max_exit_layers
+        return float(np.mean(steps)) if steps else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def decision_fraction(self) -> float:
+        return self.decision_seconds / self.seconds if self.seconds > 0 else float("nan")
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's generated ids, up to and including its end-of-sequence token."""
+        return [self.tokens[r, : int(n)].tolist() for r, n in enumerate(self.lengths)]
+
+    def row_exit_layers(self) -> list[list[int]]:
+        return [self.exit_layers[r, : int(n)].tolist() for r, n in enumerate(self.lengths)]
+
+
+def _check(
+    backbone: Any, batch: Mapping[str, Tensor], strategy: str, batch_mode: str, max_new_tokens: int,
+    temperature: float, top_p: float,
+) -> None:
+    if getattr(backbone, "head_kind", "token") != "token":
+        raise ConfigError(
+            f"decoding needs a token head (T5, LLaMA); the {backbone.family} adapter predicts one label per sequence"
+        )
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"decoding.strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if batch_mode not in BATCH_MODES:
+        raise ConfigError(f"decoding.batch_mode={batch_mode!r}; allowed: {', '.join(BATCH_MODES)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ConfigError(f"decoding.max_new_tokens={max_new_tokens!r}; allowed: an integer >= 1")
+    if "attention_mask" not in batch or "input_ids" not in batch:
+        raise ConfigError(
+            f"decoding needs a batch with input_ids and attention_mask (got keys {sorted(batch)}); "
+            "build it with the backbone's collate or the tokenizer's padding"
+        )
+    if temperature < 0:
+        raise ConfigError(f"decoding.temperature={temperature!r}; allowed: >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"decoding.top_p={top_p!r}; allowed: 0 < top_p <= 1")
+
+
+def _as_decider(policy: Any, backbone: Any, seed: int) -> LayerDecider | ScheduledExits:
+    if isinstance(policy, str):
+        return ScheduledExits(policy, backbone.num_layers, seed=seed)
+    if isinstance(policy, ScheduledExits):
+        return policy
+    if policy is not None and not isinstance(policy, ExitPolicy):
+        raise ConfigError(
+            f"decoding.policy: expected an ExitPolicy, 'fixed:K', 'random:MEAN' or None, got {type(policy).__name__}"
+        )
+    return LayerDecider(policy, backbone, backbone.num_layers)
+
+
+class _Sampler:
+    """Greedy (temperature 0) or temperature / nucleus sampling with its own seeded generator."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device: torch.device) -> None:
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = None
+        if temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """`(n, V)` -> `(n,)` token ids."""
+        if self.generator is None:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(dim=-1) - sorted_p < self.top_p  # the smallest set with mass >= top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    backbone: Any,
+    batch: Mapping[str, Tensor],
+    policy: ExitPolicy | ScheduledExits | str | None = None,
+    strategy: str = "copy",
+    max_new_tokens: int = 32,
+    batch_mode: str = "auto",
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    draft_layer: int | None = None,
+    draft_tokens: int = 4,
+    gather_min_batch: int | None = None,
+    stop_at_eos: bool = True,
+) -> GenerateOutput:
+    """Generate up to `max_new_tokens` tokens per row of `batch` with early exits.
+
+    Args:
+        backbone: a token-head `ExitBackbone` (T5, LLaMA).
+        batch: `input_ids`, `attention_mask` `(B, S)` (sources for T5, prompts for LLaMA; right or left
+            padding).
+        policy: an `ExitPolicy` (measure or trained classifier, threshold, minimum exit layer, exit
+            points), a schedule `"fixed:K"` / `"random:MEAN"`, or None (never exit: full model).
+        strategy: ``copy``, ``parallel`` or ``self_speculative`` (see the module docstring).
+        batch_mode: ``auto``, ``ride_along`` or ``gather``.
+        temperature, top_p, seed: sampling (temperature 0 = greedy).
+        draft_layer, draft_tokens: ``self_speculative``'s E (default L // 2) and k.
+        gather_min_batch: `auto`'s crossover batch size (default: measured per device type).
+    """
+    _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        if strategy == "self_speculative":
+            return _self_speculative(
+                backbone, batch, max_new_tokens, draft_layer, draft_tokens, temperature, stop_at_eos
+            )
+        decider = _as_decider(policy, backbone, seed)
+        size = batch["input_ids"].shape[0]
+        device = batch["input_ids"].device
+        if batch_mode == "auto":
+            crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
+            batch_mode = "gather" if size >= crossover else "ride_along"
+        sampler = _Sampler(temperature, top_p, seed, device)
+        return _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos).run(batch, max_new_tokens)
+    finally:
+        backbone.train(was_training)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Decoder:
+    """One call's state: caches, per-slot depth bookkeeping (host), decisions."""
+
+    def __init__(self, backbone: Any, decider: Any, strategy: str, mode: str, sampler: _Sampler, stop: bool):
+        self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
+        self.sample, self.stop = sampler, stop
+        self.L = backbone.num_layers
+        self.decision_seconds = 0.0
+
+    # --- the waiting positions of skipped layers -----------------------------------------------
+    def _pending(self, rows: np.ndarray, slot: int, layer: int):
+        """Positions of `rows` (before `slot`) whose keys/values at `layer` are not written yet:
+        (rows with any, their (b, P) slots, (b, P) mask), or None."""
+        sub = self.depth[rows, :slot] < layer
+        if not sub.any():
+            return None
+        ri, si = np.nonzero(sub)
+        counts = np.bincount(ri, minlength=len(rows))
+        width = int(counts.max())
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        col = np.arange(len(ri)) - starts
+        slots = np.full((len(rows), width), slot, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        slots[ri, col] = si
+        mask[ri, col] = True
+        return slots, mask, (ri, si)
+
+    def _layer(self, layer: int, rows: np.ndarray | None, slot: int, h: Tensor) -> Tensor:
+        """Run `layer` for the current tokens `h (b, d)` of `rows` (None = all) at `slot`, first
+        handling the positions of those rows that wait for this layer. Returns `(b, d)`."""
+        bb, ctx, dev = self.bb, self.ctx, self.device
+        row_ids = np.arange(self.B) if rows is None else rows
+        rows_t = None if rows is None else torch.from_numpy(rows).to(dev)
+        pend = self._pending(row_ids, slot, layer) if self.pend_state is not None else None
+        if pend is None:
+            return bb.decode_layer(ctx, layer, h[:, None], rows_t, slot)[:, 0]
+        slots_np, mask_np, (ri, si) = pend
+        row_idx = torch.from_numpy(row_ids).to(dev)
+        slots = torch.from_numpy(slots_np).to(dev)
+        mask = torch.from_numpy(mask_np).to(dev)
+        waiting = self.pend_state[row_idx[:, None], slots]  # (b, P, d)
+        if self.strategy == "copy":
+            bb.decode_kv(ctx, layer, waiting, row_idx, slots, mask)
+            out = bb.decode_layer(ctx, layer, h[:, None], rows_t, slot)[:, 0]
+        else:  # parallel: the waiting positions and the new token in one causal pass
+            queries = torch.cat([waiting, h[:, None]], dim=1)
+            all_slots = torch.cat([slots, torch.full_like(slots[:, :1], slot)], dim=1)
+            all_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            res = bb.decode_layer(ctx, layer, queries, row_idx, all_slots, all_mask)
+            done = res[:, :-1][mask]
+            self.pend_state[row_idx[:, None].expand_as(slots)[mask], slots[mask]] = done
+            out = res[:, -1]
+        self.depth[row_ids[ri], si] = layer
+        return out
+
+    def _decide(self, layer: int, h: Tensor, rows: np.ndarray) -> tuple[np.ndarray, Tensor | None]:
+        """Exit decisions at `layer` for the deciding `rows` (their states `h (n, d)`): which fire,
+        and the tokens of those that do."""
+        t0 = time.perf_counter()
+        if isinstance(self.decider, ScheduledExits):
+            fires = self.schedule[rows] == layer
+            tokens = None
+            if fires.any():
+                tokens = self.sample(self.bb.exit_logits(h[torch.from_numpy(fires).to(self.device)]))
+            self.decision_seconds += 0.0  # a schedule costs nothing to decide; the head is the token's
+            return fires, tokens
+        rows_t = torch.from_numpy(rows).to(self.device)
+        fired = self.decider.observe(layer, h, rows_t)
+        if fired is None:
+            self.decision_seconds += time.perf_counter() - t0
+            return np.zeros(len(rows), dtype=bool), None
+        fires = fired.cpu().numpy()
+        tokens = None
+        if fires.any():
+            logits = self.decider.last_logits
+            sel = torch.from_numpy(fires).to(self.device)
+            logits = logits[sel] if logits is not None else self.bb.exit_logits(h[sel])
+            tokens = self.sample(logits)
+        self.decision_seconds += time.perf_counter() - t0
+        return fires, tokens
+
+    def run(self, batch: Mapping[str, Tensor], max_new: int) -> GenerateOutput:
+        bb = self.bb
+        self.device = dev = batch["input_ids"].device
+        _sync(dev)
+        start = time.perf_counter()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        ctx = self.ctx = bb.decode_init(inputs, max_new)
+        prefilled = ctx.prefill_states is not None
+        B = self.B = ctx.batch_size
+        L = self.L
+        pad, eos = bb.pad_token_id, (bb.eos_token_id if self.stop else None)
+        self.depth = np.zeros((B, ctx.max_slots), dtype=np.int64)
+        self.depth[:, : ctx.first_slot] = L  # prompt positions (and their padding): every layer computed
+        self.pend_state = None
+        if self.strategy in ("copy", "parallel"):
+            like = ctx.k[0]
+            self.pend_state = like.new_zeros((B, ctx.max_slots, bb.hidden_size))
+        tokens = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
+        exits = torch.zeros((B, max_new), dtype=torch.long, device=dev)
+        done = np.zeros(B, dtype=bool)
+        batch_max: list[int] = []
+        scheduled = isinstance(self.decider, ScheduledExits)
+        for step in range(max_new):
+            live = np.flatnonzero(~done)
+            if len(live) == 0:
+                break
+            positions = torch.full((B,), step + 1, dtype=torch.long)
+            if scheduled:
+                self.schedule = self.decider.draw(B).numpy()
+            exit_at = np.zeros(B, dtype=np.int64)
+            new_tok = torch.full((B,), pad, dtype=torch.long, device=dev)
+            deciding = ~done
+            if step == 0 and prefilled:
+                # LLaMA: the prompt's prefill computed every layer; decide on its last position's states
+                if not scheduled:
+                    self.decider.begin(positions, ctx.prefill_input)
+                for layer in range(1, L + 1):
+                    rows = np.flatnonzero(deciding)
+                    if len(rows) == 0:
+                        break
+                    h = ctx.prefill_states[layer - 1][torch.from_numpy(rows).to(dev)]
+                    fires = np.ones(len(rows), dtype=bool) if layer == L else None
+                    toks = None
+                    if fires is None:
+                        fires, toks = self._decide(layer, h, rows)
+                    elif fires.any():
+                        toks = self.sample(bb.exit_logits(h))
+                    if fires.any():
+                        hit = rows[fires]
+                        new_tok[torch.from_numpy(hit).to(dev)] = toks
+                        exit_at[hit] = layer
+                        deciding[hit] = False
+            else:
+                slot = ctx.first_slot + step - (1 if prefilled else 0)
+                ids = ctx.start_ids if step == 0 else tokens[:, step - 1]
+                h_cur = bb.decode_embed(ids[:, None])[:, 0]
+                if not scheduled:
+                    self.decider.begin(positions, h_cur)
+                reached = np.zeros(B, dtype=np.int64)
+                for layer in range(1, L + 1):
+                    if not deciding.any():
+                        break
+                    if self.mode == "ride_along":
+                        rows = None
+                        out = self._layer(layer, None, slot, h_cur)
+                        h_cur = out
+                        reached[:] = layer
+                    else:
+                        rows = np.flatnonzero(deciding)
+                        if len(rows) == B:
+                            h_cur = self._layer(layer, None, slot, h_cur)
+                        else:
+                            idx = torch.from_numpy(rows).to(dev)
+                            h_cur = h_cur.index_copy(0, idx, self._layer(layer, rows, slot, h_cur[idx]))
+                        reached[rows] = layer
+                    dec_rows = np.flatnonzero(deciding)
+                    h = h_cur if len(dec_rows) == B else h_cur[torch.from_numpy(dec_rows).to(dev)]
+                    if layer == L:
+                        fires, toks = np.ones(len(dec_rows), dtype=bool), self.sample(bb.exit_logits(h))
+                    else:
+                        fires, toks = self._decide(layer, h, dec_rows)
+                    if fires.any():
+                        hit = dec_rows[fires]
+                        new_tok[torch.from_numpy(hit).to(dev)] = toks
+                        exit_at[hit] = layer
+                        deciding[hit] = False
+                # the current positions wait with the state they reached (rows already ended: never)
+                if self.pend_state is not None:
+                    self.pend_state[:, slot] = h_cur
+                reached[done] = L
+                self.depth[:, slot] = reached
+            new_tok[torch.from_numpy(done).to(dev)] = pad
+            tokens[:, step] = new_tok
+            exit_at[done] = 0
+            exits[:, step] = torch.from_numpy(exit_at).to(dev)
+            batch_max.append(int(exit_at[live].max()))
+            if eos is not None:
+                ended = (new_tok == eos).cpu().numpy() & ~done
+                done |= ended
+                self.depth[ended] = L  # an ended row's positions are never attended again
+        _sync(dev)
+        seconds = time.perf_counter() - start
+        lengths = (exits > 0).sum(dim=1).cpu()
+        steps = max(1, len(batch_max))
+        return GenerateOutput(
+            tokens=tokens[:, :steps].cpu(),
+            exit_layers=exits[:, :steps].cpu(),
+            lengths=lengths,
+            num_layers=L,
+            seconds=seconds,
+            decision_seconds=self.decision_seconds,
+            policy=describe(self.decider.policy if isinstance(self.decider, LayerDecider) else self.decider),
+            strategy=self.strategy,
+            batch_mode=self.mode,
+            batch_max_exit_layers=batch_max,
+        )
+
+
+def _self_speculative(
+    backbone: Any,
+    batch: Mapping[str, Tensor],
+    max_new: int,
+    draft_layer: int | None,
+    draft_tokens: int,
+    temperature: float,
+    stop_at_eos: bool,
+) -> GenerateOutput:
+    """LayerSkip's self-speculative decoding, one row at a time (rows accept different prefixes)."""
+    L = backbone.num_layers
+    E = L // 2 if draft_layer is None else draft_layer
+    if isinstance(E, bool) or not isinstance(E, int) or not 1 <= E < L:
+        raise ConfigError(
+            f"decoding.draft_layer={draft_layer!r}; allowed: 1..{L - 1} (below the model's {L} layers)"
+        )
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise ConfigError(f"decoding.draft_tokens={draft_tokens!r}; allowed: an integer >= 1")
+    if temperature > 0:
+        raise ConfigError("decoding.strategy=self_speculative is greedy (lossless); set decoding.temperature=0")
+    k = draft_tokens
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dev = ids.device
+    pad = backbone.pad_token_id
+    eos = backbone.eos_token_id if stop_at_eos else None
+    B = ids.shape[0]
+    tokens = torch.full((B, max_new), pad, dtype=torch.long)
+    exits = torch.zeros((B, max_new), dtype=torch.long)
+    _sync(dev)
+    start = time.perf_counter()
+    for r in range(B):
+        keep = mask[r].bool()
+        row = {"input_ids": ids[r : r + 1, keep], "attention_mask": mask[r : r + 1, keep]}
+        ctx = backbone.decode_init(row, max_new + k)
+        out: list[int] = []
+        layer_of: list[int] = []
+        if ctx.prefill_states is not None:
+            first = int(backbone.exit_logits(ctx.prefill_states[-1]).argmax(dim=-1))
+            out.append(first)
+            layer_of.append(L)
+            slot, nxt = ctx.first_slot, first
+        else:
+            slot, nxt = ctx.first_slot, int(ctx.start_ids[0])
+        while len(out) < max_new and not (eos is not None and out and out[-1] == eos):
+            drafts, states = [], []
+            x = nxt
+            for i in range(k):  # draft with layers 1..E
+                h = backbone.decode_embed(torch.tensor([[x]], device=dev))
+                for layer in range(1, E + 1):
+                    h = backbone.decode_layer(ctx, layer, h, None, slot + i)
+                states.append(h)
+                x = int(backbone.exit_logits(h[:, 0]).argmax(dim=-1))
+                drafts.append(x)
+            h = torch.cat(states, dim=1)  # (1, k, d): layer-E states of the inputs at slot..slot+k-1
+            for layer in range(E + 1, L + 1):  # verify all drafts with the deep layers in one pass
+                h = backbone.decode_layer(ctx, layer, h, None, slot)
+            full = backbone.exit_logits(h[0]).argmax(dim=-1).tolist()
+            m = 0
+            while m < k and drafts[m] == full[m]:
+                m += 1
+            accepted = drafts[:m] + ([full[m]] if m < k else [])
+            layers = [E] * m + ([L] if m < k else [])
+            for tok, lay in zip(accepted, layers, strict=False):
+                if len(out) >= max_new or (eos is not None and out and out[-1] == eos):
+                    break
+                out.append(tok)
+                layer_of.append(lay)
+            slot += len(accepted)
+            nxt = accepted[-1]
+        tokens[r, : len(out)] = torch.tensor(out, dtype=torch.long)
+        exits[r, : len(out)] = torch.tensor(layer_of, dtype=torch.long)
+    _sync(dev)
+    seconds = time.perf_counter() - start
+    width = int((exits > 0).sum(dim=1).max()) if B else 0
+    return GenerateOutput(
+        tokens=tokens[:, : max(width, 1)],
+        exit_layers=exits[:, : max(width, 1)],
+        lengths=(exits > 0).sum(dim=1),
+        num_layers=L,
+        seconds=seconds,
+        decision_seconds=0.0,
+        policy=f"draft:{E}x{k}",
+        strategy="self_speculative",
+        batch_mode="per_row",
+    )
