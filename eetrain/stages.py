@@ -17,12 +17,15 @@ STAGES: dict[str, str] = {
     "exit_classifiers": "eetrain.exits.training.run_stage",
     # record the validation set once, sweep exit policies, LTT calibration, policies.csv/.png
     "policies": "eetrain.exits.evaluation.run_stage",
+    # decode a split with early exit and with the full model: generations.jsonl, speed-up, consistency
+    "generate": "eetrain.decoding.stage.run_stage",
 }
 
 #: stage name -> "module.function(cfg, backbone)" validating the stage's config before training.
 CHECKS: dict[str, str] = {
     "exit_classifiers": "eetrain.exits.settings.check_config",
     "policies": "eetrain.exits.settings.check_config",
+    "generate": "eetrain.decoding.stage.check_config",
 }
 
 
@@ -52,3 +55,8 @@ def check_stages(cfg: DictConfig, backbone: Any) -> None:
 def run_stages(cfg: DictConfig, backbone: Any, data: Any, out_dir: Path) -> None:
     for name in _names(cfg):
         _resolve(STAGES[name])(cfg, backbone, data, out_dir)
+        if name == "policies" and (out_dir / "export").is_dir():
+            # the export carries the calibrated policy, so `generate` on it (and later runs) use it
+            from eetrain.decoding.settings import export_policy
+
+            export_policy(cfg, backbone, out_dir, out_dir / "export")

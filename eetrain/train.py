@@ -114,6 +114,9 @@ def run(cfg: DictConfig) -> float:
         write_rows(rows, out_dir / "layer_report.csv")
         if cfg.get("export", True):
             where = export_pretrained(backbone, out_dir / "export", exit_settings(cfg, backbone, loss, rows))
+            from eetrain.decoding.settings import export_policy
+
+            export_policy(cfg, backbone, out_dir, where)  # the configured policy; `policies` calibrates it
             print(f"\nExported model, tokenizer and early_exit.json to {where}")
         if cfg.get("stages"):
             # Later stages (e.g. exit classifiers on the frozen backbone) run on the trained model.

@@ -5,4 +5,29 @@ from eetrain.backbones.bert import BertBackbone
 from eetrain.backbones.llama import LlamaBackbone
 from eetrain.backbones.t5 import T5Backbone
 
-__all__ = ["BertBackbone", "ExitBackbone", "ExitStates", "LlamaBackbone", "T5Backbone", "check_layers"]
+__all__ = [
+    "BertBackbone", "ExitBackbone", "ExitStates", "LlamaBackbone", "T5Backbone", "check_layers", "load_backbone",
+]
+
+FAMILIES: dict[str, type[ExitBackbone]] = {"t5": T5Backbone, "llama": LlamaBackbone, "bert": BertBackbone}
+
+
+def load_backbone(name_or_path: str, **kwargs: object) -> ExitBackbone:
+    """The right adapter for a saved model: the family in eetrain's `early_exit.json`, else the
+    `model_type` of a local `config.json`, else (a hub name) T5."""
+    import json
+    from pathlib import Path
+
+    from eetrain.errors import ConfigError
+
+    kwargs.pop("config", None)
+    local = Path(str(name_or_path)).expanduser()
+    family = "t5"
+    if (local / "early_exit.json").is_file():
+        family = json.loads((local / "early_exit.json").read_text()).get("family", "t5")
+    elif (local / "config.json").is_file():
+        family = json.loads((local / "config.json").read_text()).get("model_type", "t5")
+    if family not in FAMILIES:
+        raise ConfigError(f"model.name_or_path={name_or_path!r} is a {family!r} model; eetrain has adapters for "
+                          f"{sorted(FAMILIES)}")
+    return FAMILIES[family](name_or_path=str(name_or_path), **kwargs)

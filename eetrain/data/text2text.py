@@ -144,6 +144,15 @@ class Text2TextDataModule(L.LightningDataModule):
                 f"(> {self.max_lengths[0]} tokens), targets {t['target_truncated']} (> {self.max_lengths[1]} tokens)"
             )
 
+    def split_examples(self, split: str) -> list[dict[str, Any]]:
+        """The tokenised examples of one split by its name (`train`, `validation`, or another split such
+        as `test`: `data.files.test` or the hub dataset's split), loaded on first use."""
+        key = {v: k for k, v in self.splits.items()}.get(split, split)
+        if key not in self.datasets:
+            rows = load_rows(split, columns=self.columns, **self.source)
+            self.datasets[key], self.truncation[key] = self.tokenize(rows)
+        return self.datasets[key]
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[name],

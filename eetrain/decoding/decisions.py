@@ -186,12 +186,12 @@ def check_policy(policy: ExitPolicy, num_layers: int, hidden_size: int | None) -
     """A policy made for another model fails here, naming what differs."""
     if policy.min_exit_layer > num_layers:
         raise ConfigError(
-            f"decoding.policy min_exit_layer={policy.min_exit_layer} exceeds the model's {num_layers} layers; "
+            f"decoding.policy.min_exit_layer={policy.min_exit_layer} exceeds the model's {num_layers} layers; "
             f"allowed: 1..{num_layers}"
         )
     if policy.exit_points is not None and policy.exit_points[-1] > num_layers:
         raise ConfigError(
-            f"decoding.policy exit points {list(policy.exit_points)} exceed the model's {num_layers} layers"
+            f"decoding.policy.exit_points={list(policy.exit_points)} exceed the model's {num_layers} layers"
         )
     clf = policy.measure
     if isinstance(clf, ExitClassifier) and hidden_size is not None and clf.hidden_size != hidden_size:

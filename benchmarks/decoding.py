@@ -1,0 +1,500 @@
+"""Early-exit decoding speed: Hugging Face `generate` vs eetrain's decoder, full, truncated and exiting.
+
+Four implementations decode the same random sources with the same randomly initialised model:
+
+* ``hf``      -- Hugging Face ``model.generate``, greedy, ``min_new_tokens = max_new_tokens`` so every
+  row generates exactly ``--new-tokens`` tokens.
+* ``full``    -- eetrain's KV-cached decoder that never exits (``policy=None``): the baseline of
+  ``speedup`` (it should cost at most ``1.10 x hf``).
+* ``static``  -- the same weights cut to their first K decoder blocks, decoded like ``full``: what an
+  early exit at depth K can at best cost (the *ceiling*).
+* ``eetrain`` -- early exits from a seeded schedule (``fixed:K``, ``random:MEAN``) with the ``copy``
+  or ``parallel`` strategy and the ``ride_along`` or ``gather`` batch mode.
+
+Rows per batch size (``--batches``, default 1,8,64): ``hf`` and ``full`` always; batch 1: ``fixed:4``
+and ``random:4`` x ``copy`` / ``parallel``; batches 2..63: ``random:4`` with ``ride_along`` x
+``copy`` / ``parallel`` and ``gather`` + ``copy``; batches >= 64: ``random:3`` / ``random:4`` /
+``random:6`` x ``gather`` / ``ride_along`` with ``copy``. Schedules deeper than the model are left out.
+Each ``eetrain`` row gets a ``static`` model at the depth its batch mode can reach: the rounded mean
+exit layer (batch 1, ``gather``) or the rounded mean of the per-step deepest exit (``ride_along``);
+``ceiling_fraction = t_static / t_eetrain`` (1.0: the exits cost nothing beyond the layers run).
+
+``--crossover`` times ``random:4`` + ``copy`` with ``ride_along`` vs ``gather`` (and ``full``) at batch
+sizes 1..64 and prints the smallest from which on ``gather`` is faster (where ``generate``'s
+``batch_mode="auto"`` should switch: ``GATHER_MIN_BATCH``).
+
+Usage::
+
+    python benchmarks/decoding.py --shape cpu --device cpu --threads 1
+    python benchmarks/decoding.py --shape cpu --device cpu --crossover --json
+    python benchmarks/decoding.py --shape llama-1b --device cuda --json
+
+Timing: every implementation of a batch size is warmed up once, then timed ``--repeats`` times with
+the runs interleaved round robin (round r starts one implementation later than round r - 1), so load
+drift on a shared machine hits all alike; the median wall time counts (``torch.cuda.synchronize``
+around each run on CUDA). Importing this module has no side effects (torch and eetrain are imported
+lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("hf", "full", "static", "eetrain")
+REQUIRED_KEYS = (
+    "impl", "strategy", "batch_mode", "batch", "exits", "num_layers", "mean_exit_layer",
+    "mean_batch_max_exit_layer", "s_per_token", "speedup", "ceiling_fraction", "decision_fraction",
+    "device", "shape", "dtype", "new_tokens",
+)
+DEFAULT_BATCHES = (1, 8, 64)
+CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+LARGE_BATCH = 64  # from here on the rows compare mean exits and gather vs ride_along
+TARGET_FULL_VS_HF = 1.10  # eetrain's decoder without exits may cost at most this x HF generate
+
+
+@dataclass(frozen=True)
+class Shape:
+    family: str  # "t5" (source -> encoder, exits on the decoder blocks) or "llama" (source = prompt)
+    config: dict[str, Any]
+    source: int  # source / prompt tokens per row
+    new_tokens: int  # default --new-tokens
+    dtype: str
+    note: str = ""
+
+
+SHAPES: dict[str, Shape] = {
+    # For tests only: seconds on any machine. Vocabulary: the demo tokenizer's (441).
+    "tiny": Shape(
+        "t5",
+        dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=4,
+             feed_forward_proj="relu", dropout_rate=0.0),
+        source=8, new_tokens=8, dtype="float32", note="smoke-test shape (T5, 2+4 layers, d=64, V=441)",
+    ),
+    # T5-base-like decoder behind a 2-layer encoder: the encoder costs every impl the same, the
+    # decoder's 12 layers are what exits save. Unequal depths need the explicit cache in `hf_generate`.
+    "cpu": Shape(
+        "t5",
+        dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=2, num_decoder_layers=12,
+             vocab_size=8192, feed_forward_proj="relu", dropout_rate=0.0),
+        source=32, new_tokens=32, dtype="float32", note="T5, 2-layer encoder, 12-layer decoder, d=768, V=8192",
+    ),
+    # t5-v1_1-large. Its config's tie_word_embeddings=False only turns off the decoder-output rescale
+    # in transformers 5 (which ties the head to the embedding regardless): the same cost either way.
+    "t5-large": Shape(
+        "t5",
+        dict(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24,
+             vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+             dropout_rate=0.0),
+        source=64, new_tokens=64, dtype="bfloat16", note="t5-v1_1-large shape (24+24 layers, d=1024, V=32128)",
+    ),
+    "llama-1b": Shape(
+        "llama",
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=2048,
+             tie_word_embeddings=True, rope_theta=500000.0),
+        source=64, new_tokens=64, dtype="bfloat16", note="Llama-3.2-1B shape (16 layers, d=2048, V=128256)",
+    ),
+}
+
+_TOKENIZER = Path(__file__).resolve().parent.parent / "eetrain" / "data" / "demo" / "tokenizer"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One implementation to time at one batch size."""
+
+    impl: str
+    exits: str = "full"  # eetrain: the schedule; static: "truncated:K"
+    strategy: str | None = "copy"
+    batch_mode: str | None = "ride_along"
+    depth: int | None = None  # static: decoder blocks kept
+
+
+def plan(batch: int, num_layers: int, crossover: bool = False) -> list[Spec]:
+    """The `hf` / `full` / `eetrain` rows at one batch size (static rows follow from the exits)."""
+    if crossover:
+        specs = [Spec("full")] + [Spec("eetrain", "random:4", "copy", m) for m in ("ride_along", "gather")]
+    else:
+        specs = [Spec("hf", strategy=None, batch_mode=None), Spec("full")]
+        if batch == 1:
+            specs += [Spec("eetrain", e, s) for e in ("fixed:4", "random:4") for s in ("copy", "parallel")]
+        elif batch < LARGE_BATCH:
+            specs += [Spec("eetrain", "random:4", "copy"), Spec("eetrain", "random:4", "parallel"),
+                      Spec("eetrain", "random:4", "copy", "gather")]
+        else:
+            specs += [Spec("eetrain", f"random:{m}", "copy", mode)
+                      for m in (4, 3, 6) for mode in ("gather", "ride_along")]
+    return [s for s in specs if s.impl != "eetrain" or float(s.exits.split(":")[1]) <= num_layers]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, data, one decoding call
+# --------------------------------------------------------------------------------------------------
+
+
+def build(shape: Shape, device: str, seed: int = 0):
+    """Backbone (random weights, eetrain adapter) on `device` in the shape's dtype, eval mode."""
+    import torch
+
+    from eetrain.backbones import LlamaBackbone, T5Backbone
+
+    cls = {"llama": LlamaBackbone, "t5": T5Backbone}[shape.family]
+    with torch.device(device):  # initialise on the device: far faster than on CPU for the 1B shapes
+        backbone = cls(config=dict(shape.config), tokenizer=str(_TOKENIZER), seed=seed)
+    backbone.to(dtype=getattr(torch, shape.dtype))
+    return backbone.eval()
+
+
+def truncate(backbone, depth: int):
+    """The same model with only its first `depth` exit blocks (T5: decoder blocks), weights shared.
+
+    A structural copy whose block list is sliced; parameters and buffers are the original tensors, so
+    the truncated model is bit-identical to the first `depth` layers of `backbone` and costs no memory.
+    """
+    from torch import nn
+
+    shared = {id(t): t for t in (*backbone.parameters(), *backbone.buffers())}
+    static = copy.deepcopy(backbone, shared)
+    path = next(name for name, module in static.named_modules() if module is static.blocks)
+    parent, _, attr = path.rpartition(".")
+    setattr(static.get_submodule(parent), attr, nn.ModuleList(list(static.blocks)[:depth]))
+    static.num_layers = depth
+    cfg = static.model.config
+    setattr(cfg, "num_decoder_layers" if backbone.family == "t5" else "num_hidden_layers", depth)
+    return static
+
+
+def make_batch(backbone, batch: int, source: int, device: str, seed: int = 1234) -> dict:
+    """Random source ids `(batch, source)` (no special tokens), all attended; the same for every impl."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, backbone.model.config.vocab_size, (batch, source), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def _cache_kwarg() -> str:
+    """`generate`'s name for a caller's cache (transformers 5.x renamed `past_key_values` to `cache`)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def hf_generate(backbone, batch: dict, new_tokens: int):
+    """Greedy HF `generate` of exactly `new_tokens` tokens per row; returns their ids `(B, new_tokens)`.
+
+    T5: transformers 5 sizes the decoder's self-attention cache by the *encoder* depth (`num_layers`)
+    and `generate` fails with an IndexError when `num_decoder_layers` is larger (the `cpu` shape:
+    2 + 12). Handing it a cache that grows per layer (what it builds otherwise, minus the preset
+    depth) decodes the same model.
+    """
+    kwargs: dict[str, Any] = {}
+    if backbone.family == "t5":
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        kwargs[_cache_kwarg()] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    out = backbone.model.generate(
+        **batch, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
+    )
+    return out[:, -new_tokens:]
+
+
+@dataclass
+class _Run:
+    """One implementation at one batch size: its model, its timings, its first (warm-up) output."""
+
+    spec: Spec
+    call: Callable[[], Any]  # one decoding call: HF's ids or eetrain's GenerateOutput
+    seconds: list[float] = field(default_factory=list)
+    decision_seconds: list[float] = field(default_factory=list)
+    first: Any = None
+
+    def __call__(self, sync: Callable[[], None]) -> None:
+        sync()
+        t0 = time.perf_counter()
+        out = self.call()
+        sync()
+        if self.first is None:
+            self.first = out  # the warm-up: untimed
+            return
+        self.seconds.append(time.perf_counter() - t0)
+        self.decision_seconds.append(getattr(out, "decision_seconds", 0.0))
+
+    @property
+    def tokens(self):
+        """`(B, T)` ids of the warm-up call (every call decodes the same)."""
+        return self.first.tokens if hasattr(self.first, "tokens") else self.first.cpu()
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int) -> _Run:
+    from eetrain.decoding import generate
+
+    if spec.impl == "hf":
+        return _Run(spec, lambda: hf_generate(backbone, batch, new_tokens))
+    policy = spec.exits if spec.impl == "eetrain" else None
+    return _Run(spec, lambda: generate(backbone, batch, policy, strategy=spec.strategy, batch_mode=spec.batch_mode,
+                                       max_new_tokens=new_tokens, stop_at_eos=False))
+
+
+def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> None:
+    """`repeats` rounds, each calling every run once, starting one run later than the last round."""
+    for i in range(repeats):
+        k = i % len(runs)
+        for run in runs[k:] + runs[:k]:
+            run(sync)
+
+
+def ceiling_depth(out, batch: int, batch_mode: str) -> int:
+    """The depth a static model needs to match what `out`'s batch mode computes per step."""
+    mean = out.mean_batch_max_exit_layer if batch > 1 and batch_mode == "ride_along" else out.mean_exit_layer
+    return min(max(1, math.floor(mean + 0.5)), out.num_layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# One batch size
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_batch(
+    backbone, statics: dict[int, Any], batch_size: int, shape_name: str, new_tokens: int, repeats: int,
+    device: str, crossover: bool = False,
+) -> list[dict[str, Any]]:
+    """Time every row of one batch size (statics: truncated models by depth, filled as needed)."""
+    import torch
+
+    shape = SHAPES[shape_name]
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    L = backbone.num_layers
+    batch = make_batch(backbone, batch_size, shape.source, device)
+    runs = [_make_run(s, backbone, batch, new_tokens) for s in plan(batch_size, L, crossover)]
+    for run in runs:  # warm-up; eetrain's exit layers fix the static depths
+        run(sync)
+    full = next(r for r in runs if r.spec.impl == "full")
+    ceiling: dict[int, _Run] = {L: full}  # depth -> static run (the full depth is `full` itself)
+    if not crossover:
+        for run in [r for r in runs if r.spec.impl == "eetrain"]:
+            depth = ceiling_depth(run.first, batch_size, run.spec.batch_mode)
+            if depth not in ceiling:
+                if depth not in statics:
+                    statics[depth] = truncate(backbone, depth)
+                spec = Spec("static", f"truncated:{depth}", depth=depth)
+                ceiling[depth] = _make_run(spec, statics[depth], batch, new_tokens)
+                ceiling[depth](sync)
+                runs.append(ceiling[depth])
+
+    load_before = os.getloadavg()[0]
+    _round_robin(runs, repeats, sync)
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+
+    full_tokens = full.tokens
+    records = []
+    for run in runs:
+        spec, out = run.spec, run.first
+        t = run.median
+        depth = spec.depth or L
+        rec: dict[str, Any] = {
+            "impl": spec.impl,
+            "strategy": spec.strategy,
+            "batch_mode": spec.batch_mode,
+            "batch": batch_size,
+            "exits": spec.exits,
+            "num_layers": depth,
+            "mean_exit_layer": out.mean_exit_layer if spec.impl == "eetrain" else float(depth),
+            "mean_batch_max_exit_layer": out.mean_batch_max_exit_layer if spec.impl == "eetrain" else float(depth),
+            "s_per_token": t / (batch_size * new_tokens),
+            "speedup": full.median / t,
+            "ceiling_fraction": None,
+            "ceiling_depth": None,
+            "decision_fraction": None if spec.impl == "hf" else statistics.median(run.decision_seconds) / t,
+            # fraction of generated ids equal to `full`'s (hf: ~1.0, the same greedy decoding)
+            "agreement_with_full": float((run.tokens == full_tokens).double().mean()),
+            "device": device,
+            "shape": shape_name,
+            "dtype": shape.dtype,
+            "new_tokens": new_tokens,
+            "seconds": t,
+            "times": [round(s, 4) for s in run.seconds],
+            "load_avg": load,
+        }
+        if spec.impl == "eetrain" and not crossover:
+            d = ceiling_depth(out, batch_size, spec.batch_mode)
+            rec["ceiling_depth"] = d
+            rec["ceiling_fraction"] = ceiling[d].median / t
+        records.append(rec)
+    return records
+
+
+def run_benchmark(
+    shape_name: str,
+    device: str = "cpu",
+    batches: tuple[int, ...] | None = None,
+    new_tokens: int | None = None,
+    repeats: int = 3,
+    threads: int | None = None,
+    crossover: bool = False,
+) -> list[dict[str, Any]]:
+    """Build the shape's model once and time every batch size's rows; one record per row."""
+    import torch
+    import transformers
+
+    if repeats < 1 or (new_tokens is not None and new_tokens < 1):
+        raise ValueError(f"repeats ({repeats}) and new_tokens ({new_tokens}) must be >= 1")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+    if threads:
+        torch.set_num_threads(threads)
+    shape = SHAPES[shape_name]
+    new_tokens = new_tokens or shape.new_tokens
+    batches = batches or (CROSSOVER_BATCHES if crossover else DEFAULT_BATCHES)
+    machine = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+    }
+    with torch.inference_mode():
+        backbone = build(shape, device)
+        statics: dict[int, Any] = {}
+        records = []
+        for b in batches:
+            for rec in bench_batch(backbone, statics, b, shape_name, new_tokens, repeats, device, crossover):
+                records.append({**rec, **machine})
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=False)
+
+
+def crossover_batch(records: list[dict[str, Any]]) -> int | None:
+    """The smallest batch size > 1 from which on `gather` decodes faster than `ride_along` (random:4,
+    copy) at every measured batch size: `generate`'s `gather_min_batch`. Batch 1 is left out: there
+    both modes run the same layers, and noise decides."""
+    found = None
+    for b in sorted({r["batch"] for r in records if r["batch"] > 1}, reverse=True):
+        t = {r["batch_mode"]: r["seconds"] for r in records
+             if r["batch"] == b and r["impl"] == "eetrain" and r["exits"] == "random:4" and r["strategy"] == "copy"}
+        if "gather" not in t or "ride_along" not in t:
+            continue
+        if t["gather"] >= t["ride_along"]:
+            break
+        found = b
+    return found
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table, one line per row."""
+    head = ("| batch | impl | strategy | batch mode | exits | mean exit | mean batch-max | ms/token | speedup "
+            "| ceiling | decision | = full |")
+    lines = [head, "|" + "---|" * 12]
+    for r in records:
+        lines.append(
+            f"| {r['batch']} | {r['impl']} | {r['strategy'] or '-'} | {r['batch_mode'] or '-'} | {r['exits']} "
+            f"| {r['mean_exit_layer']:.2f} | {r['mean_batch_max_exit_layer']:.2f} | {1e3 * r['s_per_token']:.3f} "
+            f"| {r['speedup']:.2f}x | {_fmt(r['ceiling_fraction'], '.2f')}"
+            f"{'' if r['ceiling_depth'] is None else ' @' + str(r['ceiling_depth'])} "
+            f"| {_fmt(r['decision_fraction'], '.3f')} | {r['agreement_with_full']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(records: list[dict[str, Any]]) -> list[str]:
+    """`full` vs `hf` per batch size, against TARGET_FULL_VS_HF."""
+    out = []
+    for b in sorted({r["batch"] for r in records}):
+        t = {r["impl"]: r["seconds"] for r in records if r["batch"] == b and r["impl"] in ("hf", "full")}
+        if len(t) == 2:
+            ratio = t["full"] / t["hf"]
+            verdict = "met" if ratio <= TARGET_FULL_VS_HF else "NOT met"
+            out.append(f"target batch {b}: full <= {TARGET_FULL_VS_HF:.2f} x hf: {ratio:.2f}x -> {verdict}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batches", type=_batches, default=None,
+                   help="comma-separated batch sizes (default 1,8,64; with --crossover 1,2,4,...,64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default: the shape's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row after one warm-up (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--crossover", action="store_true",
+                   help="time random:4 ride_along vs gather per batch size; print where gather wins")
+    p.add_argument("--json", action="store_true", help="one JSON object per row, one per line")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    records = run_benchmark(args.shape, args.device, args.batches, args.new_tokens, args.repeats,
+                            args.threads, args.crossover)
+    if args.json:
+        for rec in records:
+            print(json_line(rec), flush=True)
+    else:
+        r0, shape = records[0], SHAPES[args.shape]
+        print(f"shape={args.shape} ({shape.note}) source={shape.source} new_tokens={r0['new_tokens']} "
+              f"device={args.device}{' (' + r0['gpu'] + ')' if r0['gpu'] else ''} dtype={r0['dtype']} "
+              f"threads={r0['threads']} repeats={args.repeats} (median, interleaved) torch={r0['torch']} "
+              f"transformers={r0['transformers']}")
+        print("speedup = t_full / t; ceiling = t_static / t_eetrain @ static depth; "
+              "decision = share of the time in exit decisions; = full = share of tokens equal to full's")
+        print(format_table(records))
+        for line in target_lines(records):
+            print(line)
+    if args.crossover:  # on stderr with --json, so stdout stays one JSON object per line
+        found = crossover_batch(records)
+        where = f"from batch {found} on" if found else f"at none of batches {sorted({r['batch'] for r in records})}"
+        print(f"crossover: gather faster than ride_along (random:4, copy) {where}",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The `decoding` config node and the exit policy an export carries.
+
+An export's `early_exit.json` holds `"policy"`: the measure (or `classifier:<kind>` with its file
+beside the weights), threshold, minimum exit layer, measure kwargs, decay and exit points — the
+Learn-then-Test threshold when the `policies` stage calibrated one. `generate` on an export uses it
+unless `decoding.policy.*` overrides a field; `decoding.policy.measure=full` decodes without exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from eetrain.errors import ConfigError
+from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
+from eetrain.exits.measures import MEASURES
+from eetrain.exits.policy import ExitPolicy
+from eetrain.exits.thresholds import DecayingThreshold
+
+from .generate import BATCH_MODES, STRATEGIES
+
+POLICY_KEYS = ("measure", "threshold", "min_exit_layer", "kwargs", "decay", "exit_points", "classifier")
+#: what a policy is when neither the export nor the command line says (CALM's measure and floor)
+FALLBACK_POLICY = {"measure": "softmax_gap", "threshold": 0.9, "min_exit_layer": 4}
+CLASSIFIER_FILE = "exit_classifier_{kind}.pt"
+SETTINGS_FILE = "early_exit.json"
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    strategy: str
+    batch_mode: str
+    gather_min_batch: int | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    draft_layer: int | None
+    draft_tokens: int
+    split: str
+    max_examples: int | None
+    batch_size: int
+    compare_full: bool
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def decoding_settings(cfg: Any) -> DecodingSettings:
+    node = _plain(cfg.get("decoding")) or {}
+    allowed = set(DecodingSettings.__dataclass_fields__) | {"policy"}
+    unknown = sorted(set(node) - allowed)
+    if unknown:
+        raise ConfigError(f"decoding: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if node.get("strategy", "copy") not in STRATEGIES:
+        raise ConfigError(f"decoding.strategy={node.get('strategy')!r}; allowed: {', '.join(STRATEGIES)}")
+    if node.get("batch_mode", "auto") not in BATCH_MODES:
+        raise ConfigError(f"decoding.batch_mode={node.get('batch_mode')!r}; allowed: {', '.join(BATCH_MODES)}")
+    for key in ("max_new_tokens", "batch_size", "draft_tokens"):
+        value = node.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"decoding.{key}={value!r}; allowed: an integer >= 1")
+    return DecodingSettings(
+        strategy=node.get("strategy", "copy"),
+        batch_mode=node.get("batch_mode", "auto"),
+        gather_min_batch=node.get("gather_min_batch"),
+        max_new_tokens=int(node.get("max_new_tokens", 64)),
+        temperature=float(node.get("temperature", 0.0)),
+        top_p=float(node.get("top_p", 1.0)),
+        draft_layer=node.get("draft_layer"),
+        draft_tokens=int(node.get("draft_tokens", 4)),
+        split=str(node.get("split", "test")),
+        max_examples=node.get("max_examples"),
+        batch_size=int(node.get("batch_size", 1)),
+        compare_full=bool(node.get("compare_full", True)),
+    )
+
+
+def stored_policy(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The policy an export's `early_exit.json` carries, or None."""
+    if model_dir is None:
+        return None
+    path = Path(str(model_dir)).expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("policy")
+
+
+def policy_fields(cfg: Any, model_dir: str | None) -> dict[str, Any]:
+    """`decoding.policy` with its null fields filled from the export's policy, then the fallback."""
+    node = _plain((cfg.get("decoding") or {}).get("policy")) or {}
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"decoding.policy must be a mapping with keys {list(POLICY_KEYS)}, got {node!r}")
+    unknown = sorted(set(node) - set(POLICY_KEYS))
+    if unknown:
+        raise ConfigError(f"decoding.policy: unknown key(s) {unknown}; allowed: {list(POLICY_KEYS)}")
+    stored = stored_policy(model_dir) or {}
+    fields = {k: v for k, v in node.items() if v is not None}
+    if "measure" in fields and fields["measure"] != stored.get("measure"):
+        stored = {}  # another measure: the stored threshold and classifier belong to the stored one
+    floor = ((cfg.get("exit") or {}).get("min_exit_layer")) or FALLBACK_POLICY["min_exit_layer"]
+    return {**FALLBACK_POLICY, "min_exit_layer": floor, **stored, **fields}
+
+
+def build_policy(fields: Mapping[str, Any], backbone: Any, model_dir: str | None) -> ExitPolicy | None:
+    """An `ExitPolicy` from policy fields (None for `measure: full`); errors name `decoding.policy.*`."""
+    measure = fields.get("measure")
+    if measure == "full":
+        return None
+    kwargs = dict(fields.get("kwargs") or {})
+    threshold: Any = fields.get("threshold")
+    if isinstance(measure, str) and measure.startswith("classifier:"):
+        kind = measure.split(":", 1)[1]
+        if kind not in CLASSIFIERS:
+            raise ConfigError(f"decoding.policy.measure={measure!r}; classifier kinds: {sorted(CLASSIFIERS)}")
+        path = fields.get("classifier")
+        if path is None and model_dir is not None:
+            path = str(Path(model_dir) / CLASSIFIER_FILE.format(kind=kind))
+        if path is None or not Path(path).is_file():
+            raise ConfigError(
+                f"decoding.policy.classifier: no saved {kind} classifier at {path}; point it at the file "
+                "the exit_classifiers stage wrote (<run>/exit_classifiers/<kind>.pt)"
+            )
+        try:
+            clf: Any = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
+        except ValueError as e:
+            raise ConfigError(f"decoding.policy.classifier: {e}") from e
+        measure = clf
+    elif measure not in MEASURES:
+        raise ConfigError(
+            f"decoding.policy.measure={measure!r}; allowed: {', '.join(sorted(MEASURES))}, "
+            f"classifier:<{'|'.join(sorted(CLASSIFIERS))}> or full"
+        )
+    elif MEASURES[measure].kind == "bool":
+        threshold = None
+    decay = fields.get("decay")
+    if decay and threshold is not None:
+        threshold = DecayingThreshold(
+            lam=float(threshold), N=int(decay["N"]), tau=float(decay.get("tau", 4.0)), form=decay.get("form", "paper")
+        )
+    points = fields.get("exit_points")
+    try:
+        return ExitPolicy(
+            measure,
+            threshold=threshold,
+            min_exit_layer=int(fields.get("min_exit_layer", 4)),
+            measure_kwargs=kwargs,
+            exit_points=tuple(points) if points else None,
+        )
+    except ValueError as e:
+        raise ConfigError(f"decoding.policy: {e}") from e
+
+
+def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dict[str, Any] | None:
+    """Write the run's chosen policy into the export's `early_exit.json` (atomically).
+
+    The LTT-calibrated threshold of the first calibrated policy when the `policies` stage wrote
+    `calibration.json`, else the configured `decoding.policy` (`calibrated: false`). A classifier
+    policy copies its weights beside the model.
+    """
+    settings_path = export_dir / SETTINGS_FILE
+    if not settings_path.is_file():
+        return None
+    policy = _calibrated(cfg, backbone, out_dir, export_dir)
+    if policy is None:
+        fields = policy_fields(cfg, None)
+        fields["min_exit_layer"] = min(int(fields.get("min_exit_layer", 4)), backbone.num_layers)
+        policy = {**fields, "calibrated": False}
+    settings = json.loads(settings_path.read_text())
+    settings["policy"] = policy
+    fd, tmp = tempfile.mkstemp(prefix=".early_exit.", suffix=".tmp", dir=export_dir)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, settings_path)
+    return policy
+
+
+def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "calibration.json"
+    if not path.is_file():
+        return None
+    from eetrain.exits.settings import classifier_settings, exit_points, min_exit_layer, policy_specs
+
+    L = backbone.num_layers
+    for row in json.loads(path.read_text()):
+        if row.get("threshold") is None:
+            continue
+        name = row["policy"]
+        base: dict[str, Any] = {
+            "threshold": row["threshold"],
+            "calibrated": True,
+            "calibration": {k: row.get(k) for k in ("epsilon", "delta", "risk", "consistency", "mean_exit_layer")},
+        }
+        points = exit_points(cfg, L)
+        if name.startswith("classifier:"):
+            kind = name.split(":", 1)[1]
+            src = classifier_settings(cfg).path(kind, out_dir)
+            shutil.copyfile(src, export_dir / CLASSIFIER_FILE.format(kind=kind))
+            return {**base, "measure": name, "min_exit_layer": min_exit_layer(cfg, L), "kwargs": {},
+                    "exit_points": list(points) if points else None, "decay": None,
+                    "classifier": None}
+        horizon = (cfg.get("data") or {}).get("max_target_length")
+        spec = next((s for s in policy_specs(cfg, L, horizon=horizon) if s.name == name), None)
+        if spec is None:
+            continue
+        thr = spec.policy.threshold
+        decay = None
+        if isinstance(thr, DecayingThreshold):
+            decay = {"N": thr.N, "tau": thr.tau, "form": thr.form}
+        return {**base, "measure": str(spec.policy.measure), "min_exit_layer": spec.policy.min_exit_layer,
+                "kwargs": dict(spec.policy.measure_kwargs), "decay": decay,
+                "exit_points": list(points) if points else None, "classifier": None}
+    return None

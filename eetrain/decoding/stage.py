@@ -1,0 +1,141 @@
+"""Stage `generate`: decode a data split with early exit and with the full model, in the same run.
+
+Writes `generations.jsonl` (source, output, reference, per-token exit layers, the full model's output)
+and `generation_summary.json`, and prints the summary: tokens/s of both, speed-up, mean exit layer,
+decision share of the time, token consistency with the full model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eetrain.backbones.base import pad
+from eetrain.errors import ConfigError
+
+from .decisions import check_policy, describe
+from .generate import GenerateOutput, generate
+from .metrics import sequence_consistency, token_consistency
+from .settings import build_policy, decoding_settings, policy_fields
+
+
+def check_config(cfg: Any, backbone: Any) -> None:
+    """Validate `decoding` before any training (and the policy against the model)."""
+    settings = decoding_settings(cfg)
+    E, L = settings.draft_layer, backbone.num_layers
+    if settings.strategy == "self_speculative" and E is not None and not 1 <= E < L:
+        raise ConfigError(f"decoding.draft_layer={E}; allowed: 1..{L - 1} (below the model's {L} layers)")
+    policy = build_policy(policy_fields(cfg, backbone.name_or_path), backbone, backbone.name_or_path)
+    if policy is not None:
+        check_policy(policy, backbone.num_layers, backbone.hidden_size)
+
+
+def _batches(backbone: Any, examples: list[dict[str, Any]], size: int, device: torch.device):
+    pad_id = backbone.pad_token_id
+    for i in range(0, len(examples), size):
+        chunk = examples[i : i + size]
+        sources = [e["source_ids"] for e in chunk]
+        yield chunk, {
+            "input_ids": pad(sources, pad_id).to(device),
+            "attention_mask": pad([[1] * len(s) for s in sources], 0).to(device),
+        }
+
+
+def _summary(ee: list[GenerateOutput], full: list[GenerateOutput] | None, settings: Any, label: str) -> dict[str, Any]:
+    tokens = sum(o.num_tokens for o in ee)
+    seconds = sum(o.seconds for o in ee)
+    layers = torch.cat([o.exit_layers[o.exit_layers > 0] for o in ee]).double()
+    out: dict[str, Any] = {
+        "policy": label,
+        "strategy": settings.strategy,
+        "batch_mode": ee[0].batch_mode if ee else settings.batch_mode,
+        "batch_size": settings.batch_size,
+        "examples": sum(o.tokens.shape[0] for o in ee),
+        "num_layers": ee[0].num_layers if ee else None,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds else float("nan"),
+        "mean_exit_layer": float(layers.mean()) if layers.numel() else float("nan"),
+        "decision_seconds": sum(o.decision_seconds for o in ee),
+        "decision_fraction": sum(o.decision_seconds for o in ee) / seconds if seconds else float("nan"),
+    }
+    if full:
+        f_tokens = sum(o.num_tokens for o in full)
+        f_seconds = sum(o.seconds for o in full)
+        ee_seqs = [s for o in ee for s in o.sequences()]
+        full_seqs = [s for o in full for s in o.sequences()]
+        out.update(
+            full_tokens=f_tokens,
+            full_seconds=f_seconds,
+            full_tokens_per_second=f_tokens / f_seconds if f_seconds else float("nan"),
+            speedup=(tokens / seconds) / (f_tokens / f_seconds) if seconds and f_seconds else float("nan"),
+            token_consistency=token_consistency(ee_seqs, full_seqs),
+            sequence_consistency=sequence_consistency(ee_seqs, full_seqs),
+        )
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"policy {s['policy']}, strategy {s['strategy']}, batch mode {s['batch_mode']} (batch {s['batch_size']}), "
+        f"{s['examples']} examples, {s['num_layers']} layers",
+        f"  early exit : {s['tokens_per_second']:8.1f} tokens/s  mean exit layer {s['mean_exit_layer']:.2f}  "
+        f"decisions {100 * s['decision_fraction']:.1f}% of the time",
+    ]
+    if "speedup" in s:
+        lines += [
+            f"  full model : {s['full_tokens_per_second']:8.1f} tokens/s",
+            f"  speed-up {s['speedup']:.3f}x   token consistency with the full model {s['token_consistency']:.4f}   "
+            f"identical sequences {s['sequence_consistency']:.3f}",
+        ]
+    return "\n".join(lines)
+
+
+def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Any]:
+    settings = decoding_settings(cfg)
+    model_dir = backbone.name_or_path
+    if model_dir is None and (Path(out_dir) / "export").is_dir():
+        model_dir = str(Path(out_dir) / "export")  # this run's export (and the policy it stores)
+    policy = build_policy(policy_fields(cfg, model_dir), backbone, model_dir)
+    label = describe(policy)
+    examples = data.split_examples(settings.split)
+    if settings.max_examples is not None:
+        examples = examples[: int(settings.max_examples)]
+    device = next(backbone.parameters()).device
+    tok = backbone.tokenizer
+    kwargs = dict(
+        max_new_tokens=settings.max_new_tokens, batch_mode=settings.batch_mode, temperature=settings.temperature,
+        top_p=settings.top_p, seed=int(cfg.get("seed", 0) or 0), draft_layer=settings.draft_layer,
+        draft_tokens=settings.draft_tokens, gather_min_batch=settings.gather_min_batch,
+    )
+    print(f"\n[generate] {len(examples)} examples of split {settings.split!r}; policy {label}, "
+          f"strategy {settings.strategy}" + ("; full-model decoding in the same run" if settings.compare_full else ""))
+    ee, full, rows = [], [], []
+    for chunk, batch in _batches(backbone, examples, settings.batch_size, device):
+        # early exit and full decoding alternate batch by batch, so machine load hits both alike
+        out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs)
+        ee.append(out)
+        ref = generate(backbone, batch, None, strategy="copy", **kwargs) if settings.compare_full else None
+        if ref is not None:
+            full.append(ref)
+        for r, example in enumerate(chunk):
+            rows.append({
+                "source": tok.decode(example["source_ids"], skip_special_tokens=True),
+                "output": tok.decode(out.sequences()[r], skip_special_tokens=True),
+                "reference": tok.decode(example["target_ids"], skip_special_tokens=True),
+                "exit_layers": out.row_exit_layers()[r],
+                **({"full_output": tok.decode(ref.sequences()[r], skip_special_tokens=True)} if ref else {}),
+            })
+    summary = _summary(ee, full or None, settings, label)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "generations.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    (out_dir / "generation_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\nEarly-exit generation (" + ("greedy" if settings.temperature == 0 else "sampled") + ")")
+    print(format_summary(summary))
+    print(f"\nWrote {out_dir / 'generations.jsonl'} and {out_dir / 'generation_summary.json'}")
+    return summary

@@ -1,0 +1,128 @@
+"""Smoke test of benchmarks/decoding.py on the tiny shape: it runs, every row and key is there, values are
+finite, and the models it compares are the same model (HF greedy = eetrain full; static K = fixed:K).
+
+No timing assertions: those depend on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "decoding.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("decoding_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def records(bench):
+    # One thread: tiny matmuls gain nothing from two, and a loaded machine makes OpenMP barriers wait.
+    threads = torch.get_num_threads()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            assert bench.main(["--shape", "tiny", "--device", "cpu", "--json", "--batches", "1,2",
+                               "--new-tokens", "4", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+
+
+def _rows(records, **match):
+    return [r for r in records if all(r[k] == v for k, v in match.items())]
+
+
+def test_rows_and_keys(bench, records):
+    assert {r["impl"] for r in records} == set(bench.IMPLS)
+    for b in (1, 2):
+        assert len(_rows(records, batch=b, impl="hf")) == 1 and len(_rows(records, batch=b, impl="full")) == 1
+        assert _rows(records, batch=b, impl="static")
+    expected = {
+        1: {(e, s, "ride_along") for e in ("fixed:4", "random:4") for s in ("copy", "parallel")},
+        2: {("random:4", "copy", "ride_along"), ("random:4", "parallel", "ride_along"), ("random:4", "copy", "gather")},
+    }
+    for b, rows in expected.items():
+        got = {(r["exits"], r["strategy"], r["batch_mode"]) for r in _rows(records, batch=b, impl="eetrain")}
+        assert got == rows
+    for r in records:
+        assert set(bench.REQUIRED_KEYS) <= set(r), set(bench.REQUIRED_KEYS) - set(r)
+        assert r["shape"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "float32" and r["new_tokens"] == 4
+        for key in ("mean_exit_layer", "mean_batch_max_exit_layer", "s_per_token", "speedup"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        if r["impl"] != "hf":
+            assert math.isfinite(r["decision_fraction"]) and 0 <= r["decision_fraction"] < 1
+        if r["impl"] == "eetrain":
+            assert math.isfinite(r["ceiling_fraction"]) and r["ceiling_fraction"] > 0
+            assert 1 <= r["ceiling_depth"] <= r["num_layers"] == 4
+        else:
+            assert r["ceiling_fraction"] is None
+    for r in _rows(records, impl="full"):
+        assert r["speedup"] == 1.0 and r["mean_exit_layer"] == 4
+
+
+def test_same_model(bench, records):
+    # HF greedy generate and eetrain's never-exiting decoder produce the same tokens (fp32).
+    for r in _rows(records, impl="hf"):
+        assert r["agreement_with_full"] == 1.0
+    # The ceiling depth follows the batch mode: ride-along rows at batch 2 need the batch's deepest exit.
+    for r in _rows(records, impl="eetrain"):
+        ref = r["mean_batch_max_exit_layer"] if r["batch"] > 1 and r["batch_mode"] == "ride_along" else r["mean_exit_layer"]
+        assert r["ceiling_depth"] == min(4, math.floor(ref + 0.5))
+        assert _rows(records, batch=r["batch"], impl="static", num_layers=r["ceiling_depth"]) or r["ceiling_depth"] == 4
+
+
+def test_truncated_model_is_the_fixed_exit(bench):
+    from eetrain.decoding import generate
+
+    backbone = bench.build(bench.SHAPES["tiny"], "cpu")
+    batch = bench.make_batch(backbone, 2, 8, "cpu")
+    static = bench.truncate(backbone, 2)
+    assert static.num_layers == 2 and backbone.num_layers == 4
+    assert static.blocks[0].layer[0].SelfAttention.q.weight is backbone.blocks[0].layer[0].SelfAttention.q.weight
+    with torch.inference_mode():
+        truncated = generate(static, batch, None, max_new_tokens=4, stop_at_eos=False)
+        exiting = generate(backbone, batch, "fixed:2", max_new_tokens=4, stop_at_eos=False)
+    assert torch.equal(truncated.tokens, exiting.tokens) and truncated.mean_exit_layer == 2
+
+
+def test_plan_and_crossover(bench):
+    large = bench.plan(64, 12)
+    assert {(s.exits, s.batch_mode) for s in large if s.impl == "eetrain"} == {
+        (f"random:{m}", mode) for m in (3, 4, 6) for mode in ("gather", "ride_along")}
+    assert all(s.exits != "random:6" for s in bench.plan(64, 4))  # deeper than the model: left out
+    assert [s.impl for s in bench.plan(8, 12, crossover=True)] == ["full", "eetrain", "eetrain"]
+    rec = dict(impl="eetrain", exits="random:4", strategy="copy")
+    times = {(1, "ride_along"): 1.2, (1, "gather"): 1.0, (2, "ride_along"): 1.0, (2, "gather"): 0.9,
+             (4, "ride_along"): 2.0, (4, "gather"): 2.1, (8, "ride_along"): 3.0, (8, "gather"): 2.5,
+             (16, "ride_along"): 5.0, (16, "gather"): 4.0}
+    records = [dict(rec, batch=b, batch_mode=m, seconds=t) for (b, m), t in times.items()]
+    assert bench.crossover_batch(records) == 8  # batch 1 ignored; batch 2 wins by noise, batch 4 does not
+    assert bench.crossover_batch(records[:2]) is None
+
+
+def test_table_and_bad_arguments(bench, records):
+    table = bench.format_table(records)
+    assert table.splitlines()[0].startswith("| batch | impl |") and len(table.splitlines()) == 2 + len(records)
+    assert len(bench.target_lines(records)) == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batches", "1,x"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shape", "nope"])

@@ -1,0 +1,109 @@
+"""`generate`: the stage, the experiment on an export, the stored policy, the consistency metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eetrain.config import compose
+from eetrain.decoding.metrics import sequence_consistency, token_consistency
+from eetrain.decoding.settings import build_policy, decoding_settings, policy_fields
+from eetrain.errors import ConfigError
+from tests.conftest import make_backbone
+from tests.test_config import cli
+
+SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=none",
+         "callbacks=none"]
+
+
+def test_token_and_sequence_consistency_hand_checked():
+    ee = [[1, 2, 3], [4], [7, 8]]
+    full = [[1, 2, 4], [4, 5], [7, 8]]
+    # position-wise matches: 2 of 3, 1 of 2, 2 of 2 -> 5 of 7 full-model tokens
+    assert token_consistency(ee, full) == pytest.approx(5 / 7)
+    assert sequence_consistency(ee, full) == pytest.approx(1 / 3)
+    assert token_consistency([[9, 9, 9, 9]], [[9, 9]]) == 1.0  # extra early-exit tokens are not counted
+    with pytest.raises(ValueError):
+        token_consistency([[1]], [])
+
+
+def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):
+    (tmp_path / "early_exit.json").write_text(json.dumps(
+        {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.37, "min_exit_layer": 2, "calibrated": True}}
+    ))
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}"])
+    assert policy_fields(cfg, str(tmp_path))["threshold"] == 0.37
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}", "decoding.policy.threshold=0.5"])
+    fields = policy_fields(cfg, str(tmp_path))
+    assert fields["threshold"] == 0.5 and fields["min_exit_layer"] == 2
+    # another measure: the stored threshold belongs to the stored measure, so it is not reused
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}", "decoding.policy.measure=hidden_saturation"])
+    assert policy_fields(cfg, str(tmp_path))["threshold"] == 0.9
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}", "decoding.policy.measure=full"])
+    assert build_policy(policy_fields(cfg, str(tmp_path)), make_backbone("t5"), str(tmp_path)) is None
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("decoding.policy.measure=vibes", "decoding.policy.measure='vibes'; allowed"),
+        ("decoding.policy.measure=classifier:lstm", "decoding.policy.classifier: no saved lstm classifier"),
+        ("decoding.policy.threshold=1.5", "decoding.policy: threshold"),
+    ],
+)
+def test_bad_policy_names_the_key(override, match):
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", override])
+    with pytest.raises(ConfigError, match=match):
+        build_policy(policy_fields(cfg, None), make_backbone("t5"), None)
+
+
+def test_bad_decoding_settings_name_the_key():
+    cfg = compose(["decoding.max_new_tokens=0"])
+    with pytest.raises(ConfigError, match=r"decoding.max_new_tokens=0; allowed: an integer >= 1"):
+        decoding_settings(cfg)
+    cfg = compose(["+decoding.speed=11"])
+    with pytest.raises(ConfigError, match=r"decoding: unknown key\(s\) \['speed'\]"):
+        decoding_settings(cfg)
+
+
+@pytest.mark.slow
+def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
+    out = tmp_path / "train"
+    r = cli(
+        "+experiment=demo", f"hydra.run.dir={out}", *SHORT, "stages=[policies,generate]", "exit.min_exit_layer=2",
+        "exit.calibration.delta=0.5", "decoding.max_examples=6", "decoding.max_new_tokens=12",
+        cwd=tmp_path, timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    settings = json.loads((out / "export" / "early_exit.json").read_text())
+    policy = settings["policy"]
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert policy["measure"] == "softmax_gap" and policy["calibrated"] is True
+    assert policy["threshold"] == calibration[0]["threshold"] and policy["min_exit_layer"] == 2
+    summary = json.loads((out / "generation_summary.json").read_text())
+    assert summary["policy"] == f"softmax_gap:{policy['threshold']:g}"  # the stage used the calibrated policy
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"source", "output", "reference", "exit_layers", "full_output"} <= set(rows[0])
+    assert all(2 <= e <= 4 for row in rows for e in row["exit_layers"])
+    for key in ("tokens_per_second", "full_tokens_per_second", "speedup", "mean_exit_layer", "token_consistency",
+                "decision_fraction"):
+        assert summary[key] == summary[key], key  # not NaN
+    assert "Early-exit generation (greedy)" in r.stdout and "speed-up" in r.stdout
+
+    gen = tmp_path / "gen"
+    r = cli(
+        "+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",
+        "decoding.max_examples=4", "decoding.batch_size=4", "decoding.strategy=parallel",
+        "decoding.policy.measure=hidden_saturation", "decoding.policy.threshold=0.99", cwd=tmp_path, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((gen / "generation_summary.json").read_text())
+    assert summary["policy"] == "hidden_saturation:0.99" and summary["strategy"] == "parallel"
+    assert summary["examples"] == 4 and summary["batch_size"] == 4
+    assert "token consistency with the full model" in r.stdout
+
+    r = cli("+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",
+            "decoding.strategy=self_speculative", "decoding.draft_layer=4", cwd=tmp_path)
+    assert r.returncode == 2 and "decoding.draft_layer=4; allowed: 1..3" in r.stderr
