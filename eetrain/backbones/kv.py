@@ -11,6 +11,7 @@ q/k/v with their own projections and call `write` / `attend`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,10 +64,15 @@ class DecodeContext:
 def empty_cache(
     num_layers: int, batch: int, heads: int, slots: int, head_dim: int, like: Tensor
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-layer zeroed key and value tensors `(batch, heads, slots, head_dim)` on `like`'s device/dtype."""
+    """Per-layer key and value tensors `(batch, heads, slots, head_dim)` on `like`'s device/dtype.
+
+    Uninitialised (zeroing them costs a pass over the whole cache): a real query only attends to
+    slots whose keys/values were written; only the throwaway rows of `cached_attention`'s widened
+    batch may read unwritten memory, and their outputs are dropped.
+    """
     shape = (batch, heads, slots, head_dim)
-    k = [like.new_zeros(shape) for _ in range(num_layers)]
-    v = [like.new_zeros(shape) for _ in range(num_layers)]
+    k = [like.new_empty(shape) for _ in range(num_layers)]
+    v = [like.new_empty(shape) for _ in range(num_layers)]
     return k, v
 
 
@@ -137,3 +143,54 @@ def attend(
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=attn_mask, scale=scale)
     b, h, q, d = out.shape
     return out.transpose(1, 2).reshape(b, q, h * d)
+
+
+def _widen(query: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """`query (b, H, q, d)` of `rows` placed among all `batch` rows (the others: zero queries)."""
+    full = query.new_zeros((batch, *query.shape[1:]))
+    full[rows] = query
+    return full
+
+
+def _reads_all_rows(rows: Tensor | None, batch: int) -> bool:
+    # Attending for every row reads each row's keys/values once; gathering `b` rows first copies them
+    # (a read and a write) and then reads the copy: past a third of the batch the plain read is cheaper.
+    return rows is not None and 3 * rows.shape[0] > batch
+
+
+def cached_attention(
+    ctx: DecodeContext,
+    layer_index: int,
+    query: Tensor,
+    rows: Tensor | None,
+    slots: Slots,
+    scale: float,
+    bias: Callable[[Slots, int], Tensor] | None = None,
+) -> Tensor:
+    """Self-attention of `query (b, H, q, d)` (at `slots` of `rows`) over the cache of a layer, whose
+    keys/values for these queries are already written. `bias(slots, upto)` gives an additive bias
+    `(b or 1, H, q, upto)` (T5). Returns `(b, q, H * d)`."""
+    q = query.shape[2]
+    if _reads_all_rows(rows, ctx.batch_size):
+        if not isinstance(slots, int):
+            full = torch.zeros((ctx.batch_size, q), dtype=slots.dtype, device=slots.device)
+            full[rows] = slots
+            slots = full
+        out = cached_attention(ctx, layer_index, _widen(query, rows, ctx.batch_size), None, slots, scale, bias)
+        return out[rows]
+    upto = last_slot(slots, q) + 1
+    k, v = ctx.k[layer_index], ctx.v[layer_index]
+    keys = k[:, :, :upto] if rows is None else k[rows, :, :upto]
+    values = v[:, :, :upto] if rows is None else v[rows, :, :upto]
+    mask = attention_mask(ctx.key_valid, rows, slots, q, upto)
+    return attend(query, keys, values, mask, scale, None if bias is None else bias(slots, upto))
+
+
+def cross_attention(query: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor | None, scale: float) -> Tensor:
+    """Attention of `query (b, H, q, d)` of `rows` over every row's fixed `k, v (B, H, S, d)` (the
+    encoder's), `mask (B, 1, 1, S)` bool. Returns `(b, q, H * d)`."""
+    if rows is None:
+        return attend(query, k, v, mask, scale)
+    if _reads_all_rows(rows, k.shape[0]):
+        return attend(_widen(query, rows, k.shape[0]), k, v, mask, scale)[rows]
+    return attend(query, k[rows], v[rows], mask[rows], scale)

@@ -143,13 +143,10 @@ class LlamaBackbone(ExitBackbone):
         qmask: Tensor | None = None,
     ) -> Tensor:
         block = self.blocks[layer - 1]
-        i, q = layer - 1, h.shape[1]
+        i = layer - 1
         query, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
         kv.write(ctx.k[i], key, rows, slots, qmask)
         kv.write(ctx.v[i], value, rows, slots, qmask)
-        upto = kv.last_slot(slots, q) + 1
-        keys = ctx.k[i][:, :, :upto] if rows is None else ctx.k[i][rows, :, :upto]
-        values = ctx.v[i][:, :, :upto] if rows is None else ctx.v[i][rows, :, :upto]
-        mask = kv.attention_mask(ctx.key_valid, rows, slots, q, upto)
-        h = h + block.self_attn.o_proj(kv.attend(query, keys, values, mask, scale=block.self_attn.scaling))
+        attn = kv.cached_attention(ctx, i, query, rows, slots, scale=block.self_attn.scaling)
+        h = h + block.self_attn.o_proj(attn)
         return h + block.mlp(block.post_attention_layernorm(h))

@@ -166,18 +166,16 @@ class T5Backbone(ExitBackbone):
         key, value = self._self_kv(block, normed)
         kv.write(ctx.k[i], key, rows, slots, qmask)
         kv.write(ctx.v[i], value, rows, slots, qmask)
-        upto = kv.last_slot(slots, q) + 1
-        keys = ctx.k[i][:, :, :upto] if rows is None else ctx.k[i][rows, :, :upto]
-        values = ctx.v[i][:, :, :upto] if rows is None else ctx.v[i][rows, :, :upto]
         query = attn.q(normed).view(b, q, heads, dk).transpose(1, 2)
-        if isinstance(slots, int):
-            query_slots = torch.arange(slots, slots + q, device=h.device)[None, :]
-        else:
-            query_slots = slots
-        distance = (query_slots[:, :, None] - torch.arange(upto, device=h.device)).clamp_min(0)
-        bias = ctx.extra["bias"][distance].permute(0, 3, 1, 2)  # (b or 1, H, q, upto)
-        mask = kv.attention_mask(ctx.key_valid, rows, slots, q, upto)
-        h = h + attn.o(kv.attend(query, keys, values, mask, scale=1.0, bias=bias))
+        table = ctx.extra["bias"]
+
+        def bias(slots: Slots, upto: int) -> Tensor:
+            if isinstance(slots, int):
+                slots = torch.arange(slots, slots + q, device=h.device)[None, :]
+            distance = (slots[:, :, None] - torch.arange(upto, device=h.device)).clamp_min(0)
+            return table[distance].permute(0, 3, 1, 2)  # (b or 1, H, q, upto)
+
+        h = h + attn.o(kv.cached_attention(ctx, i, query, rows, slots, scale=1.0, bias=bias))
 
         cross = cross_attn.EncDecAttention
         if ctx.extra["cross"][i] is None:
@@ -188,10 +186,7 @@ class T5Backbone(ExitBackbone):
                 cross.v(enc).view(shape).transpose(1, 2),
             )
         ck, cv = ctx.extra["cross"][i]
-        cmask = ctx.extra["encoder_mask"]
-        if rows is not None:
-            ck, cv, cmask = ck[rows], cv[rows], cmask[rows]
         normed = cross_attn.layer_norm(h)
         query = cross.q(normed).view(b, q, heads, dk).transpose(1, 2)
-        h = h + cross.o(kv.attend(query, ck, cv, cmask, scale=1.0))
+        h = h + cross.o(kv.cross_attention(query, ck, cv, ctx.extra["encoder_mask"], rows, scale=1.0))
         return ff(h)

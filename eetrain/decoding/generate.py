@@ -229,22 +229,25 @@ class _Decoder:
         self.decision_seconds = 0.0
 
     # --- the waiting positions of skipped layers -----------------------------------------------
-    def _pending(self, rows: np.ndarray, slot: int, layer: int):
-        """Positions of `rows` (before `slot`) whose keys/values at `layer` are not written yet:
-        (rows with any, their (b, P) slots, (b, P) mask), or None."""
+    def _pending(self, rows: np.ndarray, slot: int, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Positions of `rows` (before `slot`) whose keys/values at `layer` are not written yet, as
+        (index into `rows`, slot) pairs, or None."""
         sub = self.depth[rows, :slot] < layer
         if not sub.any():
             return None
-        ri, si = np.nonzero(sub)
-        counts = np.bincount(ri, minlength=len(rows))
-        width = int(counts.max())
+        return np.nonzero(sub)
+
+    @staticmethod
+    def _padded(ri: np.ndarray, si: np.ndarray, nrows: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs as `(nrows, P)` slots and mask, P the most any row has (padding points at `slot`)."""
+        counts = np.bincount(ri, minlength=nrows)
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         col = np.arange(len(ri)) - starts
-        slots = np.full((len(rows), width), slot, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=bool)
+        slots = np.full((nrows, int(counts.max())), slot, dtype=np.int64)
+        mask = np.zeros(slots.shape, dtype=bool)
         slots[ri, col] = si
         mask[ri, col] = True
-        return slots, mask, (ri, si)
+        return slots, mask
 
     def _layer(self, layer: int, rows: np.ndarray | None, slot: int, h: Tensor) -> Tensor:
         """Run `layer` for the current tokens `h (b, d)` of `rows` (None = all) at `slot`, first
@@ -255,15 +258,20 @@ class _Decoder:
         pend = self._pending(row_ids, slot, layer) if self.pend_state is not None else None
         if pend is None:
             return bb.decode_layer(ctx, layer, h[:, None], rows_t, slot)[:, 0]
-        slots_np, mask_np, (ri, si) = pend
-        row_idx = torch.from_numpy(row_ids).to(dev)
-        slots = torch.from_numpy(slots_np).to(dev)
-        mask = torch.from_numpy(mask_np).to(dev)
-        waiting = self.pend_state[row_idx[:, None], slots]  # (b, P, d)
+        ri, si = pend
         if self.strategy == "copy":
-            bb.decode_kv(ctx, layer, waiting, row_idx, slots, mask)
+            # keys/values only, position by position: a flat list of (row, slot) pairs, no padding
+            flat_rows = torch.from_numpy(row_ids[ri]).to(dev)
+            flat_slots = torch.from_numpy(si).to(dev)
+            states = self.pend_state[flat_rows, flat_slots][:, None]  # (n, 1, d)
+            bb.decode_kv(ctx, layer, states, flat_rows, flat_slots[:, None])
             out = bb.decode_layer(ctx, layer, h[:, None], rows_t, slot)[:, 0]
         else:  # parallel: the waiting positions and the new token in one causal pass
+            slots_np, mask_np = self._padded(ri, si, len(row_ids), slot)
+            row_idx = torch.from_numpy(row_ids).to(dev)
+            slots = torch.from_numpy(slots_np).to(dev)
+            mask = torch.from_numpy(mask_np).to(dev)
+            waiting = self.pend_state[row_idx[:, None], slots]  # (b, P, d)
             queries = torch.cat([waiting, h[:, None]], dim=1)
             all_slots = torch.cat([slots, torch.full_like(slots[:, :1], slot)], dim=1)
             all_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -275,30 +283,35 @@ class _Decoder:
         return out
 
     def _decide(self, layer: int, h: Tensor, rows: np.ndarray) -> tuple[np.ndarray, Tensor | None]:
-        """Exit decisions at `layer` for the deciding `rows` (their states `h (n, d)`): which fire,
-        and the tokens of those that do."""
-        t0 = time.perf_counter()
+        """Exit decisions at `layer` for the deciding `rows` (states `h (n, d)`): `(n,)` bool, and the
+        exit head's logits `(n, V)` when the measure computed them (else the head runs once per step,
+        for every row that exited without them: one read of its weights, not one per layer)."""
         if isinstance(self.decider, ScheduledExits):
-            fires = self.schedule[rows] == layer
-            tokens = None
-            if fires.any():
-                tokens = self.sample(self.bb.exit_logits(h[torch.from_numpy(fires).to(self.device)]))
-            self.decision_seconds += 0.0  # a schedule costs nothing to decide; the head is the token's
-            return fires, tokens
-        rows_t = torch.from_numpy(rows).to(self.device)
-        fired = self.decider.observe(layer, h, rows_t)
+            return self.schedule[rows] == layer, None  # a schedule costs nothing to decide
+        t0 = time.perf_counter()
+        fired = self.decider.observe(layer, h, None if len(rows) == self.B else torch.from_numpy(rows).to(self.device))
         if fired is None:
-            self.decision_seconds += time.perf_counter() - t0
-            return np.zeros(len(rows), dtype=bool), None
-        fires = fired.cpu().numpy()
-        tokens = None
-        if fires.any():
-            logits = self.decider.last_logits
-            sel = torch.from_numpy(fires).to(self.device)
-            logits = logits[sel] if logits is not None else self.bb.exit_logits(h[sel])
-            tokens = self.sample(logits)
+            fires = np.zeros(len(rows), dtype=bool)
+        else:
+            fires = fired.cpu().numpy()
+        logits = self.decider.last_logits
         self.decision_seconds += time.perf_counter() - t0
-        return fires, tokens
+        return fires, logits
+
+    def _exit(self, layer: int, h: Tensor, rows: np.ndarray, fires: np.ndarray, logits: Tensor | None) -> None:
+        """Record that the `fires` among `rows` (states `h (n, d)`) leave at `layer`."""
+        if not fires.any():
+            return
+        hit = rows[fires]
+        sel = torch.from_numpy(fires).to(self.device)
+        idx = torch.from_numpy(hit).to(self.device)
+        if logits is not None:
+            self.new_tok[idx] = self.sample(logits[sel])
+        else:
+            self.exit_h[idx] = h[sel]
+            self.need_head[hit] = True
+        self.exit_at[hit] = layer
+        self.deciding[hit] = False
 
     def run(self, batch: Mapping[str, Tensor], max_new: int) -> GenerateOutput:
         bb = self.bb
@@ -313,10 +326,11 @@ class _Decoder:
         pad, eos = bb.pad_token_id, (bb.eos_token_id if self.stop else None)
         self.depth = np.zeros((B, ctx.max_slots), dtype=np.int64)
         self.depth[:, : ctx.first_slot] = L  # prompt positions (and their padding): every layer computed
+        like = ctx.k[0]
         self.pend_state = None
         if self.strategy in ("copy", "parallel"):
-            like = ctx.k[0]
             self.pend_state = like.new_zeros((B, ctx.max_slots, bb.hidden_size))
+        self.exit_h = like.new_zeros((B, bb.hidden_size))
         tokens = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
         exits = torch.zeros((B, max_new), dtype=torch.long, device=dev)
         done = np.zeros(B, dtype=bool)
@@ -329,29 +343,23 @@ class _Decoder:
             positions = torch.full((B,), step + 1, dtype=torch.long)
             if scheduled:
                 self.schedule = self.decider.draw(B).numpy()
-            exit_at = np.zeros(B, dtype=np.int64)
-            new_tok = torch.full((B,), pad, dtype=torch.long, device=dev)
-            deciding = ~done
+            self.exit_at = np.zeros(B, dtype=np.int64)
+            self.need_head = np.zeros(B, dtype=bool)
+            self.new_tok = torch.full((B,), pad, dtype=torch.long, device=dev)
+            self.deciding = ~done
             if step == 0 and prefilled:
                 # LLaMA: the prompt's prefill computed every layer; decide on its last position's states
                 if not scheduled:
                     self.decider.begin(positions, ctx.prefill_input)
                 for layer in range(1, L + 1):
-                    rows = np.flatnonzero(deciding)
+                    rows = np.flatnonzero(self.deciding)
                     if len(rows) == 0:
                         break
                     h = ctx.prefill_states[layer - 1][torch.from_numpy(rows).to(dev)]
-                    fires = np.ones(len(rows), dtype=bool) if layer == L else None
-                    toks = None
-                    if fires is None:
-                        fires, toks = self._decide(layer, h, rows)
-                    elif fires.any():
-                        toks = self.sample(bb.exit_logits(h))
-                    if fires.any():
-                        hit = rows[fires]
-                        new_tok[torch.from_numpy(hit).to(dev)] = toks
-                        exit_at[hit] = layer
-                        deciding[hit] = False
+                    if layer == L:
+                        self._exit(layer, h, rows, np.ones(len(rows), dtype=bool), None)
+                    else:
+                        self._exit(layer, h, rows, *self._decide(layer, h, rows))
             else:
                 slot = ctx.first_slot + step - (1 if prefilled else 0)
                 ids = ctx.start_ids if step == 0 else tokens[:, step - 1]
@@ -360,37 +368,34 @@ class _Decoder:
                     self.decider.begin(positions, h_cur)
                 reached = np.zeros(B, dtype=np.int64)
                 for layer in range(1, L + 1):
-                    if not deciding.any():
+                    if not self.deciding.any():
                         break
                     if self.mode == "ride_along":
-                        rows = None
-                        out = self._layer(layer, None, slot, h_cur)
-                        h_cur = out
+                        h_cur = self._layer(layer, None, slot, h_cur)
                         reached[:] = layer
                     else:
-                        rows = np.flatnonzero(deciding)
+                        rows = np.flatnonzero(self.deciding)
                         if len(rows) == B:
                             h_cur = self._layer(layer, None, slot, h_cur)
                         else:
                             idx = torch.from_numpy(rows).to(dev)
                             h_cur = h_cur.index_copy(0, idx, self._layer(layer, rows, slot, h_cur[idx]))
                         reached[rows] = layer
-                    dec_rows = np.flatnonzero(deciding)
+                    dec_rows = np.flatnonzero(self.deciding)
                     h = h_cur if len(dec_rows) == B else h_cur[torch.from_numpy(dec_rows).to(dev)]
                     if layer == L:
-                        fires, toks = np.ones(len(dec_rows), dtype=bool), self.sample(bb.exit_logits(h))
+                        self._exit(layer, h, dec_rows, np.ones(len(dec_rows), dtype=bool), None)
                     else:
-                        fires, toks = self._decide(layer, h, dec_rows)
-                    if fires.any():
-                        hit = dec_rows[fires]
-                        new_tok[torch.from_numpy(hit).to(dev)] = toks
-                        exit_at[hit] = layer
-                        deciding[hit] = False
-                # the current positions wait with the state they reached (rows already ended: never)
+                        self._exit(layer, h, dec_rows, *self._decide(layer, h, dec_rows))
+        # the current positions wait with the state they reached (rows already ended: never)
                 if self.pend_state is not None:
                     self.pend_state[:, slot] = h_cur
                 reached[done] = L
                 self.depth[:, slot] = reached
+            if self.need_head.any():  # the exit head once for every row that left without logits
+                idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(dev)
+                self.new_tok[idx] = self.sample(bb.exit_logits(self.exit_h[idx]))
+            new_tok, exit_at = self.new_tok, self.exit_at
             new_tok[torch.from_numpy(done).to(dev)] = pad
             tokens[:, step] = new_tok
             exit_at[done] = 0

@@ -16,7 +16,7 @@ def token_consistency(outputs: Sequence[Sequence[int]], full: Sequence[Sequence[
     total = sum(len(f) for f in full)
     if total == 0:
         return float("nan")
-    same = sum(sum(a == b for a, b in zip(o, f)) for o, f in zip(outputs, full, strict=True))
+    same = sum(sum(a == b for a, b in zip(o, f, strict=False)) for o, f in zip(outputs, full, strict=True))
     return same / total
 
 
