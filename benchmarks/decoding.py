@@ -119,6 +119,51 @@ class Spec:
     strategy: str | None = "copy"
     batch_mode: str | None = "ride_along"
     depth: int | None = None  # static: decoder blocks kept
+    policy: Any = field(default=None, compare=False)  # eetrain with a real policy: its ExitPolicy
+    candidates: int | None = None  # candidate-set confidence: k
+
+
+#: where real policies exit: random weights make no policy meaningful, so each policy gets per-layer
+#: thresholds that no score reaches before this layer and every score reaches at it; checks run
+#: from layer 2, so every token pays for three checks (layers 2, 3, 4) before it leaves
+POLICY_EXIT_LAYER = 4
+
+
+def real_policies(backbone) -> list[Spec]:
+    """One `eetrain` row per real exit policy, exiting at POLICY_EXIT_LAYER after checks at 2, 3, 4.
+
+    The full-vocabulary softmax gap (for contrast), the same on 8 candidate tokens, hidden-state
+    saturation, CALM's linear classifier, MEE's three-state MLP (width d, and d/4) and LSTM (250). The
+    classifiers are untrained (seeded): their cost does not depend on their weights.
+    """
+    import torch
+
+    from eetrain.exits.classifiers import CalmClassifier, LSTMClassifier, ThreeStateMLP
+    from eetrain.exits.policy import ExitPolicy
+
+    d, L = backbone.hidden_size, backbone.num_layers
+    device = next(backbone.parameters()).device
+    dtype = next(backbone.parameters()).dtype
+
+    def per_layer(low: float, high: float) -> list[float]:
+        return [low if i == POLICY_EXIT_LAYER else high for i in range(1, L + 1)]
+
+    prob = per_layer(0.0, 1.0)
+    torch.manual_seed(0)
+    rows = [
+        ("softmax_gap", ExitPolicy("softmax_gap", prob, min_exit_layer=2), None),
+        ("softmax_gap@k8", ExitPolicy("softmax_gap", prob, min_exit_layer=2), 8),
+        ("hidden_saturation", ExitPolicy("hidden_saturation", per_layer(-1.0, 1.0), min_exit_layer=2), None),
+    ]
+    for name, clf in (
+        ("classifier:calm", CalmClassifier(d)),
+        ("classifier:three_state_mlp", ThreeStateMLP(d)),
+        (f"classifier:three_state_mlp(w={d // 4})", ThreeStateMLP(d, width=d // 4)),
+        ("classifier:lstm", LSTMClassifier(d, hidden_size=250)),
+    ):
+        clf = clf.to(device=device, dtype=dtype).eval()
+        rows.append((name, ExitPolicy(clf, prob, min_exit_layer=2, name=name), None))
+    return [Spec("eetrain", name, "copy", "ride_along", policy=policy, candidates=k) for name, policy, k in rows]
 
 
 def plan(batch: int, num_layers: int, crossover: bool = False) -> list[Spec]:
@@ -219,12 +264,15 @@ class _Run:
     seconds: list[float] = field(default_factory=list)
     decision_seconds: list[float] = field(default_factory=list)
     first: Any = None
+    outputs: list[Any] = field(default_factory=list)
 
     def __call__(self, sync: Callable[[], None]) -> None:
         sync()
         t0 = time.perf_counter()
         out = self.call()
         sync()
+        if self.first is not None:
+            self.outputs.append(out)
         if self.first is None:
             self.first = out  # the warm-up: untimed
             return
@@ -246,9 +294,9 @@ def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int) -> _Run:
 
     if spec.impl == "hf":
         return _Run(spec, lambda: hf_generate(backbone, batch, new_tokens))
-    policy = spec.exits if spec.impl == "eetrain" else None
+    policy = (spec.policy or spec.exits) if spec.impl == "eetrain" else None
     return _Run(spec, lambda: generate(backbone, batch, policy, strategy=spec.strategy, batch_mode=spec.batch_mode,
-                                       max_new_tokens=new_tokens, stop_at_eos=False))
+                                       max_new_tokens=new_tokens, stop_at_eos=False, candidates=spec.candidates))
 
 
 def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> None:
@@ -257,6 +305,10 @@ def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> No
         k = i % len(runs)
         for run in runs[k:] + runs[:k]:
             run(sync)
+
+
+def _median_of(run: _Run, attr: str) -> float:
+    return statistics.median(getattr(o, attr) for o in run.outputs)
 
 
 def ceiling_depth(out, batch: int, batch_mode: str) -> int:
@@ -272,7 +324,7 @@ def ceiling_depth(out, batch: int, batch_mode: str) -> int:
 
 def bench_batch(
     backbone, statics: dict[int, Any], batch_size: int, shape_name: str, new_tokens: int, repeats: int,
-    device: str, crossover: bool = False,
+    device: str, crossover: bool = False, policies: bool = False,
 ) -> list[dict[str, Any]]:
     """Time every row of one batch size (statics: truncated models by depth, filled as needed)."""
     import torch
@@ -286,7 +338,10 @@ def bench_batch(
 
     L = backbone.num_layers
     batch = make_batch(backbone, batch_size, shape.source, device)
-    runs = [_make_run(s, backbone, batch, new_tokens) for s in plan(batch_size, L, crossover)]
+    specs = plan(batch_size, L, crossover)
+    if policies:
+        specs = [Spec("full")] + real_policies(backbone)
+    runs = [_make_run(s, backbone, batch, new_tokens) for s in specs]
     for run in runs:  # warm-up; eetrain's exit layers fix the static depths
         run(sync)
     full = next(r for r in runs if r.spec.impl == "full")
@@ -326,6 +381,9 @@ def bench_batch(
             "ceiling_fraction": None,
             "ceiling_depth": None,
             "decision_fraction": None if spec.impl == "hf" else statistics.median(run.decision_seconds) / t,
+            # one exit check's cost in layer runs (batch 1: a layer runs one row) and checks per token
+            "check_cost_layers": _median_of(run, "check_cost_in_layers") if spec.policy is not None else None,
+            "checks_per_token": (out.checks / out.num_tokens) if spec.policy is not None else None,
             # fraction of generated ids equal to `full`'s (hf: ~1.0, the same greedy decoding)
             "agreement_with_full": float((run.tokens == full_tokens).double().mean()),
             "device": device,
@@ -352,6 +410,7 @@ def run_benchmark(
     repeats: int = 3,
     threads: int | None = None,
     crossover: bool = False,
+    policies: bool = False,
 ) -> list[dict[str, Any]]:
     """Build the shape's model once and time every batch size's rows; one record per row."""
     import torch
@@ -377,7 +436,8 @@ def run_benchmark(
         statics: dict[int, Any] = {}
         records = []
         for b in batches:
-            for rec in bench_batch(backbone, statics, b, shape_name, new_tokens, repeats, device, crossover):
+            for rec in bench_batch(backbone, statics, b, shape_name, new_tokens, repeats, device, crossover,
+                                   policies):
                 records.append({**rec, **machine})
     return records
 
@@ -466,14 +526,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--crossover", action="store_true",
                    help="time random:4 ride_along vs gather per batch size; print where gather wins")
+    p.add_argument("--policies", action="store_true",
+                   help="rows with real exit policies (thresholds tuned to a mean exit near 4): what deciding costs")
     p.add_argument("--json", action="store_true", help="one JSON object per row, one per line")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    records = run_benchmark(args.shape, args.device, args.batches, args.new_tokens, args.repeats,
-                            args.threads, args.crossover)
+    batches = args.batches or ((1,) if args.policies else None)
+    records = run_benchmark(args.shape, args.device, batches, args.new_tokens, args.repeats,
+                            args.threads, args.crossover, args.policies)
     if args.json:
         for rec in records:
             print(json_line(rec), flush=True)

@@ -252,3 +252,92 @@ def test_sequence_head_is_refused():
     bert = make_backbone("bert")
     with pytest.raises(ConfigError, match="token head"):
         generate(bert, one(), None, max_new_tokens=4)
+
+
+# --- decisions that pay for themselves (cheap checks, accounting) -----------------------------------
+def test_candidate_set_with_the_whole_vocabulary_equals_the_full_measure(model):
+    vocab = model.head_weight.shape[0]
+    for template, candidates in policies(model.hidden_size)[:3]:
+        policy = varied(model, template, candidates)
+        full = generate(model, one(), policy, max_new_tokens=8, stop_at_eos=False)
+        cand = generate(model, one(), policy, max_new_tokens=8, stop_at_eos=False, candidates=vocab)
+        assert cand.row_exit_layers() == full.row_exit_layers()
+        assert cand.sequences() == full.sequences()
+
+
+def test_candidate_set_scores_later_checks_on_k_tokens(model):
+    """With k candidates, a later check scores a softmax over the first check's top-k tokens only."""
+    from eetrain.decoding.decisions import LayerDecider
+
+    policy = ExitPolicy("softmax_max", 0.99, min_exit_layer=2)
+    decider = LayerDecider(policy, model, L, candidates=3)
+    h = [torch.randn(2, model.hidden_size) for _ in range(L)]
+    decider.begin(torch.tensor([1, 1]), torch.zeros(2, model.hidden_size))
+    decider.observe(1, h[0], None)
+    decider.observe(2, h[1], None)  # the first check: full vocabulary
+    top3 = model.exit_logits(h[1]).topk(3, dim=-1).indices
+    assert decider.last_logits.shape[-1] == model.head_weight.shape[0]
+    decider.observe(3, h[2], None)
+    assert decider.last_candidates.tolist() == top3.tolist()
+    expected = model.exit_logits(h[2]).gather(1, top3)
+    torch.testing.assert_close(decider.last_logits, expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 100000])
+def test_candidates_out_of_range_is_refused(model, bad):
+    with pytest.raises(ConfigError, match=r"decoding.policy.candidates=.*allowed: an integer in 1\.\."):
+        generate(model, one(), ExitPolicy("softmax_gap", 0.5, min_exit_layer=1), max_new_tokens=2, candidates=bad)
+
+
+def test_candidates_need_a_softmax_measure(model):
+    with pytest.raises(ConfigError, match="candidates applies to softmax_gap"):
+        generate(model, one(), ExitPolicy("hidden_saturation", 0.5, min_exit_layer=1), max_new_tokens=2, candidates=4)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_check_every_runs_no_check_at_other_layers(model, every):
+    seen: list[int] = []
+    from eetrain.decoding import decisions
+
+    original = decisions.LayerDecider.observe
+
+    def spy(self, layer, h, rows):
+        out = original(self, layer, h, rows)
+        if out is not None:
+            seen.append(layer)
+        return out
+
+    decisions.LayerDecider.observe = spy
+    try:
+        out = generate(model, one(), ExitPolicy("softmax_max", 0.999999, min_exit_layer=1), max_new_tokens=4,
+                       stop_at_eos=False, check_every=every)
+    finally:
+        decisions.LayerDecider.observe = original
+    allowed = {i for i in range(1, L) if (i - 1) % every == 0}
+    assert seen and set(seen) <= allowed
+    assert set(out.exit_layers.flatten().tolist()) <= allowed | {L}
+
+
+def test_check_every_must_be_positive(model):
+    with pytest.raises(ConfigError, match=r"decoding.policy.check_every=0; allowed: an integer >= 1"):
+        generate(model, one(), ExitPolicy("softmax_max", 0.5, min_exit_layer=1), max_new_tokens=2, check_every=0)
+
+
+@pytest.mark.parametrize("index", [4, 7, 9])  # saturation, CALM classifier, LSTM: on-device, batched
+def test_batched_decisions_equal_per_row_decisions(model, index):
+    policy = varied(model, *policies(model.hidden_size)[index])
+    batch = padded_batch(model)
+    out = generate(model, batch, policy, strategy="parallel", batch_mode="ride_along", max_new_tokens=8,
+                   stop_at_eos=False)
+    for r, (tokens, layers) in enumerate(rows_alone(model, batch, policy, "parallel", 8)):
+        assert out.row_exit_layers()[r] == layers and out.sequences()[r] == tokens
+
+
+def test_time_accounting_adds_up(model):
+    policy = ExitPolicy("hidden_saturation", 0.5, min_exit_layer=2)
+    out = generate(model, padded_batch(model), policy, max_new_tokens=8, stop_at_eos=False)
+    parts = out.prefill_seconds + out.layer_seconds + out.decision_seconds + out.head_seconds
+    assert 0 < parts <= out.seconds + 1e-9
+    assert out.other_seconds == pytest.approx(out.seconds - parts)
+    assert out.layer_calls > 0 and out.checks > 0 and out.check_cost_in_layers > 0
+    assert out.decision_fraction == pytest.approx(out.decision_seconds / out.seconds)

@@ -14,18 +14,38 @@ layer through the same registered measures and classifiers, so a decoded exit la
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from eetrain.errors import ConfigError
 from eetrain.exits.classifiers import EXIT_INDEX, ExitClassifier, LSTMClassifier, ThreeStateMLP
-from eetrain.exits.measures import ExitRecords, compute_measure, get_measure, summarize_logits
+from eetrain.exits.measures import (
+    ExitRecords,
+    _full,
+    compute_measure,
+    entropy_score,
+    get_measure,
+    normalized_entropy_score,
+    softmax_gap,
+    softmax_max,
+    summarize_logits,
+)
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.thresholds import resolve_threshold
 
 # measures whose score at layer i reads earlier layers' predictions or probabilities
 _HISTORY_MEASURES = ("patience", "monotonic")
+# the registered scores of one layer's logits `(1, n, V)`, called directly (no record to build)
+_MEASURE_FNS = {
+    "softmax_gap": softmax_gap,
+    "softmax_max": softmax_max,
+    "entropy": entropy_score,
+    "normalized_entropy": normalized_entropy_score,
+}
+_CANDIDATE_MEASURES = tuple(_MEASURE_FNS)
 
 
 class LayerDecider:
@@ -33,24 +53,45 @@ class LayerDecider:
 
     Per step: :meth:`begin` with the rows' decoding positions and their input states h_0; then
     :meth:`observe` once per computed layer, in order, for the rows whose token is still deciding.
+
+    candidates: for `softmax_gap` / `softmax_max` / `entropy` / `normalized_entropy`, score later
+    checks on a small candidate set (see :meth:`_candidate_logits`) instead of the whole vocabulary.
     """
 
-    def __init__(self, policy: ExitPolicy | None, backbone: object, num_layers: int) -> None:
+    def __init__(
+        self, policy: ExitPolicy | None, backbone: object, num_layers: int, candidates: int | None = None
+    ) -> None:
         self.policy = policy
         self.backbone = backbone
         self.num_layers = num_layers
         self.last_logits: Tensor | None = None
+        self.last_candidates: Tensor | None = None
+        self.checks = 0  # (row, layer) checks scored, for the cost per check
+        self.candidates = None
         if policy is None:
             self.check_layers: frozenset[int] = frozenset()
+            self.observed: frozenset[int] = frozenset()
             return
         check_policy(policy, num_layers, getattr(backbone, "hidden_size", None))
         points = policy.exit_points
         self.check_layers = frozenset(
             i for i in range(policy.min_exit_layer, num_layers) if points is None or i in points
         )
+        self.first_check = min(self.check_layers, default=None)
         measure = policy.measure
         self.classifier = measure if isinstance(measure, ExitClassifier) else None
         self.name = None if self.classifier is not None else str(measure)
+        if candidates is not None:
+            vocab = backbone.head_weight.shape[0]  # type: ignore[attr-defined]
+            if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= vocab:
+                raise ConfigError(
+                    f"decoding.policy.candidates={candidates!r}; allowed: an integer in 1..{vocab} (the vocabulary)"
+                )
+            if self.name not in _CANDIDATE_MEASURES:
+                raise ConfigError(
+                    f"decoding.policy.candidates applies to {', '.join(_CANDIDATE_MEASURES)}, not {policy.label!r}"
+                )
+            self.candidates = candidates
         if self.classifier is not None:
             param = next(self.classifier.parameters())
             device = next(backbone.parameters()).device  # type: ignore[attr-defined]
@@ -61,7 +102,10 @@ class LayerDecider:
         self.every_layer = self.name in _HISTORY_MEASURES or isinstance(
             self.classifier, ThreeStateMLP | LSTMClassifier
         )
-        self.needs_logits = self.name is not None and self.name != "hidden_saturation"
+        self.three_states = isinstance(self.classifier, ThreeStateMLP)
+        self.keeps_states = self.three_states or self.name == "hidden_saturation"
+        self.clf_dtype = next(self.classifier.parameters()).dtype if self.classifier is not None else None
+        self.observed = frozenset(i for i in range(1, num_layers + 1) if self.wants(i))
 
     # --- per step ------------------------------------------------------------------------------
     def begin(self, positions: Tensor, h0: Tensor) -> None:
@@ -73,17 +117,22 @@ class LayerDecider:
         self.thresholds = (
             None
             if policy.is_boolean
-            else resolve_threshold(policy.threshold, self.num_layers, size, positions.cpu()).to(h0.device)
+            # float32, as the scores are (and as exit_layers compares them)
+            else resolve_threshold(policy.threshold, self.num_layers, size, positions.cpu(), dtype=torch.float32).to(
+                h0.device
+            )
         )
         # h_{i-1} and h_{i-2}: saturation compares layer 1 with the input state h0; the three-state MLP
         # reads zeros below layer 1 (as ThreeStateMLP.stack_states does on records)
         self.prev = h0 if self.name == "hidden_saturation" else torch.zeros_like(h0)
         self.prev2 = torch.zeros_like(h0)
         self.history: list[tuple[Tensor, Tensor]] = []  # per layer: (predictions (B,), top2 (B, 2))
+        if self.candidates is not None:
+            self.cand = torch.zeros((size, self.candidates), dtype=torch.long, device=h0.device)
         if isinstance(self.classifier, LSTMClassifier):
             lstm = self.classifier.lstm
             zeros = h0.new_zeros((lstm.num_layers, size, lstm.hidden_size))
-            self.lstm_state = (zeros, zeros.clone())
+            self.lstm_state = [zeros.to(self.clf_dtype), zeros.clone().to(self.clf_dtype)]
 
     def wants(self, layer: int) -> bool:
         """Whether :meth:`observe` must see this layer (a check, or history a later check reads)."""
@@ -93,19 +142,36 @@ class LayerDecider:
             return True
         return self.name == "hidden_saturation" and layer + 1 in self.check_layers  # h_{i-1} of a check
 
+    def _candidate_logits(self, h: Tensor, rows: Tensor | None) -> Tensor:
+        """Logits `(n, k)` of each row's candidate tokens only: a `k x d` product instead of `V x d`.
+
+        The candidates are the top-k tokens of the row's first check, which saw the whole vocabulary.
+        A softmax over them approximates the full softmax *renormalised to those k tokens*: exact when
+        the probability outside them is negligible, overconfident when a later layer moves mass to a
+        token outside the set (with k = V it is the full-vocabulary measure)."""
+        bb = self.backbone
+        cand = self.cand if rows is None else self.cand[rows]
+        weight = bb.head_weight[cand]  # type: ignore[attr-defined]  # (n, k, d)
+        logits = torch.einsum("nd,nkd->nk", bb.exit_features(h).to(weight.dtype), weight)  # type: ignore[attr-defined]
+        bias = bb.head_bias  # type: ignore[attr-defined]
+        return logits if bias is None else logits + bias[cand]
+
     @torch.no_grad()
     def observe(self, layer: int, h: Tensor, rows: Tensor | None) -> Tensor | None:
         """States `h (n, d)` after `layer` of the rows `rows` (`(n,)`, None = all B rows).
 
         Returns `(n,)` bool, True where the token exits here, or None when this layer cannot exit.
         When the measure computed the exit head, its logits stay in `last_logits` `(n, V)` (the
-        exiting tokens need not recompute them).
+        exiting tokens need not recompute them); with candidates, `last_logits` is `(n, k)` over the
+        token ids in `last_candidates` `(n, k)`.
         """
-        self.last_logits = None
-        if not self.wants(layer):
+        self.last_logits = self.last_candidates = None
+        if layer not in self.observed:
             return None
         check = layer in self.check_layers
         name, clf = self.name, self.classifier
+        if check:
+            self.checks += h.shape[0]
 
         def take(x: Tensor) -> Tensor:
             return x if rows is None else x[rows]
@@ -119,22 +185,21 @@ class LayerDecider:
 
         scores: Tensor | None = None
         if clf is not None:
+            x = h if h.dtype == self.clf_dtype else h.to(self.clf_dtype)
             if isinstance(clf, LSTMClassifier):
-                state = tuple(take_dim1(s, rows) for s in self.lstm_state)
-                out, (hn, cn) = clf.lstm(clf._check_hidden(h[None]).transpose(0, 1), state)
-                self.lstm_state = tuple(put_dim1(s, rows, new) for s, new in zip(self.lstm_state, (hn, cn), strict=False))
-                logits = clf.head(out[:, 0])
+                state = [take_dim1(s, rows) for s in self.lstm_state]
+                out, state = lstm_step(clf, x, state)
+                self.lstm_state = [put_dim1(s, rows, new) for s, new in zip(self.lstm_state, state, strict=True)]
+                logits = clf.head(out)
             elif isinstance(clf, ThreeStateMLP):
-                x = torch.cat([take(self.prev2), take(self.prev), h], dim=-1)
-                logits = clf(x.to(next(clf.parameters()).dtype))
+                logits = clf(torch.cat([take(self.prev2), take(self.prev), x], dim=-1))
             else:
-                logits = clf(h.to(next(clf.parameters()).dtype))
+                logits = clf(x)
             if check:
                 scores = torch.softmax(logits.float(), dim=-1)[..., EXIT_INDEX]
         elif name == "hidden_saturation":
-            if check:
-                rec = ExitRecords(hidden=h[None], h0=take(self.prev))
-                scores = compute_measure(name, rec)[0]
+            if check:  # as the registered measure computes it: cos(h_i, h_{i-1}) in float32
+                scores = F.cosine_similarity(_full(h), take(self.prev).to(_full(h).dtype), dim=-1)
         elif name in _HISTORY_MEASURES:
             logits = self.backbone.exit_logits(h)  # type: ignore[attr-defined]
             self.last_logits = logits
@@ -148,17 +213,23 @@ class LayerDecider:
                 rec = ExitRecords(predictions=preds, top2=tops)
                 return compute_measure(name, rec, **self.policy.measure_kwargs)[-1]  # type: ignore[union-attr]
             return None
+        elif self.candidates is not None and layer != self.first_check:
+            logits = self._candidate_logits(h, rows)
+            self.last_logits, self.last_candidates = logits, take(self.cand)
+            scores = _MEASURE_FNS[name](logits[None])[0]
         else:
             logits = self.backbone.exit_logits(h)  # type: ignore[attr-defined]
             self.last_logits = logits
-            scores = compute_measure(name, ExitRecords(logits=logits[None]), **self.policy.measure_kwargs)[0]  # type: ignore[union-attr,arg-type]
-        if self.every_layer or name == "hidden_saturation":  # keep h_{i-1}, h_{i-2} for the next layer
-            self.prev2 = store(self.prev2, take(self.prev))
+            scores = _MEASURE_FNS[name](logits[None])[0]  # type: ignore[index]
+            if self.candidates is not None:
+                self.cand = store(self.cand, logits.topk(self.candidates, dim=-1).indices)
+        if self.keeps_states:  # h_{i-1}, h_{i-2} for the next layer
+            if self.three_states:
+                self.prev2 = store(self.prev2, take(self.prev))
             self.prev = store(self.prev, h)
         if scores is None:
             return None
-        thr = take(self.thresholds[layer - 1]).to(scores.dtype)  # type: ignore[index]
-        return scores >= thr
+        return scores >= take(self.thresholds[layer - 1])
 
     def _hist_fill(self, *trailing: int) -> Tensor:
         """A full-batch placeholder row of the history (rows not observed keep their earlier values)."""
@@ -168,6 +239,25 @@ class LayerDecider:
             return last
         shape = (size, *trailing)
         return torch.zeros(shape, dtype=torch.long if not trailing else torch.float32, device=self.prev.device)
+
+
+def lstm_step(clf: LSTMClassifier, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """One step of the classifier's `nn.LSTM` (batch-first, unidirectional) on `x (n, d)`, written out
+    with its own weights: on a single step `nn.LSTM`'s call costs several times the arithmetic.
+    state: `[h (layers, n, hidden), c (layers, n, hidden)]`. Returns the top layer's output `(n, hidden)`
+    and the new state (PyTorch's gate order: input, forget, cell, output)."""
+    lstm = clf.lstm
+    hs, cs = state
+    new_h, new_c = [], []
+    for i in range(lstm.num_layers):
+        gates = F.linear(x, getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"bias_ih_l{i}"))
+        gates = gates + F.linear(hs[i], getattr(lstm, f"weight_hh_l{i}"), getattr(lstm, f"bias_hh_l{i}"))
+        ig, fg, gg, og = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(fg) * cs[i] + torch.sigmoid(ig) * torch.tanh(gg)
+        x = torch.sigmoid(og) * torch.tanh(c)
+        new_h.append(x)
+        new_c.append(c)
+    return x, [torch.stack(new_h), torch.stack(new_c)]
 
 
 def take_dim1(x: Tensor, rows: Tensor | None) -> Tensor:
@@ -180,6 +270,20 @@ def put_dim1(full: Tensor, rows: Tensor | None, part: Tensor) -> Tensor:
     full = full.clone()
     full[:, rows] = part
     return full
+
+
+def with_check_every(policy: ExitPolicy, every: int | None, num_layers: int) -> ExitPolicy:
+    """The policy checked only at every `every`-th layer from its minimum exit layer (within its exit
+    points): as exit points, so the offline policy table and the decoder agree on where checks run."""
+    if every is None or every == 1:
+        return policy
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"decoding.policy.check_every={every!r}; allowed: an integer >= 1")
+    start = policy.min_exit_layer
+    layers = [i for i in range(start, num_layers + 1) if (i - start) % every == 0]
+    if policy.exit_points is not None:
+        layers = [i for i in layers if i in policy.exit_points]
+    return replace(policy, exit_points=tuple(layers) or (num_layers,), measure_kwargs=dict(policy.measure_kwargs))
 
 
 def check_policy(policy: ExitPolicy, num_layers: int, hidden_size: int | None) -> None:

@@ -45,12 +45,14 @@ from torch import Tensor
 from eetrain.errors import ConfigError
 from eetrain.exits.policy import ExitPolicy
 
-from .decisions import LayerDecider, ScheduledExits, describe
+from .decisions import LayerDecider, ScheduledExits, describe, with_check_every
 
 STRATEGIES = ("copy", "parallel", "self_speculative")
 BATCH_MODES = ("auto", "ride_along", "gather")
-#: batch size from which `auto` gathers the running rows (measured: BENCHMARKS.md, "Early-exit decoding")
-GATHER_MIN_BATCH = {"cpu": 16, "cuda": 64}
+#: batch size from which `auto` gathers the running rows. CPU: measured (BENCHMARKS.md, "Early-exit
+#: decoding": gather ahead from batch 4, level with ride_along within noise from 16 on). CUDA: not yet
+#: measured (no GPU session); decoding stays memory-bound to larger batches there, so ride_along below 64.
+GATHER_MIN_BATCH = {"cpu": 4, "cuda": 64}
 
 
 @dataclass
@@ -59,9 +61,13 @@ class GenerateOutput:
 
     tokens: `(B, T)` generated ids (padding after a row's end of sequence). exit_layers: `(B, T)`
     long, the layer each token left at (0 after a row's end). lengths: `(B,)` generated tokens per row
-    (the end-of-sequence token included). seconds: wall time of the whole call (prefill included);
-    decision_seconds: the part spent in exit decisions. batch_max_exit_layers: per step, the deepest
-    exit in the batch.
+    (the end-of-sequence token included). batch_max_exit_layers: per step, the deepest exit in the batch.
+
+    Time (host wall clock; on CUDA the parts are only indicative, the total is synchronised):
+    seconds = prefill_seconds (encoder / prompt) + layer_seconds (decoder layers, skipped layers'
+    keys/values included) + decision_seconds (exit decisions, the exit head when a measure needs it)
+    + head_seconds (the head for tokens that exited without logits) + other_seconds (bookkeeping).
+    layer_calls: layer runs (one per layer per step); checks: (row, layer) exit checks scored.
     """
 
     tokens: Tensor
@@ -74,6 +80,27 @@ class GenerateOutput:
     strategy: str
     batch_mode: str
     batch_max_exit_layers: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    layer_seconds: float = 0.0
+    head_seconds: float = 0.0
+    layer_calls: int = 0
+    checks: int = 0
+
+    @property
+    def other_seconds(self) -> float:
+        return self.seconds - self.prefill_seconds - self.layer_seconds - self.decision_seconds - self.head_seconds
+
+    @property
+    def seconds_per_layer(self) -> float:
+        """Mean time of one layer run (per step, all rows that ran it)."""
+        return self.layer_seconds / self.layer_calls if self.layer_calls else float("nan")
+
+    @property
+    def check_cost_in_layers(self) -> float:
+        """Mean cost of one exit check, in layer runs (meaningful at batch 1, where a layer runs one row)."""
+        if not self.checks or not self.layer_calls:
+            return float("nan")
+        return (self.decision_seconds / self.checks) / self.seconds_per_layer
 
     @property
     def num_tokens(self) -> int:
@@ -130,7 +157,9 @@ def _check(
         raise ConfigError(f"decoding.top_p={top_p!r}; allowed: 0 < top_p <= 1")
 
 
-def _as_decider(policy: Any, backbone: Any, seed: int) -> LayerDecider | ScheduledExits:
+def _as_decider(
+    policy: Any, backbone: Any, seed: int, candidates: int | None = None, check_every: int | None = None
+) -> LayerDecider | ScheduledExits:
     if isinstance(policy, str):
         return ScheduledExits(policy, backbone.num_layers, seed=seed)
     if isinstance(policy, ScheduledExits):
@@ -139,7 +168,9 @@ def _as_decider(policy: Any, backbone: Any, seed: int) -> LayerDecider | Schedul
         raise ConfigError(
             f"decoding.policy: expected an ExitPolicy, 'fixed:K', 'random:MEAN' or None, got {type(policy).__name__}"
         )
-    return LayerDecider(policy, backbone, backbone.num_layers)
+    if policy is not None:
+        policy = with_check_every(policy, check_every, backbone.num_layers)
+    return LayerDecider(policy, backbone, backbone.num_layers, candidates=candidates)
 
 
 class _Sampler:
@@ -179,6 +210,8 @@ def generate(
     draft_tokens: int = 4,
     gather_min_batch: int | None = None,
     stop_at_eos: bool = True,
+    candidates: int | None = None,
+    check_every: int | None = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row of `batch` with early exits.
 
@@ -193,6 +226,9 @@ def generate(
         temperature, top_p, seed: sampling (temperature 0 = greedy).
         draft_layer, draft_tokens: ``self_speculative``'s E (default L // 2) and k.
         gather_min_batch: `auto`'s crossover batch size (default: measured per device type).
+        candidates: score softmax-type checks after a token's first on its top-k candidate tokens
+            (a `k x d` product per check instead of the `V x d` head; see `LayerDecider`).
+        check_every: check only every n-th layer from the policy's minimum exit layer.
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
     was_training = backbone.training
@@ -202,7 +238,7 @@ def generate(
             return _self_speculative(
                 backbone, batch, max_new_tokens, draft_layer, draft_tokens, temperature, stop_at_eos
             )
-        decider = _as_decider(policy, backbone, seed)
+        decider = _as_decider(policy, backbone, seed, candidates, check_every)
         size = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
         if batch_mode == "auto":
@@ -226,7 +262,9 @@ class _Decoder:
         self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
         self.sample, self.stop = sampler, stop
         self.L = backbone.num_layers
-        self.decision_seconds = 0.0
+        self.decision_seconds = self.layer_seconds = self.head_seconds = 0.0
+        self.layer_calls = 0
+        self.candidates: Tensor | None = None
 
     # --- the waiting positions of skipped layers -----------------------------------------------
     def _pending(self, rows: np.ndarray, slot: int, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -252,6 +290,13 @@ class _Decoder:
     def _layer(self, layer: int, rows: np.ndarray | None, slot: int, h: Tensor) -> Tensor:
         """Run `layer` for the current tokens `h (b, d)` of `rows` (None = all) at `slot`, first
         handling the positions of those rows that wait for this layer. Returns `(b, d)`."""
+        t0 = time.perf_counter()
+        out = self._run_layer(layer, rows, slot, h)
+        self.layer_seconds += time.perf_counter() - t0
+        self.layer_calls += 1
+        return out
+
+    def _run_layer(self, layer: int, rows: np.ndarray | None, slot: int, h: Tensor) -> Tensor:
         bb, ctx, dev = self.bb, self.ctx, self.device
         row_ids = np.arange(self.B) if rows is None else rows
         rows_t = None if rows is None else torch.from_numpy(rows).to(dev)
@@ -294,7 +339,7 @@ class _Decoder:
             fires = np.zeros(len(rows), dtype=bool)
         else:
             fires = fired.cpu().numpy()
-        logits = self.decider.last_logits
+        logits, self.candidates = self.decider.last_logits, self.decider.last_candidates
         self.decision_seconds += time.perf_counter() - t0
         return fires, logits
 
@@ -306,7 +351,10 @@ class _Decoder:
         sel = torch.from_numpy(fires).to(self.device)
         idx = torch.from_numpy(hit).to(self.device)
         if logits is not None:
-            self.new_tok[idx] = self.sample(logits[sel])
+            choice = self.sample(logits[sel])
+            if self.candidates is not None:  # logits over each row's candidate tokens
+                choice = self.candidates[sel].gather(1, choice[:, None])[:, 0]
+            self.new_tok[idx] = choice
         else:
             self.exit_h[idx] = h[sel]
             self.need_head[hit] = True
@@ -320,6 +368,7 @@ class _Decoder:
         start = time.perf_counter()
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         ctx = self.ctx = bb.decode_init(inputs, max_new)
+        prefill_seconds = time.perf_counter() - start
         prefilled = ctx.prefill_states is not None
         B = self.B = ctx.batch_size
         L = self.L
@@ -393,8 +442,10 @@ class _Decoder:
                 reached[done] = L
                 self.depth[:, slot] = reached
             if self.need_head.any():  # the exit head once for every row that left without logits
+                t0 = time.perf_counter()
                 idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(dev)
                 self.new_tok[idx] = self.sample(bb.exit_logits(self.exit_h[idx]))
+                self.head_seconds += time.perf_counter() - t0
             new_tok, exit_at = self.new_tok, self.exit_at
             new_tok[torch.from_numpy(done).to(dev)] = pad
             tokens[:, step] = new_tok
@@ -416,6 +467,11 @@ class _Decoder:
             num_layers=L,
             seconds=seconds,
             decision_seconds=self.decision_seconds,
+            prefill_seconds=prefill_seconds,
+            layer_seconds=self.layer_seconds,
+            head_seconds=self.head_seconds,
+            layer_calls=self.layer_calls,
+            checks=getattr(self.decider, "checks", 0),
             policy=describe(self.decider.policy if isinstance(self.decider, LayerDecider) else self.decider),
             strategy=self.strategy,
             batch_mode=self.mode,

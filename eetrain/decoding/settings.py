@@ -27,7 +27,10 @@ from eetrain.exits.thresholds import DecayingThreshold
 
 from .generate import BATCH_MODES, STRATEGIES
 
-POLICY_KEYS = ("measure", "threshold", "min_exit_layer", "kwargs", "decay", "exit_points", "classifier")
+POLICY_KEYS = (
+    "measure", "threshold", "min_exit_layer", "kwargs", "decay", "exit_points", "classifier", "check_every",
+    "candidates",
+)
 #: what a policy is when neither the export nor the command line says (CALM's measure and floor)
 FALLBACK_POLICY = {"measure": "softmax_gap", "threshold": 0.9, "min_exit_layer": 4}
 CLASSIFIER_FILE = "exit_classifier_{kind}.pt"
@@ -110,8 +113,15 @@ def policy_fields(cfg: Any, model_dir: str | None) -> dict[str, Any]:
     return {**FALLBACK_POLICY, "min_exit_layer": floor, **stored, **fields}
 
 
+def check_schedule(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The check schedule of policy fields, as `generate`'s keyword arguments (`check_every`,
+    `candidates`), both validated by `generate` itself."""
+    return {"check_every": fields.get("check_every"), "candidates": fields.get("candidates")}
+
+
 def build_policy(fields: Mapping[str, Any], backbone: Any, model_dir: str | None) -> ExitPolicy | None:
-    """An `ExitPolicy` from policy fields (None for `measure: full`); errors name `decoding.policy.*`."""
+    """An `ExitPolicy` from policy fields (None for `measure: full`); errors name `decoding.policy.*`.
+    The check schedule (`check_every`, `candidates`) goes to `generate` (see `check_schedule`)."""
     measure = fields.get("measure")
     if measure == "full":
         return None
@@ -174,6 +184,8 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
         fields = policy_fields(cfg, None)
         fields["min_exit_layer"] = min(int(fields.get("min_exit_layer", 4)), backbone.num_layers)
         policy = {**fields, "calibrated": False}
+    else:
+        policy.update({k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None})
     settings = json.loads(settings_path.read_text())
     settings["policy"] = policy
     fd, tmp = tempfile.mkstemp(prefix=".early_exit.", suffix=".tmp", dir=export_dir)

@@ -16,10 +16,10 @@ import torch
 from eetrain.backbones.base import pad
 from eetrain.errors import ConfigError
 
-from .decisions import check_policy, describe
+from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .generate import GenerateOutput, generate
 from .metrics import sequence_consistency, token_consistency
-from .settings import build_policy, decoding_settings, policy_fields
+from .settings import build_policy, check_schedule, decoding_settings, policy_fields
 
 
 def check_config(cfg: Any, backbone: Any) -> None:
@@ -28,9 +28,12 @@ def check_config(cfg: Any, backbone: Any) -> None:
     E, L = settings.draft_layer, backbone.num_layers
     if settings.strategy == "self_speculative" and E is not None and not 1 <= E < L:
         raise ConfigError(f"decoding.draft_layer={E}; allowed: 1..{L - 1} (below the model's {L} layers)")
-    policy = build_policy(policy_fields(cfg, backbone.name_or_path), backbone, backbone.name_or_path)
+    fields = policy_fields(cfg, backbone.name_or_path)
+    policy = build_policy(fields, backbone, backbone.name_or_path)
     if policy is not None:
         check_policy(policy, backbone.num_layers, backbone.hidden_size)
+        LayerDecider(with_check_every(policy, fields.get("check_every"), backbone.num_layers), backbone,
+                     backbone.num_layers, candidates=fields.get("candidates"))
 
 
 def _batches(backbone: Any, examples: list[dict[str, Any]], size: int, device: torch.device):
@@ -60,6 +63,10 @@ def _summary(ee: list[GenerateOutput], full: list[GenerateOutput] | None, settin
         "tokens_per_second": tokens / seconds if seconds else float("nan"),
         "mean_exit_layer": float(layers.mean()) if layers.numel() else float("nan"),
         "decision_seconds": sum(o.decision_seconds for o in ee),
+        "layer_seconds": sum(o.layer_seconds for o in ee),
+        "prefill_seconds": sum(o.prefill_seconds for o in ee),
+        "head_seconds": sum(o.head_seconds for o in ee),
+        "checks": sum(o.checks for o in ee),
         "decision_fraction": sum(o.decision_seconds for o in ee) / seconds if seconds else float("nan"),
     }
     if full:
@@ -99,8 +106,10 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     model_dir = backbone.name_or_path
     if model_dir is None and (Path(out_dir) / "export").is_dir():
         model_dir = str(Path(out_dir) / "export")  # this run's export (and the policy it stores)
-    policy = build_policy(policy_fields(cfg, model_dir), backbone, model_dir)
-    label = describe(policy)
+    fields = policy_fields(cfg, model_dir)
+    policy = build_policy(fields, backbone, model_dir)
+    schedule = check_schedule(fields) if policy is not None else {}
+    label = describe(policy) + "".join(f" {k}={v}" for k, v in schedule.items() if v is not None)
     examples = data.split_examples(settings.split)
     if settings.max_examples is not None:
         examples = examples[: int(settings.max_examples)]
@@ -116,7 +125,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     ee, full, rows = [], [], []
     for chunk, batch in _batches(backbone, examples, settings.batch_size, device):
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
-        out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs)
+        out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule)
         ee.append(out)
         ref = generate(backbone, batch, None, strategy="copy", **kwargs) if settings.compare_full else None
         if ref is not None:

@@ -273,6 +273,7 @@ class ClassifierSettings:
     lr: float
     weight_decay: float
     calm_hidden: int | None
+    mlp_width: int | None
     lstm_hidden_size: int
     lstm_num_layers: int
     max_train_tokens: int | None
@@ -316,6 +317,7 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
         lr=lr,
         weight_decay=_float(node.get("weight_decay", 0.0), f"{k}.weight_decay"),
         calm_hidden=None if calm_hidden is None else _int(calm_hidden, f"{k}.calm_hidden", lo=1),
+        mlp_width=None if node.get("mlp_width") is None else _int(node["mlp_width"], f"{k}.mlp_width", lo=1),
         lstm_hidden_size=_int(node.get("lstm_hidden_size", 250), f"{k}.lstm_hidden_size", lo=1),
         lstm_num_layers=_int(node.get("lstm_num_layers", 2), f"{k}.lstm_num_layers", lo=1),
         max_train_tokens=None if max_tokens is None else _int(max_tokens, f"{k}.max_train_tokens", lo=1),

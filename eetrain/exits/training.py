@@ -63,6 +63,7 @@ def make_classifier(
     d: int,
     *,
     calm_hidden: int | None = None,
+    mlp_width: int | None = None,
     lstm_hidden_size: int = 250,
     lstm_num_layers: int = 2,
 ) -> ExitClassifier:
@@ -70,7 +71,7 @@ def make_classifier(
     if kind == CalmClassifier.kind:
         return CalmClassifier(d, hidden=calm_hidden)
     if kind == ThreeStateMLP.kind:
-        return ThreeStateMLP(d)
+        return ThreeStateMLP(d, width=mlp_width)
     if kind == LSTMClassifier.kind:
         return LSTMClassifier(d, hidden_size=lstm_hidden_size, num_layers=lstm_num_layers)
     raise ValueError(f"unknown classifier kind {kind!r}; allowed: {sorted(CLASSIFIERS)}")
@@ -323,6 +324,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Pa
                 kind,
                 backbone.hidden_size,
                 calm_hidden=settings.calm_hidden,
+                mlp_width=settings.mlp_width,
                 lstm_hidden_size=settings.lstm_hidden_size,
                 lstm_num_layers=settings.lstm_num_layers,
             )
