@@ -170,10 +170,16 @@ class T5Backbone(ExitBackbone):
         table = ctx.extra["bias"]
 
         def bias(slots: Slots, upto: int) -> Tensor:
+            key = (slots, q, upto) if isinstance(slots, int) else None
+            if key is not None and ctx.extra.get("bias_key") == key:
+                return ctx.extra["bias_value"]  # every layer of a step shares it
             if isinstance(slots, int):
                 slots = torch.arange(slots, slots + q, device=h.device)[None, :]
             distance = (slots[:, :, None] - torch.arange(upto, device=h.device)).clamp_min(0)
-            return table[distance].permute(0, 3, 1, 2)  # (b or 1, H, q, upto)
+            value = table[distance].permute(0, 3, 1, 2)  # (b or 1, H, q, upto)
+            if key is not None:
+                ctx.extra["bias_key"], ctx.extra["bias_value"] = key, value
+            return value
 
         h = h + attn.o(kv.cached_attention(ctx, i, query, rows, slots, scale=1.0, bias=bias))
 

@@ -232,7 +232,8 @@ def generate(
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
     was_training = backbone.training
-    backbone.eval()
+    if was_training:  # eval()/train() walk every module: a cost per call at batch 1, so only when needed
+        backbone.eval()
     try:
         if strategy == "self_speculative":
             return _self_speculative(
@@ -247,7 +248,8 @@ def generate(
         sampler = _Sampler(temperature, top_p, seed, device)
         return _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos).run(batch, max_new_tokens)
     finally:
-        backbone.train(was_training)
+        if was_training:
+            backbone.train()
 
 
 def _sync(device: torch.device) -> None:

@@ -203,12 +203,14 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
 
     L = backbone.num_layers
     for row in json.loads(path.read_text()):
-        if row.get("threshold") is None:
+        online = row.get("online")
+        threshold = online["threshold"] if online else row.get("threshold")  # online LTT wins when run
+        if threshold is None:
             continue
         name = row["policy"]
         base: dict[str, Any] = {
-            "threshold": row["threshold"],
-            "calibrated": True,
+            "threshold": threshold,
+            "calibrated": "online" if online else True,
             "calibration": {k: row.get(k) for k in ("epsilon", "delta", "risk", "consistency", "mean_exit_layer")},
         }
         points = exit_points(cfg, L)

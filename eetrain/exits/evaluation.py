@@ -307,8 +307,54 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
                     f"on {r['evaluated_on']}: mean exit {r['mean_exit_layer']:.3f}, consistency "
                     f"{r['consistency']:.4f}, risk {r['empirical_risk']:.4f}"
                 )
+    if cal_settings.online and calibration:
+        calibrate_online_stage(cfg, backbone, data, specs, calibration, rows, cal_settings)
+        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+        csv_path = write_policy_table(rows, out_dir / "policies.csv")
     print(f"\nWrote {csv_path} and {png_path}" + (f" and {out_dir / 'calibration.json'}" if calibration else ""))
     return rows
+
+
+def calibrate_online_stage(
+    cfg: Any,
+    backbone: Any,
+    data: Any,
+    specs: Sequence[PolicySpec],
+    calibration: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    settings: CalibrationSettings,
+) -> None:
+    """LTT again, on real early-exit decoding (eetrain.decoding.calibration): adds ``online`` to each
+    calibration result and ``online_consistency`` / ``online_mean_exit_layer`` to the decoded rows."""
+    from eetrain.decoding.calibration import calibrate_online
+    from eetrain.decoding.settings import check_schedule, decoding_settings, policy_fields
+
+    dec = decoding_settings(cfg)
+    schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
+    examples = data.split_examples(settings.online_split)[: settings.online_examples]
+    by_name = {s.name: s for s in specs}
+    print(f"\n[policies] online calibration: decoding {len(examples)} {settings.online_split} examples per "
+          f"threshold with strategy {dec.strategy} (risk: share of the full model's tokens not reproduced)")
+    for result in calibration:
+        spec = by_name[result["policy"]]
+        grid = list(spec.values) or _candidates(spec, settings)
+        online = calibrate_online(
+            backbone, examples, spec.policy, grid, epsilon=settings.epsilon, delta=settings.delta,
+            pvalue=settings.pvalue, reduction=settings.reduction, batch_size=max(dec.batch_size, 16),
+            strategy=dec.strategy, max_new_tokens=dec.max_new_tokens, batch_mode=dec.batch_mode, **schedule,
+        )
+        result["online"] = online
+        table = []
+        for row in rows:
+            got = online["decoded"].get(str(float(row["threshold"]))) if row["measure"] == spec.name else None
+            if got is not None:
+                row["online_consistency"] = got["consistency"]
+                row["online_mean_exit_layer"] = got["mean_exit_layer"]
+                table.append(row)
+        print(f"  {spec.name}: offline (records) vs online (decoding) per threshold; online LTT threshold "
+              f"{online['threshold']} (offline {result['threshold']})")
+        print(format_policy_table(table, ("measure", "threshold", "mean_exit_layer", "consistency",
+                                          "online_mean_exit_layer", "online_consistency")))
 
 
 def _without_hidden(records: ExitRecords) -> ExitRecords:

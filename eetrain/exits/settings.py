@@ -340,6 +340,9 @@ class CalibrationSettings:
     pvalue: str
     candidates: tuple[float, ...] | None
     calibration_fraction: float
+    online: bool = False
+    online_examples: int = 64
+    online_split: str = "validation"
 
 
 def calibration_settings(cfg: Any) -> CalibrationSettings:
@@ -377,6 +380,9 @@ def calibration_settings(cfg: Any) -> CalibrationSettings:
         pvalue=pvalue,
         candidates=None if candidates is None else tuple(_number_list(candidates, f"{k}.candidates")),
         calibration_fraction=fraction,
+        online=bool(node.get("online", False)),
+        online_examples=_int(node.get("online_examples", 64), f"{k}.online_examples", lo=1),
+        online_split=str(node.get("online_split", "validation")),
     )
 
 
