@@ -45,6 +45,18 @@ def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):
     assert build_policy(policy_fields(cfg, str(tmp_path)), make_backbone("t5"), str(tmp_path)) is None
 
 
+def test_the_export_s_strategy_is_the_default(tmp_path):
+    (tmp_path / "early_exit.json").write_text(json.dumps(
+        {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.3, "strategy": "parallel"}}
+    ))
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}"])
+    assert decoding_settings(cfg, str(tmp_path)).strategy == "parallel"
+    assert "strategy" not in policy_fields(cfg, str(tmp_path))
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}", "decoding.strategy=copy"])
+    assert decoding_settings(cfg, str(tmp_path)).strategy == "copy"
+    assert decoding_settings(compose([]), None).strategy == "copy"
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

@@ -31,6 +31,8 @@ POLICY_KEYS = (
     "measure", "threshold", "min_exit_layer", "kwargs", "decay", "exit_points", "classifier", "check_every",
     "candidates",
 )
+#: stored beside the policy in early_exit.json, not a policy field of decoding.policy
+STORED_ONLY = ("strategy", "calibrated", "calibration")
 #: what a policy is when neither the export nor the command line says (CALM's measure and floor)
 FALLBACK_POLICY = {"measure": "softmax_gap", "threshold": 0.9, "min_exit_layer": 4}
 CLASSIFIER_FILE = "exit_classifier_{kind}.pt"
@@ -57,8 +59,12 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def decoding_settings(cfg: Any) -> DecodingSettings:
-    node = _plain(cfg.get("decoding")) or {}
+def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSettings:
+    """`decoding`, validated; a null `strategy` is the one the export's policy was calibrated with
+    (`model_dir`'s early_exit.json), else copy."""
+    node = dict(_plain(cfg.get("decoding")) or {})
+    if node.get("strategy") is None:
+        node["strategy"] = (stored_policy(model_dir) or {}).get("strategy") or "copy"
     allowed = set(DecodingSettings.__dataclass_fields__) | {"policy"}
     unknown = sorted(set(node) - allowed)
     if unknown:
@@ -105,7 +111,7 @@ def policy_fields(cfg: Any, model_dir: str | None) -> dict[str, Any]:
     unknown = sorted(set(node) - set(POLICY_KEYS))
     if unknown:
         raise ConfigError(f"decoding.policy: unknown key(s) {unknown}; allowed: {list(POLICY_KEYS)}")
-    stored = stored_policy(model_dir) or {}
+    stored = {k: v for k, v in (stored_policy(model_dir) or {}).items() if k not in STORED_ONLY}
     fields = {k: v for k, v in node.items() if v is not None}
     if "measure" in fields and fields["measure"] != stored.get("measure"):
         stored = {}  # another measure: the stored threshold and classifier belong to the stored one
@@ -186,6 +192,7 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
         policy = {**fields, "calibrated": False}
     else:
         policy.update({k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None})
+    policy["strategy"] = decoding_settings(cfg).strategy  # the strategy it was chosen (and calibrated) for
     settings = json.loads(settings_path.read_text())
     settings["policy"] = policy
     fd, tmp = tempfile.mkstemp(prefix=".early_exit.", suffix=".tmp", dir=export_dir)
@@ -208,12 +215,15 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
         if threshold is None:
             continue
         name = row["policy"]
-        base: dict[str, Any] = {
-            "threshold": threshold,
-            "calibrated": "online" if online else True,
-            "calibration": {k: row.get(k) for k in ("epsilon", "delta", "risk", "consistency", "mean_exit_layer")},
-        }
+        stats = {k: row.get(k) for k in ("epsilon", "delta", "risk", "consistency", "mean_exit_layer")}
+        if online:  # what real decoding of the calibration examples gave at the chosen threshold
+            stats.update(online["decoded"].get(str(float(threshold)), {}), risk="online consistency",
+                         n=online["scan"][0]["n"])
+        base: dict[str, Any] = {"threshold": threshold, "calibrated": "online" if online else True,
+                                "calibration": stats}
         points = exit_points(cfg, L)
+        if points is not None and len(points) == L:
+            points = None
         if name.startswith("classifier:"):
             kind = name.split(":", 1)[1]
             src = classifier_settings(cfg).path(kind, out_dir)

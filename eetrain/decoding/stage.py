@@ -24,7 +24,7 @@ from .settings import build_policy, check_schedule, decoding_settings, policy_fi
 
 def check_config(cfg: Any, backbone: Any) -> None:
     """Validate `decoding` before any training (and the policy against the model)."""
-    settings = decoding_settings(cfg)
+    settings = decoding_settings(cfg, backbone.name_or_path)
     E, L = settings.draft_layer, backbone.num_layers
     if settings.strategy == "self_speculative" and E is not None and not 1 <= E < L:
         raise ConfigError(f"decoding.draft_layer={E}; allowed: 1..{L - 1} (below the model's {L} layers)")
@@ -102,10 +102,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Any]:
-    settings = decoding_settings(cfg)
     model_dir = backbone.name_or_path
     if model_dir is None and (Path(out_dir) / "export").is_dir():
         model_dir = str(Path(out_dir) / "export")  # this run's export (and the policy it stores)
+    settings = decoding_settings(cfg, model_dir)
     fields = policy_fields(cfg, model_dir)
     policy = build_policy(fields, backbone, model_dir)
     schedule = check_schedule(fields) if policy is not None else {}
