@@ -31,8 +31,9 @@ Usage::
 
 Timing: every implementation of a batch size is warmed up once, then timed ``--repeats`` times with
 the runs interleaved round robin (round r starts one implementation later than round r - 1), so load
-drift on a shared machine hits all alike; the median wall time counts (``torch.cuda.synchronize``
-around each run on CUDA). Importing this module has no side effects (torch and eetrain are imported
+drift on a shared machine hits all alike; ``s_per_token`` is the median wall time, ``speedup`` and
+``ceiling_fraction`` the median over rounds of the ratio of the two runs of that round
+(``torch.cuda.synchronize`` around each run on CUDA). Importing this module has no side effects (torch and eetrain are imported
 lazily).
 """
 
@@ -307,6 +308,13 @@ def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> No
             run(sync)
 
 
+def paired_ratio(a: _Run, b: _Run) -> float:
+    """Median over rounds of t_a / t_b. The two calls of a round run back to back, so they share the
+    machine's state; on a shared VM whose speed drifts by +-20% within seconds, the per-round ratio is
+    far steadier than a ratio of two medians."""
+    return statistics.median(x / y for x, y in zip(a.seconds, b.seconds, strict=True))
+
+
 def _median_of(run: _Run, attr: str) -> float:
     return statistics.median(getattr(o, attr) for o in run.outputs)
 
@@ -377,7 +385,7 @@ def bench_batch(
             "mean_exit_layer": out.mean_exit_layer if spec.impl == "eetrain" else float(depth),
             "mean_batch_max_exit_layer": out.mean_batch_max_exit_layer if spec.impl == "eetrain" else float(depth),
             "s_per_token": t / (batch_size * new_tokens),
-            "speedup": full.median / t,
+            "speedup": paired_ratio(full, run),
             "ceiling_fraction": None,
             "ceiling_depth": None,
             "decision_fraction": None if spec.impl == "hf" else statistics.median(run.decision_seconds) / t,
@@ -397,7 +405,7 @@ def bench_batch(
         if spec.impl == "eetrain" and not crossover:
             d = ceiling_depth(out, batch_size, spec.batch_mode)
             rec["ceiling_depth"] = d
-            rec["ceiling_fraction"] = ceiling[d].median / t
+            rec["ceiling_fraction"] = paired_ratio(ceiling[d], run)
         records.append(rec)
     return records
 

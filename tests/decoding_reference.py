@@ -29,8 +29,11 @@ def reference_generate(
     max_new_tokens: int,
     semantics: str,
     decide: ExitPolicy | Callable[[int], int] | None,
+    states_out: list | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Greedy tokens and exit layers for one prompt/source (no padding, no stop at end of sequence)."""
+    """Greedy tokens and exit layers for one prompt/source (no padding, no stop at end of sequence).
+
+    states_out: if given, each step's `(L, d)` states of the new token are appended to it."""
     L = backbone.num_layers
     family = backbone.family
     gen: list[int] = []
@@ -75,6 +78,8 @@ def reference_generate(
             for h in handles:
                 h.remove()
         hidden = torch.stack([h[0, pos] for h in states.hidden])  # (L, d)
+        if states_out is not None:
+            states_out.append(hidden)
         h0 = captured["h0"][0, pos]
         if decide is None:
             e = L

@@ -341,3 +341,22 @@ def test_time_accounting_adds_up(model):
     assert out.other_seconds == pytest.approx(out.seconds - parts)
     assert out.layer_calls > 0 and out.checks > 0 and out.check_cost_in_layers > 0
     assert out.decision_fraction == pytest.approx(out.decision_seconds / out.seconds)
+
+
+# --- on-policy records --------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy,semantics", [("copy", "copy"), ("parallel", "exact")])
+def test_recording_changes_nothing_and_records_the_states_the_strategy_shows(model, strategy, semantics):
+    draws = schedule_draws("random:2", NEW, seed=2)
+    plain = generate(model, one(), ScheduledExits("random:2", L, seed=2), strategy=strategy, max_new_tokens=NEW,
+                     stop_at_eos=False)
+    rec = generate(model, one(), ScheduledExits("random:2", L, seed=2), strategy=strategy, max_new_tokens=NEW,
+                   stop_at_eos=False, record=True)
+    assert rec.sequences() == plain.sequences() and rec.row_exit_layers() == plain.row_exit_layers()
+    states: list = []
+    reference_generate(model, SOURCE, NEW, semantics, lambda step: draws[step], states_out=states)
+    records = rec.records
+    assert records.hidden.shape == (L, NEW, model.hidden_size)
+    assert records.positions.tolist() == list(range(1, NEW + 1)) and set(records.sequence_ids.tolist()) == {0}
+    # every layer of every token, past its exit too, as the reference computes them with the same semantics
+    torch.testing.assert_close(records.hidden, torch.stack(states, dim=1), atol=1e-3, rtol=1e-3)
+    assert records.predictions.tolist() == model.exit_logits(records.hidden).argmax(-1).tolist()

@@ -46,3 +46,49 @@ def test_online_calibration_picks_what_a_hand_run_of_the_decoder_confirms():
     for t, c in zip(grid, consistency, strict=False):
         assert got["decoded"][str(t)]["consistency"] == pytest.approx(c)
     assert len(consistency) > 1 and min(consistency) < 1.0  # the scan really went down the grid
+
+
+def test_collect_on_policy_records_of_a_batch():
+    from eetrain.decoding.onpolicy import collect
+
+    model = make_backbone("llama", num_hidden_layers=4, initializer_range=0.3).eval()
+    examples = [{"source_ids": [5, 17, 33, 1]}, {"source_ids": [40, 41, 1]}, {"source_ids": [7, 8, 9, 10, 11, 1]}]
+    policy = ExitPolicy("hidden_saturation", 0.6, min_exit_layer=1)
+    rec = collect(model, examples, policy, strategy="copy", max_new_tokens=5, batch_size=2)
+    outs = [generate(model, b, policy, max_new_tokens=5) for b in batches(model, examples, 2)]
+    n = sum(o.num_tokens for o in outs)
+    assert rec.hidden.shape == (4, n, model.hidden_size) and rec.predictions.shape == (4, n)
+    assert sorted(set(rec.sequence_ids.tolist())) == [0, 1, 2]  # batch rows offset into example ids
+    assert rec.positions.min() == 1
+
+
+@pytest.mark.slow
+def test_on_policy_classifiers_stage(tmp_path):
+    import json
+
+    from eetrain.exits.classifiers import load_classifier
+    from tests.test_config import cli
+
+    out = tmp_path / "run"
+    r = cli(
+        "+experiment=demo", f"hydra.run.dir={out}", "logger=none", "callbacks=none", "export=false",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", "stages=[exit_classifiers]", "exit.min_exit_layer=2",
+        "exit.classifiers.kinds=[calm]", "exit.classifiers.epochs=1", "exit.classifiers.max_train_tokens=500",
+        "exit.classifiers.on_policy=true", "exit.classifiers.on_policy_examples=6", "decoding.max_new_tokens=8",
+        cwd=tmp_path, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "exit_classifiers" / "on_policy.json").read_text())
+    assert report["strategy"] == "copy" and report["examples"] == 6
+    row = report["calm"]
+    assert row["tokens"] > 0
+    for kind in ("offline", "on_policy"):
+        assert 0.0 <= row[kind]["consistency"] <= 1.0 and 2.0 <= row[kind]["mean_exit_layer"] <= 4.0
+    assert row["kept"] in ("offline", "on_policy")
+    kept = load_classifier(out / "exit_classifiers" / f"calm_{row['kept']}.pt")
+    current = load_classifier(out / "exit_classifiers" / "calm.pt")
+    for a, b in zip(kept.state_dict().values(), current.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert load_classifier(out / "exit_classifiers" / "calm_on_policy.pt").kind == "calm"
+    assert "[exit_classifiers] on-policy:" in r.stdout

@@ -98,6 +98,15 @@ def write(cache: Tensor, new: Tensor, rows: Tensor | None, slots: Slots, qmask: 
     cache[row_idx, :, slots] = vals
 
 
+def write_kv(
+    ctx: DecodeContext, index: int, key: Tensor, value: Tensor, rows: Tensor | None, slots: Slots,
+    qmask: Tensor | None,
+) -> None:
+    """Store a layer's new keys and values `(b, H_kv, q, d_head)` (see `write`)."""
+    write(ctx.k[index], key, rows, slots, qmask)
+    write(ctx.v[index], value, rows, slots, qmask)
+
+
 def attention_mask(key_valid: Tensor, rows: Tensor | None, slots: Slots, q: int, upto: int) -> Tensor:
     """`(b, 1, q, upto)` bool: key slot `<=` query slot and the key is valid."""
     valid = key_valid[:, :upto] if rows is None else key_valid[rows, :upto]

@@ -135,8 +135,7 @@ class LlamaBackbone(ExitBackbone):
     ) -> None:
         block = self.blocks[layer - 1]
         _, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
-        kv.write(ctx.k[layer - 1], key, rows, slots, qmask)
-        kv.write(ctx.v[layer - 1], value, rows, slots, qmask)
+        kv.write_kv(ctx, layer - 1, key, value, rows, slots, qmask)
 
     def decode_layer(
         self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
@@ -145,8 +144,7 @@ class LlamaBackbone(ExitBackbone):
         block = self.blocks[layer - 1]
         i = layer - 1
         query, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
-        kv.write(ctx.k[i], key, rows, slots, qmask)
-        kv.write(ctx.v[i], value, rows, slots, qmask)
+        kv.write_kv(ctx, i, key, value, rows, slots, qmask)
         attn = kv.cached_attention(ctx, i, query, rows, slots, scale=block.self_attn.scaling)
         h = h + block.self_attn.o_proj(attn)
         return h + block.mlp(block.post_attention_layernorm(h))

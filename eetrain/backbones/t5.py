@@ -148,8 +148,7 @@ class T5Backbone(ExitBackbone):
     ) -> None:
         block = self.blocks[layer - 1]
         key, value = self._self_kv(block, block.layer[0].layer_norm(h))
-        kv.write(ctx.k[layer - 1], key, rows, slots, qmask)
-        kv.write(ctx.v[layer - 1], value, rows, slots, qmask)
+        kv.write_kv(ctx, layer - 1, key, value, rows, slots, qmask)
 
     def decode_layer(
         self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
@@ -164,8 +163,7 @@ class T5Backbone(ExitBackbone):
 
         normed = self_attn.layer_norm(h)
         key, value = self._self_kv(block, normed)
-        kv.write(ctx.k[i], key, rows, slots, qmask)
-        kv.write(ctx.v[i], value, rows, slots, qmask)
+        kv.write_kv(ctx, i, key, value, rows, slots, qmask)
         query = attn.q(normed).view(b, q, heads, dk).transpose(1, 2)
         table = ctx.extra["bias"]
 

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from eetrain.errors import ConfigError
+from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
 
 from .decisions import LayerDecider, ScheduledExits, describe, with_check_every
@@ -85,6 +86,7 @@ class GenerateOutput:
     head_seconds: float = 0.0
     layer_calls: int = 0
     checks: int = 0
+    records: ExitRecords | None = None  # with record=True: every token's state after every layer
 
     @property
     def other_seconds(self) -> float:
@@ -212,6 +214,7 @@ def generate(
     stop_at_eos: bool = True,
     candidates: int | None = None,
     check_every: int | None = None,
+    record: bool = False,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row of `batch` with early exits.
 
@@ -229,6 +232,10 @@ def generate(
         candidates: score softmax-type checks after a token's first on its top-k candidate tokens
             (a `k x d` product per check instead of the `V x d` head; see `LayerDecider`).
         check_every: check only every n-th layer from the policy's minimum exit layer.
+        record: also return `records` (`ExitRecords`): every generated token's state after every layer,
+            the layers past its exit run on the keys/values the strategy left (on-policy states, for
+            training exit classifiers on what the decoder really shows them; costs full depth, and
+            runs the `gather` batch mode so that each row keeps its own exit semantics).
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
     was_training = backbone.training
@@ -246,7 +253,10 @@ def generate(
             crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
             batch_mode = "gather" if size >= crossover else "ride_along"
         sampler = _Sampler(temperature, top_p, seed, device)
-        return _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos).run(batch, max_new_tokens)
+        if record:
+            batch_mode = "gather"
+        decoder = _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record)
+        return decoder.run(batch, max_new_tokens)
     finally:
         if was_training:
             backbone.train()
@@ -260,8 +270,12 @@ def _sync(device: torch.device) -> None:
 class _Decoder:
     """One call's state: caches, per-slot depth bookkeeping (host), decisions."""
 
-    def __init__(self, backbone: Any, decider: Any, strategy: str, mode: str, sampler: _Sampler, stop: bool):
+    def __init__(
+        self, backbone: Any, decider: Any, strategy: str, mode: str, sampler: _Sampler, stop: bool, record: bool = False
+    ):
         self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
+        self.record = record
+        self.recorded: list[tuple[Tensor, int, np.ndarray]] = []  # (states (L, n, d), step, rows)
         self.sample, self.stop = sampler, stop
         self.L = backbone.num_layers
         self.decision_seconds = self.layer_seconds = self.head_seconds = 0.0
@@ -363,6 +377,38 @@ class _Decoder:
         self.exit_at[hit] = layer
         self.deciding[hit] = False
 
+    def _record_rest(
+        self, states: Tensor, h: Tensor, reached: np.ndarray, live: np.ndarray, slot: int, step: int
+    ) -> None:
+        """On-policy records: run each live row's token on through the layers past its exit, reading the
+        keys/values the strategy left, and keep its state after every layer `states (L, B, d)`.
+
+        The extra layers only observe: the slot's depth stays at the exit, so the strategy later
+        overwrites the keys/values written here (copy: projections of the exit state)."""
+        h, reached = h.clone(), reached.copy()
+        for layer in range(1, self.L + 1):
+            rows = live[reached[live] < layer]
+            if len(rows) == 0:
+                continue
+            idx = torch.from_numpy(rows).to(h.device)
+            out = self._layer(layer, None if len(rows) == self.B else rows, slot, h[idx])
+            h[idx] = out
+            states[layer - 1, idx] = out
+            reached[rows] = layer
+        self.recorded.append((states[:, live], step, live))
+
+    def records(self) -> ExitRecords | None:
+        """What `record=True` kept: `hidden (L, N, d)`, per-layer `predictions (L, N)`, positions, rows."""
+        if not self.recorded:
+            return None
+        hidden = torch.cat([states for states, _, _ in self.recorded], dim=1)
+        with torch.no_grad():
+            predictions = self.bb.exit_logits(hidden).argmax(dim=-1)
+        positions = torch.cat([torch.full((len(rows),), step + 1) for _, step, rows in self.recorded])
+        rows = torch.cat([torch.from_numpy(rows) for _, _, rows in self.recorded])
+        return ExitRecords(hidden=hidden.cpu(), predictions=predictions.cpu(), positions=positions.long(),
+                           sequence_ids=rows.long())
+
     def run(self, batch: Mapping[str, Tensor], max_new: int) -> GenerateOutput:
         bb = self.bb
         self.device = dev = batch["input_ids"].device
@@ -411,6 +457,8 @@ class _Decoder:
                         self._exit(layer, h, rows, np.ones(len(rows), dtype=bool), None)
                     else:
                         self._exit(layer, h, rows, *self._decide(layer, h, rows))
+                if self.record:
+                    self.recorded.append((torch.stack(ctx.prefill_states)[:, live], step, live))
             else:
                 slot = ctx.first_slot + step - (1 if prefilled else 0)
                 ids = ctx.start_ids if step == 0 else tokens[:, step - 1]
@@ -418,6 +466,7 @@ class _Decoder:
                 if not scheduled:
                     self.decider.begin(positions, h_cur)
                 reached = np.zeros(B, dtype=np.int64)
+                states = h_cur.new_zeros((L, B, h_cur.shape[-1])) if self.record else None
                 for layer in range(1, L + 1):
                     if not self.deciding.any():
                         break
@@ -432,13 +481,17 @@ class _Decoder:
                             idx = torch.from_numpy(rows).to(dev)
                             h_cur = h_cur.index_copy(0, idx, self._layer(layer, rows, slot, h_cur[idx]))
                         reached[rows] = layer
+                    if states is not None:
+                        states[layer - 1] = h_cur
                     dec_rows = np.flatnonzero(self.deciding)
                     h = h_cur if len(dec_rows) == B else h_cur[torch.from_numpy(dec_rows).to(dev)]
                     if layer == L:
                         self._exit(layer, h, dec_rows, np.ones(len(dec_rows), dtype=bool), None)
                     else:
                         self._exit(layer, h, dec_rows, *self._decide(layer, h, dec_rows))
-        # the current positions wait with the state they reached (rows already ended: never)
+                if states is not None:
+                    self._record_rest(states, h_cur, reached, live, slot, step)
+                # the current positions wait with the state they reached (rows already ended: never)
                 if self.pend_state is not None:
                     self.pend_state[:, slot] = h_cur
                 reached[done] = L
@@ -474,6 +527,7 @@ class _Decoder:
             head_seconds=self.head_seconds,
             layer_calls=self.layer_calls,
             checks=getattr(self.decider, "checks", 0),
+            records=self.records(),
             policy=describe(self.decider.policy if isinstance(self.decider, LayerDecider) else self.decider),
             strategy=self.strategy,
             batch_mode=self.mode,

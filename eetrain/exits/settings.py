@@ -280,6 +280,9 @@ class ClassifierSettings:
     val_fraction: float
     dir: Path | None
     thresholds: tuple[float, ...]
+    on_policy: bool = False
+    on_policy_examples: int = 128
+    on_policy_threshold: float = 0.9
 
     def path(self, kind: str, out_dir: Path) -> Path:
         """Where the classifier of ``kind`` is saved/loaded: ``<dir or out_dir/exit_classifiers>/<kind>.pt``."""
@@ -324,7 +327,17 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
         val_fraction=val_fraction,
         dir=None if node.get("dir") is None else Path(str(node["dir"])).expanduser(),
         thresholds=tuple(values),
+        on_policy=bool(node.get("on_policy", False)),
+        on_policy_examples=_int(node.get("on_policy_examples", 128), f"{k}.on_policy_examples", lo=1),
+        on_policy_threshold=_probability(node.get("on_policy_threshold", 0.9), f"{k}.on_policy_threshold"),
     )
+
+
+def _probability(value: Any, key: str) -> float:
+    out = _float(value, key)
+    if not 0.0 <= out <= 1.0:
+        raise ConfigError(f"{key}={value!r}: a classifier's P(exit) threshold must lie in [0, 1]")
+    return out
 
 
 @dataclass(frozen=True)

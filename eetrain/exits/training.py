@@ -346,4 +346,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Pa
         saved[kind] = path
         shown = ", ".join(f"{m}={v:.4f}" for m, v in sorted(metrics.items()) if math.isfinite(v))
         print(f"[exit_classifiers] {kind}: {shown} -> {path}")
+    if settings.on_policy and saved:
+        from eetrain.decoding.onpolicy import run_on_policy
+
+        run_on_policy(cfg, backbone, data, out_dir, settings, layers, saved, seed)
     return saved
