@@ -51,9 +51,10 @@ from .decisions import LayerDecider, ScheduledExits, describe, with_check_every
 STRATEGIES = ("copy", "parallel", "self_speculative")
 BATCH_MODES = ("auto", "ride_along", "gather")
 #: batch size from which `auto` gathers the running rows. CPU: measured (BENCHMARKS.md, "Early-exit
-#: decoding": gather ahead from batch 4, level with ride_along within noise from 16 on). CUDA: not yet
-#: measured (no GPU session); decoding stays memory-bound to larger batches there, so ride_along below 64.
-GATHER_MIN_BATCH = {"cpu": 4, "cuda": 64}
+#: decoding": gather ahead at batch 8 in every run, within +-5% of ride_along from 16 on, behind or level
+#: below 8). CUDA: not measured yet (no GPU session); decoding stays memory-bound to larger batches
+#: there, so ride_along below 64.
+GATHER_MIN_BATCH = {"cpu": 8, "cuda": 64}
 
 
 @dataclass
