@@ -116,3 +116,22 @@ def test_table_and_bad_arguments(bench, records):
         bench.parse_args(["--batches", "1,x"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--shape", "nope"])
+
+
+def test_policy_rows_exit_where_their_thresholds_say(bench):
+    """--policies: every real policy leaves at layer 4 after checks from layer 2 (the tiny shape has 4
+    layers, and the last layer is no check: 2 checks there, 3 on the 12-layer `cpu` shape)."""
+    threads = torch.get_num_threads()
+    try:
+        records = bench.run_benchmark("tiny", "cpu", (1,), new_tokens=3, repeats=1, threads=1, policies=True)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in records if r["impl"] == "eetrain"]
+    assert {r["exits"] for r in rows} >= {"softmax_gap", "softmax_gap@k8", "hidden_saturation", "classifier:calm",
+                                          "classifier:lstm"}
+    num_layers = records[0]["num_layers"]
+    checks = min(bench.POLICY_EXIT_LAYER, num_layers - 1) - 1
+    for r in rows:
+        assert r["mean_exit_layer"] == bench.POLICY_EXIT_LAYER and r["checks_per_token"] == checks
+        assert r["check_cost_layers"] > 0 and r["ceiling_depth"] == bench.POLICY_EXIT_LAYER
+        assert 0 < r["decision_fraction"] < 1

@@ -75,6 +75,8 @@ def test_bad_decoding_settings_name_the_key():
     cfg = compose(["decoding.max_new_tokens=0"])
     with pytest.raises(ConfigError, match=r"decoding.max_new_tokens=0; allowed: an integer >= 1"):
         decoding_settings(cfg)
+    with pytest.raises(ConfigError, match=r"decoding.max_examples=0; allowed: null"):
+        decoding_settings(compose(["decoding.max_examples=0"]))
     cfg = compose(["+decoding.speed=11"])
     with pytest.raises(ConfigError, match=r"decoding: unknown key\(s\) \['speed'\]"):
         decoding_settings(cfg)

@@ -73,6 +73,10 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         raise ConfigError(f"decoding.strategy={node.get('strategy')!r}; allowed: {', '.join(STRATEGIES)}")
     if node.get("batch_mode", "auto") not in BATCH_MODES:
         raise ConfigError(f"decoding.batch_mode={node.get('batch_mode')!r}; allowed: {', '.join(BATCH_MODES)}")
+    max_examples = node.get("max_examples")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise ConfigError(f"decoding.max_examples={max_examples!r}; allowed: null (the whole split) or an integer >= 1")
     for key in ("max_new_tokens", "batch_size", "draft_tokens"):
         value = node.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
