@@ -66,8 +66,18 @@ def resolve_model(name_or_path: str, key: str = "model.name_or_path") -> tuple[s
     )
 
 
-def check_dataset_reachable(name: str, key: str = "data.hf_name") -> None:
-    """Fail fast when a hub dataset is requested offline and is not in the datasets cache."""
+def check_dataset_reachable(
+    name: str, key: str = "data.hf_name", columns: str = "data.source_column and data.target_column"
+) -> None:
+    """Fail fast when a hub dataset is requested offline and is not in the datasets cache.
+
+    columns: the config keys that name the columns local files need (said in the message).
+    A local dataset directory (`load_dataset("/data/glue_sst2")`) needs no hub.
+    """
+    if looks_local(name):
+        if not Path(name).expanduser().exists():
+            raise ConfigError(f"{key}={name!r}: no such file or directory")
+        return
     if hub_reachable():
         return
     cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
@@ -78,5 +88,5 @@ def check_dataset_reachable(name: str, key: str = "data.hf_name") -> None:
         f"{key}={name!r} is a hub dataset, but the Hugging Face hub is unreachable and it is not cached.\n"
         "Use local files instead: data.hf_name=null data.files.train=/data/train.jsonl "
         "data.files.validation=/data/validation.jsonl (JSON, JSONL, CSV or Parquet with the columns "
-        "named by data.source_column and data.target_column)."
+        f"named by {columns})."
     )

@@ -30,6 +30,22 @@ def layer_predictions(states: ExitStates, backbone: ExitBackbone) -> tuple[Tenso
     return torch.stack(preds), torch.stack(ces), labels[keep]
 
 
+def oracle_exit_layers(preds: Tensor, layers: tuple[int, ...] | None = None) -> Tensor:
+    """The oracle exit layer of every token: the earliest layer from which its top-1 stays equal to the
+    last layer's top-1 through the last layer.
+
+    preds: (n, N) top-1 ids of n exit layers (the last row is the reference), as `layer_predictions`
+    gives. layers: the n layer numbers (default 1..n). Returns (N,) long layer numbers.
+    """
+    n = preds.shape[0]
+    layer_ids = torch.tensor(layers if layers is not None else range(1, n + 1), device=preds.device)
+    agree = preds == preds[-1]  # (n, N)
+    # agrees from row k on = the reversed cumulative AND; the oracle row = the first such k
+    from_here = agree.flip(0).cumprod(0).flip(0).bool()
+    first = from_here.int().argmax(0)  # the last row always agrees, so some row is True
+    return layer_ids[first]
+
+
 class LayerStats:
     """Sums over batches; `compute()` gives one row per exit layer:
     loss (mean token CE), acc (top-1 == label), agree (top-1 == the last layer's top-1)."""

@@ -19,6 +19,8 @@ STAGES: dict[str, str] = {
     "policies": "eetrain.exits.evaluation.run_stage",
     # decode a split with early exit and with the full model: generations.jsonl, speed-up, consistency
     "generate": "eetrain.decoding.stage.run_stage",
+    # sweep policy thresholds in real decoding: task metric vs measured speed-up, quality_speed.csv/.png
+    "curve": "eetrain.decoding.curve.run_stage",
 }
 
 #: stage name -> "module.function(cfg, backbone)" validating the stage's config before training.
@@ -26,6 +28,7 @@ CHECKS: dict[str, str] = {
     "exit_classifiers": "eetrain.exits.settings.check_config",
     "policies": "eetrain.exits.settings.check_config",
     "generate": "eetrain.decoding.stage.check_config",
+    "curve": "eetrain.decoding.curve.check_config",
 }
 
 
@@ -55,6 +58,11 @@ def check_stages(cfg: DictConfig, backbone: Any) -> None:
 def run_stages(cfg: DictConfig, backbone: Any, data: Any, out_dir: Path) -> None:
     for name in _names(cfg):
         _resolve(STAGES[name])(cfg, backbone, data, out_dir)
+        if name == "exit_classifiers" and (out_dir / "export").is_dir():
+            # the export carries every trained classifier, so curves and generate on it can use them
+            from eetrain.decoding.settings import export_classifiers
+
+            export_classifiers(cfg, out_dir, out_dir / "export")
         if name == "policies" and (out_dir / "export").is_dir():
             # the export carries the calibrated policy, so `generate` on it (and later runs) use it
             from eetrain.decoding.settings import export_policy

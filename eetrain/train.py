@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> float:
         scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.get("scheduler") else None,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )

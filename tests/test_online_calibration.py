@@ -20,13 +20,17 @@ def test_sequence_risks_hand_checked():
     assert sequence_risks(out, full, reduction="any").tolist() == [1.0, 0.0, 1.0]
 
 
-def test_online_calibration_picks_what_a_hand_run_of_the_decoder_confirms():
+def calibration_case():
+    """A sharp tiny T5 (copied keys/values change its tokens), 24 prompts, a saturation template, a grid."""
     model = make_backbone("t5", num_layers=4, num_decoder_layers=4, initializer_factor=8.0).eval()
     g = torch.Generator().manual_seed(0)
     examples = [{"source_ids": torch.randint(5, 400, (int(n),), generator=g).tolist() + [1]}
                 for n in torch.randint(3, 9, (24,), generator=g)]
-    template = ExitPolicy("hidden_saturation", 0.5, min_exit_layer=1)
-    grid = [0.99, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0]
+    return model, examples, ExitPolicy("hidden_saturation", 0.5, min_exit_layer=1), [0.99, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0]
+
+
+def test_online_calibration_picks_what_a_hand_run_of_the_decoder_confirms():
+    model, examples, template, grid = calibration_case()
     epsilon, delta = 0.1, 0.3
     got = calibrate_online(model, examples, template, grid, epsilon=epsilon, delta=delta,
                            pvalue="hoeffding_bentkus", batch_size=8, strategy="copy", max_new_tokens=6)

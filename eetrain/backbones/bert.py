@@ -63,6 +63,17 @@ class BertBackbone(ExitBackbone):
             "input_ids": pad([e["source_ids"] for e in examples], self.tokenizer.pad_token_id or 0),
             "attention_mask": pad([[1] * len(e["source_ids"]) for e in examples], 0),
         }
+        if "token_type_ids" in examples[0]:  # sentence pairs: segment 0 / 1
+            batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0)
         if "label" in examples[0]:
-            batch["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
+            if self.regression:
+                batch["labels"] = torch.tensor([float(e["label"]) for e in examples], dtype=torch.float)
+            else:
+                batch["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
         return batch
+
+    @property
+    def regression(self) -> bool:
+        """Float labels: `transformers`' rule (problem_type "regression", or num_labels == 1 when unset)."""
+        cfg = self.model.config
+        return cfg.problem_type == "regression" or (cfg.problem_type is None and cfg.num_labels == 1)

@@ -2,11 +2,14 @@
 
 Rows come from a hub dataset (`hf_name`) or local JSON/JSONL/CSV/Parquet files (`files`). The
 backbone supplies the tokenizer and the collate function, so this module knows no model family.
+`SplitDataModule` holds what every task's data shares (sources, splits, loaders, metrics); the
+classification data (`eetrain.data.classification`) builds on it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import string
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,44 @@ from torch.utils.data import DataLoader
 
 from eetrain.errors import ConfigError, DataError
 from eetrain.hub import check_dataset_reachable
+from eetrain.task_metrics import check_metrics
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: the config key that names each role's split
+SPLIT_KEYS = {"train": "data.train_split", "validation": "data.val_split", "test": "data.test_split"}
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def get_field(row: Mapping[str, Any], path: str) -> Any:
+    """`row[path]`, or a dotted path into nested fields (`translation.en`, `answers.text`)."""
+    if path in row:  # a flat column whose name has a dot wins over the nested reading
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def _local_file(files: Mapping[str, Any] | None, split: str, role: str, also: Sequence[str]) -> tuple[str, str]:
+    """(files key, path) of a role's file: `files[role]` (train/validation/test), else `files[split]`, else
+    the file of another role with the same split (`also`).
+
+    The role comes first so `data.files.validation` serves a hub split named `validation_matched`, and
+    `data.files.test` serves a task whose hub test split is replaced by `validation`; a test split that
+    is the validation split falls back to `data.files.validation`.
+    """
+    keys = list(dict.fromkeys((role, split, *also)))
+    for name in keys:
+        if files and files.get(name) is not None:
+            return name, str(files[name])
+    given = sorted(k for k, v in (files or {}).items() if v is not None)
+    tried = ""
+    if len(keys) > 1 and role in SPLIT_KEYS:
+        tried = f" (nor {', '.join(f'data.files.{k}' for k in keys[1:])} for {SPLIT_KEYS[role]}={split!r})"
+    raise ConfigError(
+        f"data.files.{role} is not set{tried}; set data.hf_name or data.files.{role} to a "
+        f"{'/'.join(sorted(_FORMATS))} file; files given: {', '.join(given) or 'none'}"
+    )
 
 
 def load_rows(
@@ -24,43 +63,73 @@ def load_rows(
     hf_name: str | None,
     hf_config: str | None,
     files: Mapping[str, str] | None,
-    columns: tuple[str, str],
+    columns: Mapping[str, str],
+    role: str | None = None,
+    column_keys: str = "data.source_column and data.target_column",
+    also: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Load one split as a list of {source_column: str, target_column: str} rows."""
+    """Load one split as a list of {field: value} rows.
+
+    columns: {field: how the config names it, for errors (e.g. "data.target_column='answers.text'")};
+    a field is a column or a dotted path into a nested column. role: train/validation/test (the
+    `data.files` key and the split key in errors; default: the split name). column_keys: the keys that
+    name the columns, for the offline message. also: other `data.files` keys for this split (the roles
+    that share its split name).
+    """
     import datasets
 
+    role = role or split
     if hf_name is not None:
-        check_dataset_reachable(hf_name)
-        ds = datasets.load_dataset(hf_name, hf_config, split=split)
+        check_dataset_reachable(hf_name, columns=column_keys)
+        try:
+            ds = datasets.load_dataset(hf_name, hf_config, split=split)
+        except ValueError as e:
+            if "Unknown split" not in str(e):
+                raise
+            raise ConfigError(
+                f"{SPLIT_KEYS.get(role, 'split')}={split!r}: data.hf_name={hf_name!r} "
+                f"(data.hf_config={hf_config!r}) has no such split; {e}"
+            ) from None
         where = f"data.hf_name={hf_name!r} split {split!r}"
     else:
-        if not files or split not in files or files[split] is None:
-            raise ConfigError(
-                f"data.files.{split} is not set; set data.hf_name or data.files.{split} to a "
-                f"{'/'.join(sorted(_FORMATS))} file"
-            )
-        path = Path(str(files[split])).expanduser()
+        key, value = _local_file(files, split, role, also)
+        path = Path(value).expanduser()
         if not path.exists():
-            raise DataError(f"data.files.{split}={str(path)!r}: no such file")
+            raise DataError(f"data.files.{key}={str(path)!r}: no such file")
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"data.files.{split}={str(path)!r}: unknown format; allowed: {', '.join(sorted(_FORMATS))}")
-        where = f"data.files.{split}={str(path)!r}"
+            raise DataError(f"data.files.{key}={str(path)!r}: unknown format; allowed: {', '.join(sorted(_FORMATS))}")
+        where = f"data.files.{key}={str(path)!r}"
         if path.stat().st_size == 0:
             raise DataError(f"{where} is empty")
         try:
-            ds = datasets.load_dataset(fmt, data_files={split: str(path)}, split=split)
+            ds = datasets.load_dataset(fmt, data_files={"rows": str(path)}, split="rows")
         except ValueError as e:
             # datasets reports a header-only file as "Instruction ... corresponds to no data"
             raise DataError(f"{where} is empty or unreadable as {fmt}: {e}") from e
-    missing = [c for c in columns if c not in ds.column_names]
+    # a nested field is read from its top-level column (translation.en -> translation)
+    top = {f: f if f in ds.column_names else f.split(".")[0] for f in columns}
+    missing = [f for f in columns if top[f] not in ds.column_names]
     if missing:
-        keys = {columns[0]: "data.source_column", columns[1]: "data.target_column"}
-        named = ", ".join(f"{keys[c]}={c!r}" for c in missing)
+        named = ", ".join(columns[f] for f in missing)
         raise DataError(f"{where} has no column {named}; its columns are {ds.column_names}")
     if len(ds) == 0:
         raise DataError(f"{where} is empty")
-    return ds.select_columns(list(columns)).to_list()
+    rows = []
+    for i, raw in enumerate(ds.select_columns(list(dict.fromkeys(top.values()))).to_list()):
+        row = {}
+        for f, named in columns.items():
+            try:
+                value = get_field(raw, f)
+            except (KeyError, TypeError, IndexError):
+                raise DataError(
+                    f"{where} row {i}: no field {named}; the row's {top[f]!r} is {str(raw[top[f]])[:200]}"
+                ) from None
+            if value is None or value == []:
+                raise DataError(f"{where} row {i}: {named} is empty ({value!r})")
+            row[f] = value
+        rows.append(row)
+    return rows
 
 
 def truncate(ids: list[int], max_length: int, eos_id: int | None) -> list[int]:
@@ -73,7 +142,118 @@ def truncate(ids: list[int], max_length: int, eos_id: int | None) -> list[int]:
     return out
 
 
-class Text2TextDataModule(L.LightningDataModule):
+def check_headline_metric(metric: str, metrics: Sequence[str], kind: str) -> tuple[str, tuple[str, ...]]:
+    """Validate `data.metrics` (names of `kind` "text" or "label") and that `data.metric` is one of them."""
+    names = tuple(str(m) for m in metrics)
+    check_metrics(list(names), kind, key="data.metrics")
+    if metric not in names:
+        raise ConfigError(f"data.metric={metric!r} is not in data.metrics; allowed: {', '.join(names)}")
+    return str(metric), names
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Splits by role (train / validation / test) from a hub dataset or local files, batched by the
+    backbone's collate. Subclasses set `self.fields` ({field: key description}) and `self.column_keys`,
+    and implement `tokenize(rows) -> (examples, stats)` and `describe(stats)`."""
+
+    fields: dict[str, str]
+    column_keys: str
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        collate_fn: Callable[[list[dict[str, Any]]], Any],
+        hf_name: str | None,
+        hf_config: str | None,
+        files: Mapping[str, str] | None,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        splits: Mapping[str, str],
+    ):
+        super().__init__()
+        if hf_name is None and not any(v is not None for v in (files or {}).values()):
+            raise ConfigError("set data.hf_name (a hub dataset) or data.files (local train/validation files)")
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        self.tokenizer = tokenizer
+        self.collate_fn = collate_fn
+        self.source = dict(hf_name=hf_name, hf_config=hf_config, files=dict(files) if files else None)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = num_workers
+        #: role -> split name; setup() loads train and validation, split_examples("test") the test split
+        self.splits = {role: str(name) for role, name in splits.items()}
+        self.datasets: dict[str, list[dict[str, Any]]] = {}
+        #: per role: counts from tokenize (examples, truncated ...)
+        self.truncation: dict[str, dict[str, int]] = {}
+
+    def tokenize(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        raise NotImplementedError
+
+    def describe(self, stats: dict[str, int]) -> str:
+        return f"{stats['examples']} examples"
+
+    def _load(self, role: str) -> None:
+        split = self.splits.get(role, role)
+        also = [r for r, s in self.splits.items() if s == split]
+        rows = load_rows(split, columns=self.fields, role=role, column_keys=self.column_keys, also=also,
+                         **self.source)
+        try:
+            self.datasets[role], self.truncation[role] = self.tokenize(rows)
+        except DataError as e:
+            raise DataError(f"{SPLIT_KEYS.get(role, 'split')}={split!r}: {e}") from None
+
+    def setup(self, stage: str | None = None) -> None:
+        for role in ("train", "validation"):
+            if role not in self.datasets:
+                self._load(role)
+                print(f"[data] {role}: {self.describe(self.truncation[role])}")
+
+    def split_examples(self, split: str) -> list[dict[str, Any]]:
+        """The tokenised examples of one split, loaded on first use: a role (`train`, `validation`,
+        `test`: the split that `data.test_split` names), a configured split name, or another split
+        (`data.files.<split>` or the hub dataset's split)."""
+        role = split if split in self.splits else next((r for r, s in self.splits.items() if s == split), split)
+        if role not in self.datasets:
+            self._load(role)
+        return self.datasets[role]
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+
+def template_fields(template: str) -> list[str]:
+    """The columns a `str.format` template names (`{context}`, `{answers[text]}` -> answers)."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"data.source_template={template!r} is not a valid format string: {e}") from None
+    tops = [n.split(".")[0].split("[")[0] for n in names]
+    if not tops or any(not t or t.isdigit() for t in tops):
+        raise ConfigError(
+            f"data.source_template={template!r} must name columns, e.g. 'question: {{question}} context: {{context}}'"
+        )
+    return list(dict.fromkeys(tops))
+
+
+class Text2TextDataModule(SplitDataModule):
+    """Examples {"source_ids", "target_ids", "reference"}: the reference is the raw target text, or every
+    answer when the target field is a list (the first one is the training target)."""
+
     def __init__(
         self,
         tokenizer: Any,
@@ -91,33 +271,46 @@ class Text2TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_split: str = "train",
         val_split: str = "validation",
+        test_split: str = "test",
+        source_template: str | None = None,
+        metric: str = "rougeL",
+        metrics: Sequence[str] = ROUGE,
     ):
-        super().__init__()
-        if hf_name is None and not files:
-            raise ConfigError("set data.hf_name (a hub dataset) or data.files (local train/validation files)")
-        for key, v in (("data.max_source_length", max_source_length), ("data.max_target_length", max_target_length),
-                       ("data.batch_size", batch_size)):
+        for key, v in (("data.max_source_length", max_source_length), ("data.max_target_length", max_target_length)):
             if int(v) < 1:
                 raise ConfigError(f"{key}={v} must be >= 1")
-        self.tokenizer = tokenizer
-        self.collate_fn = collate_fn
-        self.source = dict(hf_name=hf_name, hf_config=hf_config, files=dict(files) if files else None)
+        super().__init__(tokenizer, collate_fn, hf_name, hf_config, files, batch_size, eval_batch_size, num_workers,
+                         {"train": train_split, "validation": val_split, "test": test_split})
+        self.metric, self.metrics = check_headline_metric(metric, metrics, "text")
         self.columns = (source_column, target_column)
+        self.template = source_template
+        if source_template is not None:
+            sources = {c: f"{c!r} (named in data.source_template)" for c in template_fields(source_template)}
+            self.column_keys = f"data.source_template={source_template!r} and data.target_column={target_column!r}"
+        else:
+            sources = {source_column: f"data.source_column={source_column!r}"}
+            self.column_keys = f"data.source_column={source_column!r} and data.target_column={target_column!r}"
+        self.fields = {**sources, target_column: f"data.target_column={target_column!r}"}
         self.prefix = prefix
         self.max_lengths = (int(max_source_length), int(max_target_length))
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = num_workers
-        self.splits = {"train": train_split, "validation": val_split}
-        self.datasets: dict[str, list[dict[str, Any]]] = {}
-        #: per split: {"examples", "source_truncated", "target_truncated"}
-        self.truncation: dict[str, dict[str, int]] = {}
+
+    def sources(self, rows: list[dict[str, Any]]) -> list[str]:
+        if self.template is None:
+            return [self.prefix + str(r[self.columns[0]]) for r in rows]
+        out = []
+        for i, r in enumerate(rows):
+            try:
+                out.append(self.prefix + self.template.format_map(r))
+            except (KeyError, IndexError, TypeError, AttributeError) as e:
+                raise DataError(f"row {i}: data.source_template={self.template!r} cannot be filled: {e!r}") from None
+        return out
 
     def tokenize(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        src_col, tgt_col = self.columns
-        sources = [self.prefix + str(r[src_col]) for r in rows]
-        targets = [str(r[tgt_col]) for r in rows]
-        src_ids = self.tokenizer(sources, add_special_tokens=True)["input_ids"]
+        values = [r[self.columns[1]] for r in rows]
+        # a list target (SQuAD's answers.text): train on the first, score against all of them
+        references = [[str(a) for a in v] if isinstance(v, list) else str(v) for v in values]
+        targets = [r[0] if isinstance(r, list) else r for r in references]
+        src_ids = self.tokenizer(self.sources(rows), add_special_tokens=True)["input_ids"]
         tgt_ids = self.tokenizer(targets, add_special_tokens=True)["input_ids"]
         eos = self.tokenizer.eos_token_id
         max_src, max_tgt = self.max_lengths
@@ -127,44 +320,13 @@ class Text2TextDataModule(L.LightningDataModule):
             "target_truncated": sum(len(t) > max_tgt for t in tgt_ids),
         }
         examples = [
-            {"source_ids": truncate(s, max_src, eos), "target_ids": truncate(t, max_tgt, eos)}
-            for s, t in zip(src_ids, tgt_ids, strict=True)
+            {"source_ids": truncate(s, max_src, eos), "target_ids": truncate(t, max_tgt, eos), "reference": ref}
+            for s, t, ref in zip(src_ids, tgt_ids, references, strict=True)
         ]
         return examples, stats
 
-    def setup(self, stage: str | None = None) -> None:
-        for name, split in self.splits.items():
-            if name in self.datasets:
-                continue
-            rows = load_rows(split, columns=self.columns, **self.source)
-            self.datasets[name], self.truncation[name] = self.tokenize(rows)
-            t = self.truncation[name]
-            print(
-                f"[data] {name}: {t['examples']} examples; truncated sources {t['source_truncated']} "
-                f"(> {self.max_lengths[0]} tokens), targets {t['target_truncated']} (> {self.max_lengths[1]} tokens)"
-            )
-
-    def split_examples(self, split: str) -> list[dict[str, Any]]:
-        """The tokenised examples of one split by its name (`train`, `validation`, or another split such
-        as `test`: `data.files.test` or the hub dataset's split), loaded on first use."""
-        key = {v: k for k, v in self.splits.items()}.get(split, split)
-        if key not in self.datasets:
-            rows = load_rows(split, columns=self.columns, **self.source)
-            self.datasets[key], self.truncation[key] = self.tokenize(rows)
-        return self.datasets[key]
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+    def describe(self, stats: dict[str, int]) -> str:
+        return (
+            f"{stats['examples']} examples; truncated sources {stats['source_truncated']} "
+            f"(> {self.max_lengths[0]} tokens), targets {stats['target_truncated']} (> {self.max_lengths[1]} tokens)"
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)

@@ -6,6 +6,11 @@ are projections of exit states: what a classifier reads shifts, and errors compo
 So a threshold certified on records can miss its target in use. Here each candidate threshold decodes
 a calibration split with the decoder's own strategy, per-sequence risks are measured against
 full-model greedy decoding, and Learn-then-Test (`eetrain.exits.calibration`) picks the threshold.
+
+The risk is token consistency (the share of the full model's tokens not reproduced) or, with a task
+metric such as ROUGE-L, CALM's textual consistency `1 - m(early exit, full) / 100` (no labels needed) or
+its risk consistency `max(0, m(full, ref) - m(early exit, ref)) / 100` (`against="reference"`), so
+`delta` is the allowed drop of the metric on a 0-1 scale.
 """
 
 from __future__ import annotations
@@ -52,6 +57,21 @@ def sequence_risks(outputs: Sequence[list[int]], full: Sequence[list[int]], redu
     return torch.tensor(risks, dtype=torch.float64)
 
 
+def metric_risks(
+    metric: str, outputs: Sequence[str], full: Sequence[str], references: Sequence[Any] | None = None
+) -> torch.Tensor:
+    """Per-sequence task-metric risk in [0, 1] (metric on 0-100): `1 - m(output, full)/100` without
+    references (textual consistency), `max(0, m(full, ref) - m(output, ref))/100` with them."""
+    from eetrain.task_metrics import sentence_scores
+
+    if references is None:
+        scores = sentence_scores(metric, outputs, list(full))
+        return 1.0 - torch.tensor(scores, dtype=torch.float64) / 100.0
+    ee = torch.tensor(sentence_scores(metric, outputs, references), dtype=torch.float64)
+    base = torch.tensor(sentence_scores(metric, full, references), dtype=torch.float64)
+    return (base - ee).clamp(min=0.0) / 100.0
+
+
 def calibrate_online(
     backbone: Any,
     examples: Sequence[dict[str, Any]],
@@ -63,11 +83,14 @@ def calibrate_online(
     pvalue: str,
     reduction: str = "share",
     batch_size: int = 16,
+    risk: str = "consistency",
+    references: Sequence[Any] | None = None,
     **decode: Any,
 ) -> dict[str, Any]:
     """Learn-then-Test over `thresholds` (descending, stopping at the first failure) with risks measured
     on real decoding of `examples` with `template.with_base_threshold(t)`.
 
+    risk: `consistency` (tokens) or a text metric (see `metric_risks`; `references` given: against them).
     decode: `generate`'s keyword arguments (strategy, max_new_tokens, batch_mode, check_every, ...).
     Returns `{threshold, scan, decoded}`: the certified threshold (None: none), the LTT rows, and per
     decoded threshold its token consistency and mean exit layer.
@@ -75,9 +98,11 @@ def calibrate_online(
     prompts = batches(backbone, examples, batch_size)
     full = sequences(decode_all(backbone, prompts, None, **{k: v for k, v in decode.items()
                                                               if k not in ("check_every", "candidates")}))
+    tok = backbone.tokenizer
+    full_text = [tok.decode(s, skip_special_tokens=True) for s in full]
     decoded: dict[float, dict[str, float]] = {}
 
-    def risk(threshold: float) -> torch.Tensor:
+    def risk_at(threshold: float) -> torch.Tensor:
         outs = decode_all(backbone, prompts, template.with_base_threshold(threshold), **decode)
         seqs = sequences(outs)
         layers = torch.cat([o.exit_layers[o.exit_layers > 0] for o in outs]).double()
@@ -85,16 +110,22 @@ def calibrate_online(
             "consistency": token_consistency(seqs, full),
             "mean_exit_layer": float(layers.mean()) if layers.numel() else float("nan"),
         }
-        return sequence_risks(seqs, full, reduction)
+        if risk == "consistency":
+            return sequence_risks(seqs, full, reduction)
+        per = metric_risks(risk, [tok.decode(s, skip_special_tokens=True) for s in seqs], full_text, references)
+        decoded[threshold][f"{risk}_risk"] = float(per.mean())
+        return per
 
     candidates = sorted({float(t) for t in thresholds}, reverse=True)
     cache: dict[float, torch.Tensor] = {}
 
     def cached(threshold: float) -> torch.Tensor:
         if threshold not in cache:
-            cache[threshold] = risk(threshold)
+            cache[threshold] = risk_at(threshold)
         return cache[threshold]
 
     scan = ltt_scan(cached, candidates, epsilon, delta, pvalue)  # type: ignore[arg-type]
     chosen = calibrate_threshold(cached, candidates, epsilon, delta, pvalue)  # type: ignore[arg-type]
-    return {"threshold": chosen, "scan": scan, "decoded": {str(k): v for k, v in decoded.items()}}
+    against = "" if risk == "consistency" else (" vs references" if references is not None else " vs full model")
+    return {"threshold": chosen, "scan": scan, "decoded": {str(k): v for k, v in decoded.items()},
+            "risk": risk + against}

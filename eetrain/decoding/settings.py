@@ -206,6 +206,23 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
     return policy
 
 
+def export_classifiers(cfg: Any, out_dir: Path, export_dir: Path) -> list[Path]:
+    """Copy the run's trained exit classifiers beside the export's weights (`exit_classifier_<kind>.pt`)."""
+    from eetrain.exits.settings import classifier_settings
+
+    settings = classifier_settings(cfg)
+    copied = []
+    for kind in settings.kinds:
+        src = settings.path(kind, out_dir)
+        if src.is_file():
+            dst = export_dir / CLASSIFIER_FILE.format(kind=kind)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            copied.append(dst)
+    return copied
+
+
 def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dict[str, Any] | None:
     path = out_dir / "calibration.json"
     if not path.is_file():
@@ -221,7 +238,8 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
         name = row["policy"]
         stats = {k: row.get(k) for k in ("epsilon", "delta", "risk", "consistency", "mean_exit_layer")}
         if online:  # what real decoding of the calibration examples gave at the chosen threshold
-            stats.update(online["decoded"].get(str(float(threshold)), {}), risk="online consistency",
+            stats.update(online["decoded"].get(str(float(threshold)), {}),
+                         risk=f"online {online.get('risk', 'consistency')}",
                          n=online["scan"][0]["n"])
         base: dict[str, Any] = {"threshold": threshold, "calibrated": "online" if online else True,
                                 "calibration": stats}

@@ -134,7 +134,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
             rows.append({
                 "source": tok.decode(example["source_ids"], skip_special_tokens=True),
                 "output": tok.decode(out.sequences()[r], skip_special_tokens=True),
-                "reference": tok.decode(example["target_ids"], skip_special_tokens=True),
+                "reference": example.get("reference") or tok.decode(example["target_ids"], skip_special_tokens=True),
                 "exit_layers": out.row_exit_layers()[r],
                 **({"full_output": tok.decode(ref.sequences()[r], skip_special_tokens=True)} if ref else {}),
             })

@@ -153,7 +153,7 @@ def calibrate(
                 f"exit.calibration.policies: {name!r} is not among the evaluated policies {sorted(by_name)}"
             )
         seq = cal.sequence_ids if settings.per_sequence else None
-        risk = make_risk_fn(spec.policy, cal, kind=settings.risk, sequence_ids=seq, reduction=settings.reduction)
+        risk = make_risk_fn(spec.policy, cal, kind=settings.offline_risk, sequence_ids=seq, reduction=settings.reduction)
         candidates = _candidates(spec, settings)
         scan = ltt_scan(risk, candidates, settings.epsilon, settings.delta, settings.pvalue)
         chosen = calibrate_threshold(risk, candidates, settings.epsilon, settings.delta, settings.pvalue)
@@ -162,7 +162,7 @@ def calibrate(
             "threshold": chosen,
             "epsilon": settings.epsilon,
             "delta": settings.delta,
-            "risk": settings.risk,
+            "risk": settings.offline_risk,
             "per_sequence": settings.per_sequence,
             "reduction": settings.reduction,
             "pvalue": settings.pvalue,
@@ -176,7 +176,7 @@ def calibrate(
             ex = exit_layers(policy, target)
             stats = evaluate_policy(ex, target.preds(), target.labels, target.num_layers)
             tseq = target.sequence_ids if settings.per_sequence else None
-            if settings.risk == "consistency":
+            if settings.offline_risk == "consistency":
                 per = consistency_risk(ex, target.preds(), sequence_ids=tseq, labels=target.labels,
                                        reduction=settings.reduction)
             else:
@@ -297,7 +297,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         calibration = calibrate(specs, records, cal_settings, seed=int(cfg.get("seed", 0) or 0))
         (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
         print(f"\nLearn-then-Test (epsilon={cal_settings.epsilon}, delta={cal_settings.delta}, "
-              f"{cal_settings.risk} risk per {'sequence' if cal_settings.per_sequence else 'token'}):")
+              f"{cal_settings.offline_risk} risk per {'sequence' if cal_settings.per_sequence else 'token'}):")
         for r in calibration:
             if r["threshold"] is None:
                 print(f"  {r['policy']}: no threshold certified (run the full model)")
@@ -333,14 +333,26 @@ def calibrate_online_stage(
     schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
     examples = data.split_examples(settings.online_split)[: settings.online_examples]
     by_name = {s.name: s for s in specs}
+    if settings.risk in ("consistency", "task"):
+        what = "share of the full model's tokens not reproduced"
+    elif settings.risk_against == "full":
+        what = f"1 - {settings.risk}(early exit, full model) / 100, CALM's textual consistency"
+    else:
+        what = f"drop of {settings.risk} against the references / 100, CALM's risk consistency"
+    refs = None
+    if settings.risk_against == "reference" and settings.risk not in ("consistency", "task"):
+        from eetrain.decoding.curve import references
+
+        refs = references(backbone, examples)
     print(f"\n[policies] online calibration: decoding {len(examples)} {settings.online_split} examples per "
-          f"threshold with strategy {dec.strategy} (risk: share of the full model's tokens not reproduced)")
+          f"threshold with strategy {dec.strategy} (risk: {what})")
     for result in calibration:
         spec = by_name[result["policy"]]
         grid = list(spec.values) or _candidates(spec, settings)
         online = calibrate_online(
             backbone, examples, spec.policy, grid, epsilon=settings.epsilon, delta=settings.delta,
             pvalue=settings.pvalue, reduction=settings.reduction, batch_size=max(dec.batch_size, 16),
+            risk="consistency" if settings.risk == "task" else settings.risk, references=refs,
             strategy=dec.strategy, max_new_tokens=dec.max_new_tokens, batch_mode=dec.batch_mode, **schedule,
         )
         result["online"] = online

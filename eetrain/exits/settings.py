@@ -356,6 +356,12 @@ class CalibrationSettings:
     online: bool = False
     online_examples: int = 64
     online_split: str = "validation"
+    risk_against: str = "full"
+
+    @property
+    def offline_risk(self) -> str:
+        """The risk on records: a task-metric risk needs decoded text, so records use consistency."""
+        return self.risk if self.risk in ("consistency", "task") else "consistency"
 
 
 def calibration_settings(cfg: Any) -> CalibrationSettings:
@@ -368,8 +374,17 @@ def calibration_settings(cfg: Any) -> CalibrationSettings:
             raise ConfigError(f"{k}.{name}={value!r} must lie in (0, 1)")
         out[name] = value
     risk = node.get("risk", "consistency")
-    if risk not in ("consistency", "task"):
-        raise ConfigError(f"{k}.risk={risk!r}; allowed: ['consistency', 'task']")
+    from eetrain.task_metrics import TEXT_METRICS
+
+    if risk not in ("consistency", "task", *TEXT_METRICS):
+        raise ConfigError(f"{k}.risk={risk!r}; allowed: consistency, task or a text metric ({', '.join(TEXT_METRICS)})")
+    if risk in TEXT_METRICS and not node.get("online", False):
+        raise ConfigError(
+            f"{k}.risk={risk} is measured on decoded text: set {k}.online=true (LTT on real early-exit decoding)"
+        )
+    against = node.get("risk_against", "full")
+    if against not in ("full", "reference"):
+        raise ConfigError(f"{k}.risk_against={against!r}; allowed: full, reference")
     reduction = node.get("reduction", "share")
     if reduction not in ("share", "any"):
         raise ConfigError(f"{k}.reduction={reduction!r}; allowed: ['any', 'share']")
@@ -396,6 +411,7 @@ def calibration_settings(cfg: Any) -> CalibrationSettings:
         online=bool(node.get("online", False)),
         online_examples=_int(node.get("online_examples", 64), f"{k}.online_examples", lo=1),
         online_split=str(node.get("online_split", "validation")),
+        risk_against=against,
     )
 
 

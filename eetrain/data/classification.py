@@ -1,0 +1,98 @@
+"""Sentence and sentence-pair classification / regression data (GLUE) for encoder backbones (BERT).
+
+Rows come from a hub dataset (`hf_name`, e.g. nyu-mll/glue with the task as `hf_config`) or local
+JSON/JSONL/CSV/Parquet files (`files`) with the same columns. Examples are
+{"source_ids", "token_type_ids", "label"}; the backbone's collate batches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from eetrain.data.text2text import SplitDataModule, check_headline_metric
+from eetrain.errors import ConfigError, DataError
+
+
+class ClassificationDataModule(SplitDataModule):
+    """text_columns: one column (a sentence) or two (a pair, encoded as a pair with token_type_ids).
+    num_labels: the number of classes (labels 0..num_labels-1), or 1 for regression (float labels)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        collate_fn: Callable[[list[dict[str, Any]]], Any],
+        hf_name: str | None = None,
+        hf_config: str | None = None,
+        files: Mapping[str, str] | None = None,
+        text_columns: Sequence[str] = ("sentence",),
+        label_column: str = "label",
+        num_labels: int = 2,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+        metric: str = "accuracy",
+        metrics: Sequence[str] = ("accuracy",),
+    ):
+        columns = [text_columns] if isinstance(text_columns, str) else [str(c) for c in text_columns]
+        if len(columns) not in (1, 2):
+            raise ConfigError(f"data.text_columns={columns} must name one column (a sentence) or two (a pair)")
+        if int(num_labels) < 1:
+            raise ConfigError(f"data.num_labels={num_labels} must be >= 1 (1 = regression)")
+        if int(max_length) < 1:
+            raise ConfigError(f"data.max_length={max_length} must be >= 1")
+        super().__init__(tokenizer, collate_fn, hf_name, hf_config, files, batch_size, eval_batch_size, num_workers,
+                         {"train": train_split, "validation": val_split, "test": test_split})
+        self.metric, self.metrics = check_headline_metric(metric, metrics, "label")
+        self.text_columns = tuple(columns)
+        self.label_column = label_column
+        self.num_labels = int(num_labels)
+        self.max_length = int(max_length)
+        self.fields = {c: f"data.text_columns[{i}]={c!r}" for i, c in enumerate(columns)}
+        if label_column in self.fields:
+            raise ConfigError(f"data.label_column={label_column!r} is also one of data.text_columns={columns}")
+        self.fields[label_column] = f"data.label_column={label_column!r}"
+        self.column_keys = f"data.text_columns={columns} and data.label_column={label_column!r}"
+
+    def label(self, value: Any, i: int) -> int | float:
+        if self.num_labels == 1:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"row {i}: data.label_column={self.label_column!r} is {value!r}, not a number "
+                                "(data.num_labels=1 is regression)") from None
+        try:
+            label = int(value)
+            ok = label == value and 0 <= label < self.num_labels
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            hint = " (GLUE's test splits are unlabelled: set data.test_split=validation)" if value == -1 else ""
+            raise DataError(f"row {i}: data.label_column={self.label_column!r} is {value!r}; allowed: integers "
+                            f"0..{self.num_labels - 1} (data.num_labels={self.num_labels}){hint}")
+        return label
+
+    def tokenize(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        labels = [self.label(r[self.label_column], i) for i, r in enumerate(rows)]
+        texts = [[str(r[c]) for r in rows] for c in self.text_columns]
+        enc = self.tokenizer(*texts, return_token_type_ids=True)
+        ids, types = enc["input_ids"], enc["token_type_ids"]
+        long = [i for i, s in enumerate(ids) if len(s) > self.max_length]
+        if long:
+            # only overlong rows are encoded again, truncated the tokenizer's way (longest text first for a
+            # pair, special tokens kept), so the truncation count stays cheap to get
+            cut = self.tokenizer(*[[t[i] for i in long] for t in texts], truncation=True,
+                                 max_length=self.max_length, return_token_type_ids=True)
+            for j, i in enumerate(long):
+                ids[i], types[i] = cut["input_ids"][j], cut["token_type_ids"][j]
+        examples = [
+            {"source_ids": s, "token_type_ids": t, "label": y} for s, t, y in zip(ids, types, labels, strict=True)
+        ]
+        return examples, {"examples": len(rows), "truncated": len(long)}
+
+    def describe(self, stats: dict[str, int]) -> str:
+        return f"{stats['examples']} examples; truncated {stats['truncated']} (> {self.max_length} tokens)"

@@ -1,0 +1,364 @@
+"""Stage `curve`: the task metric against the measured speed-up, over a sweep of exit thresholds.
+
+CALM, FREE and MEE judge an early-exit model by this picture. For every policy of `curve.policies`
+(measures of `exit.policies`, trained classifiers as `classifier:<kind>`) and every value of its grid,
+the split is decoded with early exit, and each early-exit batch is followed by the full model on the
+same batch: the speed-up is the ratio of the two throughputs summed over the run (paired timing, so
+the machine's drift between rows of the sweep cancels), decisions included.
+
+Writes to the run directory:
+
+* `quality_speed.csv`: one row per (policy, threshold) with `policy, threshold, mean_exit_layer,
+  speedup, normalized_latency` (early-exit time per token over the full model's), `consistency` (token
+  agreement with the full model's output), `sequence_consistency`, `decision_fraction` (share of the
+  decode time spent deciding), the task metrics (0-100) and `<metric>_ratio` (over the full model's);
+  a `full` row, and an `oracle` row whose mean exit layer is the earliest layer from which each token of
+  the full model's output keeps the last layer's top-1 (teacher-forced);
+* `quality_speed.png`: the headline metric against the speed-up, one line per policy, the full model as
+  a point; with W&B on, the table and the plot go to the run too.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eetrain.errors import ConfigError
+from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
+from eetrain.exits.policy import ExitPolicy
+from eetrain.exits.settings import PolicySpec, classifier_settings, exit_points, min_exit_layer, policy_specs
+from eetrain.layer_metrics import layer_predictions, oracle_exit_layers
+from eetrain.task_metrics import corpus_scores
+
+from .calibration import batches
+from .generate import GenerateOutput, generate
+from .metrics import sequence_consistency, token_consistency
+from .settings import CLASSIFIER_FILE, check_schedule, decoding_settings, policy_fields
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    policies: tuple[str, ...]
+    split: str
+    max_examples: int | None
+    oracle: bool
+
+
+def curve_settings(cfg: Any) -> CurveSettings:
+    node = dict(cfg.get("curve") or {})
+    allowed = set(CurveSettings.__dataclass_fields__)
+    unknown = sorted(set(node) - allowed)
+    if unknown:
+        raise ConfigError(f"curve: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    policies = node.get("policies") or []
+    if isinstance(policies, str):
+        policies = [policies]
+    if not policies:
+        raise ConfigError("curve.policies is empty; name labels of exit.policies or classifier:<kind>")
+    max_examples = node.get("max_examples")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise ConfigError(f"curve.max_examples={max_examples!r}; allowed: null (the whole split) or an integer >= 1")
+    return CurveSettings(
+        policies=tuple(str(p) for p in policies),
+        split=str(node.get("split") or "test"),
+        max_examples=max_examples,
+        oracle=bool(node.get("oracle", True)),
+    )
+
+
+def curve_specs(cfg: Any, backbone: Any, names: Sequence[str], out_dir: Path, model_dir: str | None) -> list[PolicySpec]:
+    """The policies of `curve.policies` with their grids: `exit.policies.<label>.thresholds` (or
+    `exit.thresholds`), `exit.classifiers.thresholds` for `classifier:<kind>`. A classifier is loaded
+    from `exit.classifiers.dir` / this run's `exit_classifiers/`, else from the export."""
+    L = backbone.num_layers
+    horizon = (cfg.get("data") or {}).get("max_target_length")
+    measures = {s.name: s for s in policy_specs(cfg, L, horizon=horizon)}
+    clf_settings = classifier_settings(cfg)
+    floor, points = min_exit_layer(cfg, L), exit_points(cfg, L)
+    allowed = f"labels of exit.policies ({', '.join(measures)}) or classifier:<{'|'.join(sorted(CLASSIFIERS))}>"
+    specs = []
+    for i, name in enumerate(names):
+        key = f"curve.policies[{i}]"
+        if name.startswith("classifier:"):
+            kind = name.split(":", 1)[1]
+            if kind not in CLASSIFIERS:
+                raise ConfigError(f"{key}={name!r}; allowed: {allowed}")
+            paths = [clf_settings.path(kind, out_dir)]
+            if model_dir is not None:
+                paths.append(Path(model_dir) / CLASSIFIER_FILE.format(kind=kind))
+            path = next((p for p in paths if p.is_file()), None)
+            if path is None:
+                raise ConfigError(
+                    f"{key}={name!r}: no saved {kind} classifier at {' or '.join(map(str, paths))}; train it "
+                    "with stages=[exit_classifiers,curve] or set exit.classifiers.dir"
+                )
+            try:
+                clf = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from e
+            policy = ExitPolicy(clf, min_exit_layer=floor, name=name, exit_points=points)
+            specs.append(PolicySpec(name, policy, clf_settings.thresholds))
+        elif name in measures:
+            specs.append(measures[name])
+        else:
+            raise ConfigError(f"{key}={name!r}; allowed: {allowed}")
+    return specs
+
+
+def at_value(policy: ExitPolicy, value: Any) -> ExitPolicy:
+    """The policy at one swept value: the threshold of a score measure (the base of a decaying one),
+    the parameter of a boolean measure (patience P, monotonic min_confidence)."""
+    if policy.is_boolean:
+        from eetrain.exits.measures import get_measure
+
+        param = get_measure(policy.measure).sweep_param  # type: ignore[arg-type]
+        return replace(policy, measure_kwargs={**policy.measure_kwargs, param: value})
+    return policy.with_base_threshold(value)
+
+
+def references(backbone: Any, examples: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Each example's reference text(s): the raw `reference` the data module kept, else the decoded target."""
+    tok = backbone.tokenizer
+    return [e.get("reference") or tok.decode(e["target_ids"], skip_special_tokens=True) for e in examples]
+
+
+def texts(backbone: Any, sequences: Sequence[Sequence[int]]) -> list[str]:
+    return [backbone.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+
+
+@torch.no_grad()
+def oracle_mean_exit_layer(
+    backbone: Any, examples: Sequence[Mapping[str, Any]], outputs: Sequence[Sequence[int]], batch_size: int
+) -> float:
+    """Mean oracle exit layer over the tokens of `outputs` (the full model's), teacher-forced: for each
+    token the earliest layer from which its top-1 equals the last layer's through the end."""
+    device = next(backbone.parameters()).device
+    layers = []
+    for i in range(0, len(examples), batch_size):
+        chunk = [
+            {"source_ids": list(e["source_ids"]), "target_ids": list(o)}
+            for e, o in zip(examples[i : i + batch_size], outputs[i : i + batch_size], strict=True)
+            if len(o)
+        ]
+        if not chunk:
+            continue
+        batch = {k: v.to(device) for k, v in backbone.collate(chunk).items()}
+        preds, _, _ = layer_predictions(backbone(batch), backbone)
+        layers.append(oracle_exit_layers(preds))
+    return float(torch.cat(layers).double().mean()) if layers else float("nan")
+
+
+def _sum(outs: Sequence[GenerateOutput], attr: str) -> float:
+    return float(sum(getattr(o, attr) for o in outs))
+
+
+def _mean_exit(outs: Sequence[GenerateOutput]) -> float:
+    layers = torch.cat([o.exit_layers[o.exit_layers > 0] for o in outs]).double()
+    return float(layers.mean()) if layers.numel() else float("nan")
+
+
+def curve_row(
+    policy: str, threshold: Any, ee: Sequence[GenerateOutput], full: Sequence[GenerateOutput],
+    full_seqs: Sequence[Sequence[int]], scores: Mapping[str, float], full_scores: Mapping[str, float], metric: str,
+) -> dict[str, Any]:
+    """One row of `quality_speed.csv`. ee, full: the paired outputs (same batches, full right after)."""
+    ee_rate = _sum(ee, "num_tokens") / _sum(ee, "seconds")
+    full_rate = _sum(full, "num_tokens") / _sum(full, "seconds")
+    seqs = [s for o in ee for s in o.sequences()]
+    base = full_scores.get(metric, float("nan"))
+    return {
+        "policy": policy,
+        "threshold": threshold,
+        "mean_exit_layer": _mean_exit(ee),
+        "speedup": ee_rate / full_rate,
+        "normalized_latency": full_rate / ee_rate,
+        "consistency": token_consistency(seqs, full_seqs),
+        "sequence_consistency": sequence_consistency(seqs, full_seqs),
+        "decision_fraction": _sum(ee, "decision_seconds") / _sum(ee, "seconds"),
+        **scores,
+        f"{metric}_ratio": scores.get(metric, float("nan")) / base if base else float("nan"),
+        "tokens": int(_sum(ee, "num_tokens")),
+        "seconds": _sum(ee, "seconds"),
+    }
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(v) for k, v in r.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return "" if v is None else v
+
+
+def plot_quality_speed(rows: Sequence[Mapping[str, Any]], path: Path, metric: str, title: str) -> Path:
+    """The headline metric against the speed-up: one line per policy (threshold labels), the full model
+    as a star at 1.0x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["policy"] for r in rows if r["policy"] not in ("full", "oracle")):
+        pts = sorted((r["speedup"], r[metric], r["threshold"]) for r in rows if r["policy"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for x, y, t in pts:
+            ax.annotate(f"{t:g}" if isinstance(t, int | float) else str(t), (x, y), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    full = next((r for r in rows if r["policy"] == "full"), None)
+    if full is not None:
+        ax.plot([1.0], [full[metric]], marker="*", markersize=14, color="black", linestyle="none", label="full model")
+        ax.axhline(0.97 * full[metric], color="grey", linewidth=0.8, linestyle=":", label="97% of the full model")
+    ax.set_xlabel("measured speed-up over full-model decoding (x)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str) -> bool:
+    """The table and the plot into the active W&B run, if one is active (logger=wandb)."""
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None:
+        return False
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    wandb.log({
+        "curve/quality_speed": table,
+        "curve/quality_speed_plot": wandb.plot.scatter(table, "speedup", metric, title=f"{metric} vs speed-up"),
+        "curve/quality_speed_png": wandb.Image(str(png)),
+    })
+    return True
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    cols = ("policy", "threshold", "mean_exit_layer", "speedup", "consistency", "decision_fraction", metric,
+            f"{metric}_ratio")
+    head = f"{'policy':<28}{'threshold':>10}{'mean exit':>10}{'speed-up':>10}{'consist.':>10}{'decide':>8}" \
+           f"{metric:>10}{'ratio':>8}"
+    lines = [head]
+    for r in rows:
+        v = [r.get(c) for c in cols]
+        num = [("" if x is None or (isinstance(x, float) and math.isnan(x)) else
+                (f"{x:.3f}" if isinstance(x, float) else str(x))) for x in v[1:]]
+        lines.append(f"{str(v[0]):<28}{num[0]:>10}{num[1]:>10}{num[2]:>10}{num[3]:>10}{num[4]:>8}{num[5]:>10}{num[6]:>8}")
+    return "\n".join(lines)
+
+
+def check_config(cfg: Any, backbone: Any) -> None:
+    """Validate `curve` and `decoding` before any training."""
+    settings = curve_settings(cfg)
+    decoding_settings(cfg, backbone.name_or_path)
+    names = [n for n in settings.policies if not n.startswith("classifier:")]
+    curve_specs(cfg, backbone, names, Path("."), None)
+    for i, n in enumerate(settings.policies):
+        if n.startswith("classifier:") and n.split(":", 1)[1] not in CLASSIFIERS:
+            raise ConfigError(f"curve.policies[{i}]={n!r}; classifier kinds: {sorted(CLASSIFIERS)}")
+
+
+def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = backbone.name_or_path
+    if model_dir is None and (out_dir / "export").is_dir():
+        model_dir = str(out_dir / "export")
+    settings = curve_settings(cfg)
+    dec = decoding_settings(cfg, model_dir)
+    if dec.strategy == "self_speculative":
+        raise ConfigError("decoding.strategy=self_speculative is lossless (no threshold to sweep); "
+                          "allowed for the curve: copy, parallel")
+    specs = curve_specs(cfg, backbone, settings.policies, out_dir, model_dir)
+    schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
+    metric = str(getattr(data, "metric", None) or "rougeL")
+    metrics = list(getattr(data, "metrics", None) or [metric])
+    examples = data.split_examples(settings.split)
+    if settings.max_examples is not None:
+        examples = examples[: settings.max_examples]
+    refs = references(backbone, examples)
+    prompts = batches(backbone, examples, dec.batch_size)
+    kwargs = dict(strategy=dec.strategy, max_new_tokens=dec.max_new_tokens, batch_mode=dec.batch_mode,
+                  gather_min_batch=dec.gather_min_batch)
+    L = backbone.num_layers
+    grid = [(spec, v) for spec in specs for v in (spec.values or [None])]
+    print(f"\n[curve] {len(examples)} examples of split {settings.split!r}, {len(grid)} (policy, threshold) "
+          f"points, strategy {dec.strategy}, batch {dec.batch_size}; each early-exit batch is timed against "
+          f"the full model on the same batch")
+    generate(backbone, prompts[0], None, **kwargs)  # warm-up: first-call costs stay out of the table
+    full = [generate(backbone, b, None, **kwargs) for b in prompts]
+    full_seqs = [s for o in full for s in o.sequences()]
+    full_scores = corpus_scores(metrics, texts(backbone, full_seqs), refs)
+    rows: list[dict[str, Any]] = [{
+        "policy": "full", "threshold": None, "mean_exit_layer": float(L), "speedup": 1.0,
+        "normalized_latency": 1.0, "consistency": 1.0, "sequence_consistency": 1.0,
+        "decision_fraction": 0.0, **full_scores, f"{metric}_ratio": 1.0,
+        "tokens": int(_sum(full, "num_tokens")), "seconds": _sum(full, "seconds"),
+    }]
+    if settings.oracle:
+        mean = oracle_mean_exit_layer(backbone, examples, full_seqs, max(dec.batch_size, 16))
+        rows.append({"policy": "oracle", "threshold": None, "mean_exit_layer": mean, "consistency": 1.0})
+    for spec, value in tqdm(grid, desc="quality-vs-speed sweep", unit="point"):
+        policy = spec.policy if value is None else at_value(spec.policy, value)
+        ee, paired = [], []
+        for b in prompts:
+            ee.append(generate(backbone, b, policy, **kwargs, **schedule))
+            paired.append(generate(backbone, b, None, **kwargs))
+        seqs = [s for o in ee for s in o.sequences()]
+        scores = corpus_scores(metrics, texts(backbone, seqs), refs)
+        rows.append(curve_row(spec.name, value, ee, paired, full_seqs, scores, full_scores, metric))
+    csv_path = write_csv(rows, out_dir / "quality_speed.csv")
+    floor = min_exit_layer(cfg, L)
+    png = plot_quality_speed(rows, out_dir / "quality_speed.png", metric,
+                             f"{metric} vs speed-up ({L} layers, min exit {floor}, {dec.strategy}, "
+                             f"{len(examples)} {settings.split} examples)")
+    logged = log_wandb(rows, png, metric)
+    print(f"\nQuality vs speed ({metric}; speed-up measured against full decoding of the same batches, "
+          "decisions included)")
+    print(format_rows(rows, metric))
+    best = best_point(rows, metric, 0.97)
+    if best is not None:
+        print(f"\nFastest point with {metric} >= 0.97 x the full model's: {best['policy']} at {best['threshold']}: "
+              f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f}, {metric} "
+              f"{best[metric]:.2f} ({best[f'{metric}_ratio']:.3f} x)")
+    print(f"\nWrote {csv_path} and {png}" + (" (and to W&B)" if logged else ""))
+    return rows
+
+
+def best_point(rows: Sequence[Mapping[str, Any]], metric: str, ratio: float) -> Mapping[str, Any] | None:
+    """The fastest (policy, threshold) row whose metric is at least `ratio` x the full model's."""
+    ok = [r for r in rows if r["policy"] not in ("full", "oracle") and r.get(f"{metric}_ratio", 0) >= ratio]
+    return max(ok, key=lambda r: r["speedup"]) if ok else None

@@ -1,0 +1,184 @@
+"""The quality-versus-speed curve (stage `curve`), the oracle exit layer, task-metric calibration and
+the task metrics logged during training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from eetrain.config import compose
+from eetrain.decoding.calibration import calibrate_online, metric_risks
+from eetrain.decoding.curve import at_value, best_point, curve_row, curve_settings, curve_specs
+from eetrain.errors import ConfigError
+from eetrain.exits.calibration import hoeffding_bentkus_pvalue
+from eetrain.exits.policy import ExitPolicy
+from eetrain.exits.settings import calibration_settings
+from eetrain.layer_metrics import oracle_exit_layers
+from eetrain.task_metrics import sentence_scores
+from tests.conftest import make_backbone
+from tests.test_config import cli
+from tests.test_online_calibration import calibration_case
+
+
+def test_oracle_exit_layer_hand_checked():
+    # 4 layers x 5 tokens; the last row is the final prediction
+    preds = torch.tensor([
+        [7, 1, 3, 9, 2],
+        [7, 2, 3, 9, 4],
+        [5, 2, 3, 8, 4],
+        [7, 2, 3, 8, 5],
+    ])
+    # token 0: agrees at 1, 2, not 3 -> stays from 4; token 1: from 2; token 2: from 1; token 3: from 3;
+    # token 4: only the last
+    assert oracle_exit_layers(preds).tolist() == [4, 2, 1, 3, 4]
+    assert oracle_exit_layers(preds, layers=(2, 4, 6, 8)).tolist() == [8, 4, 2, 6, 8]
+
+
+def _out(tokens: int, seconds: float, decision: float, exits: list[int]):
+    return SimpleNamespace(num_tokens=tokens, seconds=seconds, decision_seconds=decision,
+                           exit_layers=torch.tensor([exits]), sequences=lambda: [[1] * tokens])
+
+
+def test_curve_row_hand_checked():
+    ee = [_out(10, 1.0, 0.1, [2] * 10), _out(10, 1.0, 0.1, [4] * 10)]
+    full = [_out(10, 1.5, 0.0, [8] * 10), _out(10, 1.5, 0.0, [8] * 10)]
+    row = curve_row("softmax_gap", 0.5, ee, full, [[1] * 10, [1] * 12], {"rougeL": 30.0}, {"rougeL": 40.0},
+                    "rougeL")
+    # 20 tokens in 2 s against 20 tokens in 3 s: 10 vs 6.67 tokens/s
+    assert row["speedup"] == pytest.approx(1.5) and row["normalized_latency"] == pytest.approx(2 / 3)
+    assert row["mean_exit_layer"] == pytest.approx(3.0)
+    assert row["decision_fraction"] == pytest.approx(0.1)
+    assert row["consistency"] == pytest.approx(20 / 22)  # the second full sequence is 2 tokens longer
+    assert row["sequence_consistency"] == pytest.approx(0.5)
+    assert row["rougeL_ratio"] == pytest.approx(0.75)
+    rows = [{"policy": "full", "speedup": 1.0, "rougeL_ratio": 1.0}, row,
+            {**row, "speedup": 2.0, "rougeL_ratio": 0.9}, {**row, "speedup": 1.2, "rougeL_ratio": 0.98}]
+    assert best_point(rows, "rougeL", 0.97)["speedup"] == 1.2
+    assert best_point(rows, "rougeL", 0.99) is None
+
+
+def test_at_value_sets_the_threshold_or_the_boolean_parameter():
+    assert at_value(ExitPolicy("softmax_gap", 0.9, min_exit_layer=2), 0.3).threshold.value == 0.3
+    patience = at_value(ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 2}), 4)
+    assert patience.measure_kwargs["patience"] == 4
+
+
+def test_curve_settings_and_policies_name_the_key(tmp_path):
+    bb = make_backbone("t5")
+    cfg = compose(["curve.policies=[softmax_gap,patience]", "exit.min_exit_layer=2"])
+    specs = curve_specs(cfg, bb, curve_settings(cfg).policies, tmp_path, None)
+    assert [s.name for s in specs] == ["softmax_gap", "patience"] and specs[1].values == (1, 2, 3, 4, 5)
+    with pytest.raises(ConfigError, match=r"curve.policies\[0\]='vibes'; allowed: labels of exit.policies"):
+        curve_specs(cfg, bb, ["vibes"], tmp_path, None)
+    with pytest.raises(ConfigError, match=r"curve.policies\[0\]='classifier:calm': no saved calm classifier"):
+        curve_specs(cfg, bb, ["classifier:calm"], tmp_path, None)
+    with pytest.raises(ConfigError, match=r"curve: unknown key\(s\) \['speed'\]"):
+        curve_settings(compose(["+curve.speed=1"]))
+    with pytest.raises(ConfigError, match=r"curve.max_examples=0; allowed"):
+        curve_settings(compose(["curve.max_examples=0"]))
+    with pytest.raises(ConfigError, match=r"exit.policies.softmax_gap.thresholds\[0\]"):
+        curve_specs(compose(["exit.policies.softmax_gap.thresholds=[1.5]", "exit.min_exit_layer=2"]), bb, ["softmax_gap"], tmp_path, None)
+
+
+def test_metric_risks_hand_checked():
+    out = ["the cat sat", "a dog"]
+    full = ["the cat ran", "a dog"]
+    # textual consistency: 1 - ROUGE-L(out, full) / 100; "the cat" of 3 words each -> F = 2/3
+    assert metric_risks("rougeL", out, full).tolist() == pytest.approx([1 - 2 / 3, 0.0])
+    refs = ["the cat sat", "the dog"]
+    # risk consistency: the drop against the references, never negative
+    ee = sentence_scores("rougeL", out, refs)
+    base = sentence_scores("rougeL", full, refs)
+    want = [max(0.0, b - e) / 100 for b, e in zip(base, ee, strict=True)]
+    assert metric_risks("rougeL", out, full, refs).tolist() == pytest.approx(want)
+    assert want == pytest.approx([0.0, 0.0])  # here early exit matched or beat the full model
+
+
+def test_metric_risk_settings():
+    with pytest.raises(ConfigError, match=r"exit.calibration.risk=rougeL is measured on decoded text: set "
+                                          r"exit.calibration.online=true"):
+        calibration_settings(compose(["exit.calibration.risk=rougeL"]))
+    with pytest.raises(ConfigError, match=r"exit.calibration.risk='vibes'; allowed: consistency, task or a text metric"):
+        calibration_settings(compose(["exit.calibration.risk=vibes"]))
+    s = calibration_settings(compose(["exit.calibration.risk=rougeL", "exit.calibration.online=true"]))
+    assert s.offline_risk == "consistency" and s.risk_against == "full"
+
+
+def test_online_calibration_on_rouge_picks_what_a_hand_run_confirms():
+    model, examples, template, grid = calibration_case()
+    epsilon, delta = 0.1, 0.3
+    got = calibrate_online(model, examples, template, grid, epsilon=epsilon, delta=delta, pvalue="hoeffding_bentkus",
+                           batch_size=8, strategy="copy", max_new_tokens=6, risk="rougeL")
+    from eetrain.decoding import generate
+    from eetrain.decoding.calibration import batches
+
+    tok = model.tokenizer
+    prompts = batches(model, examples, 8)
+    text = lambda seqs: [tok.decode(s, skip_special_tokens=True) for s in seqs]  # noqa: E731
+    full = text([s for b in prompts for s in generate(model, b, None, max_new_tokens=6).sequences()])
+    chosen = None
+    for t in grid:
+        out = text([s for b in prompts for s in generate(model, b, template.with_threshold(t), max_new_tokens=6).sequences()])
+        risk = sum(1 - r / 100 for r in sentence_scores("rougeL", out, full)) / len(full)
+        if hoeffding_bentkus_pvalue(risk, delta, len(full)) > epsilon:
+            break
+        chosen = t
+    assert got["threshold"] == chosen and got["risk"] == "rougeL vs full model"
+    assert len(got["scan"]) > 1
+
+
+SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.mark.slow
+def test_train_then_curve_then_curve_on_the_export(tmp_path):
+    assert os.environ["WANDB_MODE"] == "offline"
+    out = tmp_path / "train"
+    r = cli(
+        "+experiment=demo", f"hydra.run.dir={out}", *SHORT, "logger=csv",
+        "callbacks.generation_metrics.max_examples=4", "exit.min_exit_layer=2", "exit.classifiers.kinds=[calm]",
+        "exit.classifiers.epochs=1", "stages=[exit_classifiers,curve]", "curve.policies=[softmax_gap,classifier:calm]",
+        "exit.policies.softmax_gap.thresholds=[0.2,0.9]", "exit.classifiers.thresholds=[0.5]", "curve.max_examples=6",
+        "decoding.max_new_tokens=10", cwd=tmp_path, timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the task metric during training, for the last layer and the configured exit policy
+    metrics = pd.read_csv(out / "csv" / "metrics.csv")
+    for col in ("val/rougeL", "val/rouge1", "val/rougeL_early_exit", "val/early_exit_mean_layer"):
+        assert col in metrics.columns and metrics[col].notna().any(), col
+    rows = list(csv.DictReader((out / "quality_speed.csv").open()))
+    assert [(r["policy"], r["threshold"]) for r in rows] == [
+        ("full", ""), ("oracle", ""), ("softmax_gap", "0.2"), ("softmax_gap", "0.9"), ("classifier:calm", "0.5")]
+    for col in ("mean_exit_layer", "speedup", "normalized_latency", "consistency", "decision_fraction", "rougeL",
+                "rouge2", "rougeL_ratio"):
+        assert col in rows[0], col
+    full, oracle = rows[0], rows[1]
+    assert float(full["speedup"]) == 1.0 and float(full["mean_exit_layer"]) == 4
+    assert 1.0 <= float(oracle["mean_exit_layer"]) <= 4.0
+    for row in rows[2:]:
+        assert 2.0 <= float(row["mean_exit_layer"]) <= 4.0 and float(row["speedup"]) > 0
+        assert 0.0 <= float(row["consistency"]) <= 1.0 and 0.0 < float(row["decision_fraction"]) < 1.0
+    assert (out / "quality_speed.png").stat().st_size > 10_000
+    assert "quality-vs-speed sweep" in r.stderr and "Quality vs speed (rougeL" in r.stdout
+    # the export carries the trained classifier: the curve on the export sweeps it too, with W&B on
+    assert (out / "export" / "exit_classifier_calm.pt").is_file()
+    again = tmp_path / "curve"
+    r = cli("+experiment=curve", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={again}", "logger=wandb",
+            "exit.min_exit_layer=2", "curve.policies=[classifier:calm]", "exit.classifiers.thresholds=[0.5]",
+            "curve.max_examples=4", "curve.oracle=false", "decoding.max_new_tokens=8", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader((again / "quality_speed.csv").open()))
+    assert [r["policy"] for r in rows] == ["full", "classifier:calm"]
+    (run,) = (again / "wandb").glob("offline-run-*")
+    assert b"curve/quality_speed" in next(run.glob("run-*.wandb")).read_bytes()
+    r = cli("+experiment=curve", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={again}",
+            "curve.policies=[nope]", cwd=tmp_path)
+    assert r.returncode == 2 and "curve.policies[0]='nope'; allowed" in r.stderr
+    json.loads((out / "export" / "early_exit.json").read_text())
