@@ -182,3 +182,38 @@ def test_train_then_curve_then_curve_on_the_export(tmp_path):
             "curve.policies=[nope]", cwd=tmp_path)
     assert r.returncode == 2 and "curve.policies[0]='nope'; allowed" in r.stderr
     json.loads((out / "export" / "early_exit.json").read_text())
+
+
+@pytest.mark.slow
+def test_curve_demo_runs_as_configured_in_short(tmp_path):
+    """`+experiment=curve_demo`, shortened: CALM training with exits every second layer, the classifier,
+    the curve with state copying from minimum exit layer 2."""
+    out = tmp_path / "run"
+    r = cli("+experiment=curve_demo", f"hydra.run.dir={out}", *SHORT, "exit.classifiers.epochs=1",
+            "curve.max_examples=4", "decoding.max_new_tokens=8", "exit.policies.softmax_gap.thresholds=[0.2]",
+            "exit.classifiers.thresholds=[0.5]", "callbacks.generation_metrics.max_examples=4", cwd=tmp_path,
+            timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader((out / "quality_speed.csv").open()))
+    assert [r["policy"] for r in rows] == ["full", "oracle", "softmax_gap", "classifier:calm"]
+    for row in rows[2:]:
+        assert 2.0 <= float(row["mean_exit_layer"]) <= 8.0
+    settings = json.loads((out / "export" / "early_exit.json").read_text())
+    assert settings["trained_exits"]["ce"]["layers"] == [2, 4, 6, 8]
+    assert "strategy copy" in r.stdout and "Quality vs speed (rougeL" in r.stdout
+
+
+def test_atomic_file_keeps_the_old_file_on_failure_and_plain_permissions(tmp_path):
+    from eetrain.files import atomic_file
+
+    path = tmp_path / "table.csv"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        open(tmp, "w").write("half")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+    with atomic_file(path) as tmp:
+        open(tmp, "w").write("new\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "new\n" and path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -72,7 +72,8 @@ def test_wandb_offline_run_files(tmp_path):
     (record,) = runs[0].glob("run-*.wandb")
     # The offline record is a log of protobuf messages; history keys are stored as plain UTF-8.
     data = record.read_bytes()
-    for key in ("train/loss", "train/layer_04/ce", "val/layer_01/acc", "val/layer_04/agree", "val/full/loss"):
+    for key in ("train/loss", "train/layer_04/ce", "val/layer_01/acc", "val/layer_04/agree", "val/full/loss",
+                "val/rougeL", "val/rougeL_early_exit"):
         assert key.encode() in data, key
 
 

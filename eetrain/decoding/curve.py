@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +33,7 @@ from eetrain.errors import ConfigError
 from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import PolicySpec, classifier_settings, exit_points, min_exit_layer, policy_specs
+from eetrain.files import atomic_file
 from eetrain.layer_metrics import layer_predictions, oracle_exit_layers
 from eetrain.task_metrics import corpus_scores
 
@@ -195,13 +194,11 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: _fmt(v) for k, v in r.items()})
-    os.replace(tmp, path)
     return path
 
 
@@ -236,11 +233,9 @@ def plot_quality_speed(rows: Sequence[Mapping[str, Any]], path: Path, metric: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.measures import MEASURES
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.thresholds import DecayingThreshold
+from eetrain.files import atomic_file
 
 from .generate import BATCH_MODES, STRATEGIES
 
@@ -199,10 +199,8 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
     policy["strategy"] = decoding_settings(cfg).strategy  # the strategy it was chosen (and calibrated) for
     settings = json.loads(settings_path.read_text())
     settings["policy"] = policy
-    fd, tmp = tempfile.mkstemp(prefix=".early_exit.", suffix=".tmp", dir=export_dir)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, settings_path)
+    with atomic_file(settings_path) as tmp:
+        Path(tmp).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return policy
 
 
@@ -216,9 +214,8 @@ def export_classifiers(cfg: Any, out_dir: Path, export_dir: Path) -> list[Path]:
         src = settings.path(kind, out_dir)
         if src.is_file():
             dst = export_dir / CLASSIFIER_FILE.format(kind=kind)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_file(dst) as tmp:
+                shutil.copyfile(src, tmp)
             copied.append(dst)
     return copied
 

@@ -13,13 +13,14 @@ and :func:`class_balanced_cross_entropy`.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from eetrain.files import atomic_file
 
 __all__ = [
     "ExitClassifier",
@@ -183,17 +184,10 @@ def save_classifier(module: ExitClassifier, path: str | os.PathLike[str]) -> Non
         "kwargs": dict(module.config),
         "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_classifier(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from eetrain.files import atomic_file
 
 from .classifiers import ExitClassifier, exit_probabilities
 from .measures import ExitRecords, compute_measure, get_measure, to_preds
@@ -407,28 +408,16 @@ def _row(
     }
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def write_policy_table(rows: Sequence[Mapping[str, Any]], csv_path: str | os.PathLike[str]) -> Path:
     """Write sweep rows as CSV (columns ``POLICY_TABLE_COLUMNS`` first, then any extras; ``None`` -> empty)."""
     path = Path(csv_path)
     extras = [k for row in rows for k in row if k not in POLICY_TABLE_COLUMNS]
     columns = list(POLICY_TABLE_COLUMNS) + list(dict.fromkeys(extras))
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return path
 
 
@@ -480,13 +469,6 @@ def plot_consistency_vs_exit(
     if groups:
         ax.legend(fontsize="x-small", loc="best")
     fig.tight_layout()
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

@@ -35,7 +35,6 @@ the first-token state ``h[:, 0]`` that the pooler reads, position 1.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from eetrain.files import atomic_file
 
 from .measures import ExitRecords, summarize_logits
 
@@ -253,15 +254,8 @@ def save_records(
             if isinstance(getattr(records, k), Tensor)
         },
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
