@@ -144,9 +144,11 @@ def test_train_then_curve_then_curve_on_the_export(tmp_path):
     r = cli(
         "+experiment=demo", f"hydra.run.dir={out}", *SHORT, "logger=csv",
         "callbacks.generation_metrics.max_examples=4", "exit.min_exit_layer=2", "exit.classifiers.kinds=[calm]",
-        "exit.classifiers.epochs=1", "stages=[exit_classifiers,curve]", "curve.policies=[softmax_gap,classifier:calm]",
+        "exit.classifiers.epochs=1", "curve.policies=[softmax_gap,classifier:calm]",
         "exit.policies.softmax_gap.thresholds=[0.2,0.9]", "exit.classifiers.thresholds=[0.5]", "curve.max_examples=6",
-        "decoding.max_new_tokens=10", cwd=tmp_path, timeout=400,
+        "decoding.max_new_tokens=10", "exit.calibration.risk=rougeL", "exit.calibration.online=true",
+        "exit.calibration.online_examples=8", "exit.calibration.delta=0.5",
+        "stages=[exit_classifiers,policies,curve]", cwd=tmp_path, timeout=400,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # the task metric during training, for the last layer and the configured exit policy
@@ -181,7 +183,31 @@ def test_train_then_curve_then_curve_on_the_export(tmp_path):
     r = cli("+experiment=curve", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={again}",
             "curve.policies=[nope]", cwd=tmp_path)
     assert r.returncode == 2 and "curve.policies[0]='nope'; allowed" in r.stderr
-    json.loads((out / "export" / "early_exit.json").read_text())
+    # LTT on ROUGE-L of real decoding: the risk is recorded, and the export carries what it chose
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration[0]["risk"] == "consistency" and calibration[0]["online"]["risk"] == "rougeL vs full model"
+    assert "rougeL_risk" in next(iter(calibration[0]["online"]["decoded"].values()))
+    policy = json.loads((out / "export" / "early_exit.json").read_text())["policy"]
+    if calibration[0]["online"]["threshold"] is not None:
+        assert policy["threshold"] == calibration[0]["online"]["threshold"]
+        assert policy["calibration"]["risk"] == "online rougeL vs full model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ("exit.policies.softmax_gap.thresholds=[1.5]", "exit.policies.softmax_gap.thresholds[0]"),
+    ("curve.split=nope", "nope"),
+    ("data.metrics=[rougeX]", "data.metrics: unknown metric 'rougeX' for a text task; allowed: rouge1"),
+    ("data.source_column=body", "data.source_column='body'"),
+])
+def test_curve_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
+    from eetrain.checkpointing import export_pretrained
+
+    export = export_pretrained(make_backbone("t5"), tmp_path / "export", {"family": "t5", "num_layers": 3})
+    r = cli("+experiment=curve", f"model.name_or_path={export}", f"hydra.run.dir={tmp_path / 'run'}",
+            "exit.min_exit_layer=2", "curve.max_examples=2", override, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
