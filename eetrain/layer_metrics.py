@@ -19,11 +19,11 @@ def layer_predictions(states: ExitStates, backbone: ExitBackbone) -> tuple[Tenso
     labels = states.labels
     keep = labels != -100
     preds, ces = [], []
-    for h in states.hidden:
+    for layer, h in zip(states.layers, states.hidden, strict=True):
         if backbone.head_kind == "sequence":
-            logits = backbone.exit_logits(h)[keep]
+            logits = backbone.exit_logits(h, layer)[keep]
         else:
-            logits = backbone.exit_logits(h[keep])
+            logits = backbone.exit_logits(h[keep], layer)
         logits = logits.float()
         preds.append(logits.argmax(-1))
         ces.append(F.cross_entropy(logits, labels[keep], reduction="none"))

@@ -13,6 +13,8 @@ from eetrain.errors import ConfigError
 #: stage name -> "module.function(cfg, backbone, data, out_dir)". A stage module may also define
 #: `check_config(cfg, backbone)`, run by `check_stages` before training so bad settings fail at once.
 STAGES: dict[str, str] = {
+    # DeeBERT's second stage: the per-layer exit heads trained on the frozen model
+    "exit_heads": "eetrain.exit_heads.run_stage",
     # exit classifiers (CALM, MEE MLP, MEE LSTM) trained on the frozen backbone
     "exit_classifiers": "eetrain.exits.training.run_stage",
     # record the validation set once, sweep exit policies, LTT calibration, policies.csv/.png
@@ -25,6 +27,7 @@ STAGES: dict[str, str] = {
 
 #: stage name -> "module.function(cfg, backbone)" validating the stage's config before training.
 CHECKS: dict[str, str] = {
+    "exit_heads": "eetrain.exit_heads.check_config",
     "exit_classifiers": "eetrain.exits.settings.check_config",
     "policies": "eetrain.exits.settings.check_config",
     "generate": "eetrain.decoding.stage.check_config",

@@ -45,6 +45,9 @@ def exit_settings(cfg: DictConfig, backbone: ExitBackbone, loss: JointLoss, rows
         "num_layers": backbone.num_layers,
         "hidden_size": backbone.hidden_size,
         "head_kind": backbone.head_kind,
+        # per_layer: exits below the last have their own heads, in exit_heads.safetensors beside the model
+        "exit_head": "shared" if backbone.exit_heads is None else "per_layer",
+        "exit_head_layers": None if backbone.exit_heads is None else sorted(int(k) for k in backbone.exit_heads),
         "trained_exits": trained,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "validation_layers": rows,

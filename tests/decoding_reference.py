@@ -85,7 +85,7 @@ def reference_generate(
             e = L
         elif isinstance(decide, ExitPolicy):
             with torch.no_grad():
-                logits = backbone.exit_logits(hidden)
+                logits = torch.stack([backbone.exit_logits(hidden[i], i + 1) for i in range(L)])
             e = int(
                 exit_layers(
                     decide,
@@ -98,7 +98,7 @@ def reference_generate(
         else:
             e = int(decide(step))
         with torch.no_grad():
-            tok = int(backbone.exit_logits(hidden[e - 1]).argmax())
+            tok = int(backbone.exit_logits(hidden[e - 1], e).argmax())
         gen.append(tok)
         exits.append(e)
     return gen, exits

@@ -1,9 +1,14 @@
 """The one interface between eetrain and a model family.
 
 An `ExitBackbone` wraps a Hugging Face model and gives, for a batch, the hidden state after every
-layer that can carry an exit, and the *shared exit head* that turns such a state into logits:
-`exit_logits(h) = exit_features(h) @ head_weight.T + head_bias`. Everything outside `backbones/`
-(losses, training, exit decisions) talks only to this interface and never asks which family it has.
+layer that can carry an exit, and the *exit head* that turns such a state into logits:
+`exit_logits(h, i) = exit_features(h, i) @ W_i.T + b_i` (`head_params(i)`). With `exit_head="shared"`
+every exit uses the model's own final norm (or pooler) and head; with `"per_layer"` each exit below the
+last has its own copy of them (`ExitHead`: DeeBERT/PABEE's internal classifiers, EE-LLM's exit heads),
+initialised from the final ones and saved beside the export (`exit_heads.safetensors`), while the last
+layer keeps the model's own head, so the export still loads in plain `transformers` at full depth.
+Everything outside `backbones/` (losses, training, exit decisions) talks only to this interface and
+never asks which family it has.
 
 Exit layers are numbered 1..L (L = `num_layers`); layer i is the state after the i-th block that can
 carry an exit (T5: decoder blocks, BERT: encoder layers, LLaMA: decoder layers).
@@ -12,6 +17,7 @@ carry an exit (T5: decoder blocks, BERT: encoder layers, LLaMA: decoder layers).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,10 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from eetrain.backbones.kv import DecodeContext, Slots
 from eetrain.errors import ConfigError
 from eetrain.hub import resolve_model
+
+EXIT_HEADS = ("shared", "per_layer")
+#: per-layer exit heads of an export, beside the model's own weights (keys `<layer>.<param>`)
+HEADS_FILE = "exit_heads.safetensors"
 
 
 @dataclass
@@ -109,6 +119,24 @@ def skip_blocks(
                 block.forward = old
 
 
+class ExitHead(nn.Module):
+    """One exit's own head: copies of the family's final feature map (`features`: norm or pooler) and
+    of its output projection (`proj`, (V, d)), trained apart from the model's head."""
+
+    def __init__(self, features: nn.Module, proj: nn.Module):
+        super().__init__()
+        self.features = copy.deepcopy(features)
+        weight, bias = proj.weight, getattr(proj, "bias", None)
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+            if bias is not None:
+                self.proj.bias.copy_(bias)
+        for p in self.parameters():
+            p.requires_grad_(True)  # trainable even when the model's own head is frozen (LoRA)
+
+
 class ExitBackbone(nn.Module):
     """Base class of the family adapters. Subclasses set `family`, `model_class`, `config_class`."""
 
@@ -126,7 +154,12 @@ class ExitBackbone(nn.Module):
         seed: int = 0,
         model_kwargs: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
+        exit_head: str | None = None,
+        exit_head_layers: Any = None,
     ):
+        """exit_head: `shared` | `per_layer` (None: per_layer when `name_or_path` holds per-layer heads,
+        else shared). exit_head_layers: the exits that get their own head, as `exits.layers` names them
+        (None: every layer below the last; the last layer always keeps the model's head)."""
         super().__init__()
         if (name_or_path is None) == (config is None):
             raise ConfigError(
@@ -156,8 +189,40 @@ class ExitBackbone(nn.Module):
                 self.model = self.model_class(cfg)
         self.num_layers: int = self._num_layers()
         self.hidden_size: int = self.model.config.hidden_size
+        self.exit_heads: nn.ModuleDict | None = self._exit_heads(exit_head, exit_head_layers, name_or_path)
         if lora:
             self._add_lora(dict(lora))
+
+    def _exit_heads(self, kind: str | None, layers: Any, name_or_path: str | None) -> nn.ModuleDict | None:
+        from pathlib import Path
+
+        stored = None
+        if name_or_path is not None and (Path(name_or_path).expanduser() / HEADS_FILE).is_file():
+            from safetensors.torch import load_file
+
+            stored = load_file(str(Path(name_or_path).expanduser() / HEADS_FILE))
+        kind = kind or ("per_layer" if stored is not None else "shared")
+        if kind not in EXIT_HEADS:
+            raise ConfigError(f"model.exit_head={kind!r}; allowed: {', '.join(EXIT_HEADS)}")
+        if kind == "shared":
+            return None
+        L = self.num_layers
+        if layers is None and stored is not None:
+            chosen = sorted({int(k.split(".", 1)[0]) for k in stored})
+        else:
+            from eetrain.losses.exit_points import resolve_exit_points
+
+            chosen = [i for i in resolve_exit_points(layers, L, key="model.exit_head_layers") if i < L]
+        features, proj = self.head_modules()
+        heads = nn.ModuleDict({str(i): ExitHead(features, proj) for i in chosen})
+        if stored is not None:
+            missing, unexpected = heads.load_state_dict(stored, strict=False)
+            if missing or unexpected:
+                raise ConfigError(
+                    f"model.exit_head_layers: the heads in {name_or_path}/{HEADS_FILE} are for layers "
+                    f"{sorted({int(k.split('.', 1)[0]) for k in stored})}, not {chosen}"
+                )
+        return heads
 
     def _add_lora(self, lora: dict[str, Any]) -> None:
         """Inject LoRA adapters in place and freeze everything else (peft's LoraConfig arguments).
@@ -200,9 +265,14 @@ class ExitBackbone(nn.Module):
         """
         raise NotImplementedError
 
-    def exit_features(self, h: Tensor) -> Tensor:
-        """Map a layer's state (..., d) to the head's input (..., d): final norm, rescale, pooling."""
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The model's own final feature map (norm or pooler) and output projection (`.weight` (V, d))."""
         raise NotImplementedError
+
+    def head_features(self, features: nn.Module, h: Tensor) -> Tensor:
+        """Apply a feature map (`head_modules()[0]` or a per-layer head's copy) to a layer state (..., d),
+        with the family's extras (T5: dropout and the tied-embedding rescale; BERT: pooling)."""
+        return features(h)
 
     def final_norm(self, h: Tensor) -> Tensor:
         """The family's final norm of a layer state (..., d) -> (..., d), without rescale, dropout or
@@ -215,12 +285,12 @@ class ExitBackbone(nn.Module):
 
     @property
     def head_weight(self) -> Tensor:
-        """(V, d) weight of the shared exit head (V = vocab or number of classes)."""
-        raise NotImplementedError
+        """(V, d) weight of the model's own head (V = vocab or number of classes)."""
+        return self.head_modules()[1].weight
 
     @property
     def head_bias(self) -> Tensor | None:
-        return None
+        return getattr(self.head_modules()[1], "bias", None)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Pad tokenised examples (`source_ids`, `target_ids` lists, or `label`) into a batch."""
@@ -263,9 +333,41 @@ class ExitBackbone(nn.Module):
         return self.tokenizer.eos_token_id if pad is None else pad
 
     # --- shared -------------------------------------------------------------------------------
-    def exit_logits(self, h: Tensor) -> Tensor:
-        """Logits (..., V) of the shared exit head for a layer state (..., d)."""
-        return nn.functional.linear(self.exit_features(h), self.head_weight, self.head_bias)
+    def exit_head(self, layer: int | None) -> ExitHead | None:
+        """Exit `layer`'s own head, or None where it uses the model's (shared heads, the last layer)."""
+        if self.exit_heads is None or layer is None:
+            return None
+        return self.exit_heads[str(layer)] if str(layer) in self.exit_heads else None
+
+    def exit_features(self, h: Tensor, layer: int | None = None) -> Tensor:
+        """The head input (..., d) of exit `layer` (None: the last layer's) for a layer state (..., d)."""
+        head = self.exit_head(layer)
+        return self.head_features(head.features if head is not None else self.head_modules()[0], h)
+
+    def head_params(self, layer: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Weight (V, d) and bias (V,) or None of exit `layer`'s head."""
+        head = self.exit_head(layer)
+        if head is None:
+            return self.head_weight, self.head_bias
+        return head.proj.weight, head.proj.bias
+
+    def exit_logits(self, h: Tensor, layer: int | None = None) -> Tensor:
+        """Logits (..., V) of exit `layer`'s head (None: the last layer's) for a layer state (..., d)."""
+        return nn.functional.linear(self.exit_features(h, layer), *self.head_params(layer))
+
+    def exit_logits_at(self, h: Tensor, layers: Tensor) -> Tensor:
+        """Logits (n, V) of states `h (n, d)` that left at different exit `layers (n,)`."""
+        if self.exit_heads is None or h.shape[0] == 0:
+            return self.exit_logits(h)
+        out = None
+        for layer in layers.unique().tolist():
+            sel = layers == layer
+            z = self.exit_logits(h[sel], int(layer))
+            if out is None:
+                out = z.new_empty((h.shape[0], z.shape[-1]))
+            out[sel] = z
+        assert out is not None, "exit_logits_at needs at least one state"
+        return out
 
     def model_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """The wrapped model's own logits for `batch` (reference for the last exit)."""
@@ -294,6 +396,21 @@ class ExitBackbone(nn.Module):
             peft_model.merge_and_unload()
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        self.save_exit_heads(directory)
+
+    def save_exit_heads(self, directory: str) -> None:
+        """Write the per-layer exit heads (if any) to `directory/exit_heads.safetensors`, atomically."""
+        if self.exit_heads is None:
+            return
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from eetrain.files import atomic_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.exit_heads.state_dict().items()}
+        with atomic_file(Path(directory) / HEADS_FILE) as tmp:
+            save_file(state, tmp)
 
 
 def pad(seqs: list[list[int]], value: int) -> Tensor:

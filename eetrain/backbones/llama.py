@@ -55,19 +55,11 @@ class LlamaBackbone(ExitBackbone):
         order = sorted(cap.states)
         return ExitStates(tuple(order), [cap.states[i] for i in order], labels)
 
-    def exit_features(self, h: Tensor) -> Tensor:
-        return self.model.model.norm(h)
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        return self.model.model.norm, self.model.lm_head
 
     def final_norm(self, h: Tensor) -> Tensor:
         return self.model.model.norm(h)
-
-    @property
-    def head_weight(self) -> Tensor:
-        return self.model.lm_head.weight
-
-    @property
-    def head_bias(self) -> Tensor | None:
-        return self.model.lm_head.bias
 
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

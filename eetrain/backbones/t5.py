@@ -52,8 +52,11 @@ class T5Backbone(ExitBackbone):
         order = sorted(cap.states)
         return ExitStates(tuple(order), [cap.states[i] for i in order], labels)
 
-    def exit_features(self, h: Tensor) -> Tensor:
-        out = self.model.decoder.dropout(self.final_norm(h))
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        return self.model.decoder.final_layer_norm, self.model.lm_head
+
+    def head_features(self, features: nn.Module, h: Tensor) -> Tensor:
+        out = self.model.decoder.dropout(features(h))
         if self.model.config.scale_decoder_outputs:
             # T5 with tied embeddings rescales before the LM head.
             out = out * (self.model.config.d_model**-0.5)
@@ -86,10 +89,6 @@ class T5Backbone(ExitBackbone):
             length = hidden_states.shape[1]
             position_bias = attn.compute_bias(length, length, device=hidden_states.device)
         return hidden_states, position_bias, encoder_decoder_position_bias
-
-    @property
-    def head_weight(self) -> Tensor:
-        return self.model.lm_head.weight
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         input_ids = pad([e["source_ids"] for e in examples], self.tokenizer.pad_token_id)

@@ -142,7 +142,7 @@ class LayerDecider:
             return True
         return self.name == "hidden_saturation" and layer + 1 in self.check_layers  # h_{i-1} of a check
 
-    def _candidate_logits(self, h: Tensor, rows: Tensor | None) -> Tensor:
+    def _candidate_logits(self, layer: int, h: Tensor, rows: Tensor | None) -> Tensor:
         """Logits `(n, k)` of each row's candidate tokens only: a `k x d` product instead of `V x d`.
 
         The candidates are the top-k tokens of the row's first check, which saw the whole vocabulary.
@@ -151,14 +151,23 @@ class LayerDecider:
         token outside the set (with k = V it is the full-vocabulary measure)."""
         bb = self.backbone
         cand = self.cand if rows is None else self.cand[rows]
-        weight = bb.head_weight[cand]  # type: ignore[attr-defined]  # (n, k, d)
-        logits = torch.einsum("nd,nkd->nk", bb.exit_features(h).to(weight.dtype), weight)  # type: ignore[attr-defined]
-        bias = bb.head_bias  # type: ignore[attr-defined]
+        full_weight, bias = bb.head_params(layer)  # type: ignore[attr-defined]
+        weight = full_weight[cand]  # (n, k, d)
+        logits = torch.einsum("nd,nkd->nk", bb.exit_features(h, layer).to(weight.dtype), weight)  # type: ignore[attr-defined]
         return logits if bias is None else logits + bias[cand]
 
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the measure reads the exit head's logits (else only hidden states)."""
+        return self.name in _HISTORY_MEASURES or self.name in _MEASURE_FNS
+
     @torch.no_grad()
-    def observe(self, layer: int, h: Tensor, rows: Tensor | None) -> Tensor | None:
+    def observe(self, layer: int, h: Tensor, rows: Tensor | None, logits: Tensor | None = None) -> Tensor | None:
         """States `h (n, d)` after `layer` of the rows `rows` (`(n,)`, None = all B rows).
+
+        logits: `(n, V)` exit logits of these rows at `layer` when the caller has them (a sequence head
+        pools a whole sequence, not the one state per row in `h`); else the measure applies the exit
+        head to `h` where it needs logits (`needs_logits`).
 
         Returns `(n,)` bool, True where the token exits here, or None when this layer cannot exit.
         When the measure computed the exit head, its logits stay in `last_logits` `(n, V)` (the
@@ -201,7 +210,8 @@ class LayerDecider:
             if check:  # as the registered measure computes it: cos(h_i, h_{i-1}) in float32
                 scores = F.cosine_similarity(_full(h), take(self.prev).to(_full(h).dtype), dim=-1)
         elif name in _HISTORY_MEASURES:
-            logits = self.backbone.exit_logits(h)  # type: ignore[attr-defined]
+            if logits is None:
+                logits = self.backbone.exit_logits(h, layer)  # type: ignore[attr-defined]
             self.last_logits = logits
             pred, top2, _ = summarize_logits(logits)
             self.history.append((store(self._hist_fill(), pred), store(self._hist_fill(2), top2)))
@@ -214,11 +224,12 @@ class LayerDecider:
                 return compute_measure(name, rec, **self.policy.measure_kwargs)[-1]  # type: ignore[union-attr]
             return None
         elif self.candidates is not None and layer != self.first_check:
-            logits = self._candidate_logits(h, rows)
+            logits = self._candidate_logits(layer, h, rows)
             self.last_logits, self.last_candidates = logits, take(self.cand)
             scores = _MEASURE_FNS[name](logits[None])[0]
         else:
-            logits = self.backbone.exit_logits(h)  # type: ignore[attr-defined]
+            if logits is None:
+                logits = self.backbone.exit_logits(h, layer)  # type: ignore[attr-defined]
             self.last_logits = logits
             scores = _MEASURE_FNS[name](logits[None])[0]  # type: ignore[index]
             if self.candidates is not None:

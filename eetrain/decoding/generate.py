@@ -404,7 +404,8 @@ class _Decoder:
             return None
         hidden = torch.cat([states for states, _, _ in self.recorded], dim=1)
         with torch.no_grad():
-            predictions = self.bb.exit_logits(hidden).argmax(dim=-1)
+            predictions = torch.stack([self.bb.exit_logits(hidden[i], i + 1).argmax(dim=-1)
+                                       for i in range(hidden.shape[0])])
         positions = torch.cat([torch.full((len(rows),), step + 1) for _, step, rows in self.recorded])
         rows = torch.cat([torch.from_numpy(rows) for _, _, rows in self.recorded])
         return ExitRecords(hidden=hidden.cpu(), predictions=predictions.cpu(), positions=positions.long(),
@@ -500,7 +501,8 @@ class _Decoder:
             if self.need_head.any():  # the exit head once for every row that left without logits
                 t0 = time.perf_counter()
                 idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(dev)
-                self.new_tok[idx] = self.sample(bb.exit_logits(self.exit_h[idx]))
+                at = torch.from_numpy(self.exit_at[self.need_head]).to(dev)
+                self.new_tok[idx] = self.sample(bb.exit_logits_at(self.exit_h[idx], at))
                 self.head_seconds += time.perf_counter() - t0
             new_tok, exit_at = self.new_tok, self.exit_at
             new_tok[torch.from_numpy(done).to(dev)] = pad
@@ -587,7 +589,7 @@ def _self_speculative(
                 for layer in range(1, E + 1):
                     h = backbone.decode_layer(ctx, layer, h, None, slot + i)
                 states.append(h)
-                x = int(backbone.exit_logits(h[:, 0]).argmax(dim=-1))
+                x = int(backbone.exit_logits(h[:, 0], E).argmax(dim=-1))
                 drafts.append(x)
             h = torch.cat(states, dim=1)  # (1, k, d): layer-E states of the inputs at slot..slot+k-1
             for layer in range(E + 1, L + 1):  # verify all drafts with the deep layers in one pass

@@ -169,15 +169,15 @@ def record_exits(
                 h0 = None if h0 is None else h0[:m]
             preds, top2, ents, sats, logits = [], [], [], [], []
             previous = h0
-            for h in hs:
+            for layer, h in zip(states.layers, hs, strict=True):
                 p_parts, t_parts, e_parts, z_parts = [], [], [], []
                 for start in range(0, m, chunk_size):
                     chunk = h[start : start + chunk_size]
                     if backbone.head_kind == "sequence":
                         # the head pools (B, T, d) itself: give it the first token as a length-1 sequence
-                        z = backbone.exit_logits(chunk[:, None, :])
+                        z = backbone.exit_logits(chunk[:, None, :], layer)
                     else:
-                        z = backbone.exit_logits(chunk)
+                        z = backbone.exit_logits(chunk, layer)
                     z = z.float()
                     p, t2, e = summarize_logits(z)
                     p_parts.append(p.cpu())

@@ -157,12 +157,11 @@ class ExitClassifierModule(L.LightningModule):
         with torch.no_grad():
             states = self.backbone(batch)
             hs, _, _, _, _ = _token_view(self.backbone, states.hidden, None, states.labels)
-            preds = torch.stack(
-                [
-                    self.backbone.exit_logits(h[:, None] if self.backbone.head_kind == "sequence" else h).argmax(-1)
-                    for h in hs
-                ]
-            )
+            seq = self.backbone.head_kind == "sequence"
+            preds = torch.stack([
+                self.backbone.exit_logits(h[:, None] if seq else h, layer).argmax(-1)
+                for layer, h in zip(states.layers, hs, strict=True)
+            ])
             return torch.stack(hs), batch_targets(preds)
 
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:

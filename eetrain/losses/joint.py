@@ -58,9 +58,9 @@ def token_rows(states: ExitStates, backbone: ExitBackbone, layers: Sequence[int]
     for i in layers:
         h = by_layer[i]
         if backbone.head_kind == "sequence":
-            feats.append(backbone.exit_features(h)[keep])
+            feats.append(backbone.exit_features(h, i)[keep])
         else:
-            feats.append(backbone.exit_features(h[keep]))
+            feats.append(backbone.exit_features(h[keep], i))
     return feats, labels[keep]
 
 
@@ -133,16 +133,19 @@ class ExitCrossEntropy(nn.Module):
             weights = renormalise(weights, keep)
             layers = active
         feats, labels = token_rows(states, backbone, layers)
-        loss, per_layer = multi_exit_cross_entropy(
-            feats,
-            backbone.head_weight,
-            labels,
-            weights.to(feats[0].device),
-            bias=backbone.head_bias,
-            label_smoothing=self.label_smoothing,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-        )
+        weights = weights.to(feats[0].device)
+        kw = dict(label_smoothing=self.label_smoothing, impl=self.impl, chunk_size=self.chunk_size)
+        if backbone.exit_heads is None:
+            loss, per_layer = multi_exit_cross_entropy(
+                feats, backbone.head_weight, labels, weights, bias=backbone.head_bias, **kw
+            )
+        else:  # every exit has its own head: one fused CE each (still one exit's logits at a time)
+            parts = []
+            for k, layer in enumerate(layers):
+                weight, bias = backbone.head_params(layer)
+                parts.append(multi_exit_cross_entropy([feats[k]], weight, labels, weights[k : k + 1], bias=bias, **kw))
+            loss = torch.stack([p[0] for p in parts]).sum()
+            per_layer = torch.cat([p[1] for p in parts])
         # Exits with weight 0 are not computed (NaN): they had no loss, so they are not reported.
         layer_ce = {i: v for i, v, w in zip(layers, per_layer, weights.tolist(), strict=True) if w > 0}
         logs = {"exits": loss.new_tensor(float(len(layer_ce)))} if self.curriculum is not None else {}

@@ -1,0 +1,81 @@
+"""Stage `exit_heads`: DeeBERT's second stage — train the per-layer exit heads on a frozen model.
+
+DeeBERT first fine-tunes the model with its final classifier only (`loss=last_layer`), then freezes
+everything that was trained and fits the internal classifiers (`model.exit_head=per_layer`), each on its
+own cross-entropy, so early exits cannot degrade the final layer. This stage is that second step, for
+any family: it fits `backbone.exit_heads` (uniform weights over their layers) with a Lightning Trainer on
+the run's data, reports every layer again and refreshes the export's `exit_heads.safetensors`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from eetrain.errors import ConfigError
+from eetrain.losses.joint import ExitCrossEntropy, JointLoss
+from eetrain.module import EarlyExitModule
+
+
+def heads_settings(cfg: Any) -> dict[str, Any]:
+    node = dict(((cfg.get("exit") or {}).get("heads")) or {})
+    allowed = {"epochs", "lr", "weight_decay"}
+    unknown = sorted(set(node) - allowed)
+    if unknown:
+        raise ConfigError(f"exit.heads: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    epochs, lr = node.get("epochs", 2), node.get("lr", 1e-3)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"exit.heads.epochs={epochs!r}; allowed: an integer >= 1")
+    if not isinstance(lr, int | float) or lr <= 0:
+        raise ConfigError(f"exit.heads.lr={lr!r}; allowed: a number > 0")
+    return {"epochs": epochs, "lr": float(lr), "weight_decay": float(node.get("weight_decay", 0.0))}
+
+
+def check_config(cfg: Any, backbone: Any) -> None:
+    heads_settings(cfg)
+    if backbone.exit_heads is None:
+        raise ConfigError("stages: exit_heads trains per-layer exit heads; set model.exit_head=per_layer")
+
+
+def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, float]]:
+    from eetrain.train import evaluate_layers, write_rows
+
+    check_config(cfg, backbone)
+    settings = heads_settings(cfg)
+    layers = sorted(int(k) for k in backbone.exit_heads)
+    trainable = {p: p.requires_grad for p in backbone.parameters()}
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for p in backbone.exit_heads.parameters():
+        p.requires_grad_(True)
+    loss = JointLoss({"ce": ExitCrossEntropy(weights="uniform", layers=layers)})
+    optimizer = functools.partial(torch.optim.AdamW, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    module = EarlyExitModule(backbone, loss, optimizer=optimizer)
+    trainer_cfg = cfg.get("trainer") or {}
+    trainer = L.Trainer(
+        max_epochs=settings["epochs"], accelerator=trainer_cfg.get("accelerator", "auto"), devices=1,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=bool(trainer_cfg.get("enable_progress_bar", True)),
+        limit_train_batches=trainer_cfg.get("limit_train_batches"), limit_val_batches=0,
+        default_root_dir=str(out_dir),
+    )
+    print(f"\n[exit_heads] training the exit heads of layers {layers} on the frozen model "
+          f"({settings['epochs']} epochs, lr {settings['lr']:g})")
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    rows = evaluate_layers(backbone, data.val_dataloader())
+    from eetrain.layer_metrics import format_table
+
+    print("\nPer-layer validation report with the trained exit heads")
+    print(format_table(rows))
+    write_rows(rows, Path(out_dir) / "layer_report.csv")
+    if (Path(out_dir) / "export").is_dir():
+        backbone.save_exit_heads(str(Path(out_dir) / "export"))
+    return rows
