@@ -23,6 +23,8 @@ STAGES: dict[str, str] = {
     "generate": "eetrain.decoding.stage.run_stage",
     # sweep policy thresholds in real decoding: task metric vs measured speed-up, quality_speed.csv/.png
     "curve": "eetrain.decoding.curve.run_stage",
+    # sequence classification with per-sample exits: per-layer scores, accuracy vs measured speed-up
+    "classify": "eetrain.classify.run_stage",
 }
 
 #: stage name -> "module.function(cfg, backbone)" validating the stage's config before training.
@@ -32,6 +34,7 @@ CHECKS: dict[str, str] = {
     "policies": "eetrain.exits.settings.check_config",
     "generate": "eetrain.decoding.stage.check_config",
     "curve": "eetrain.decoding.curve.check_config",
+    "classify": "eetrain.classify.check_config",
 }
 
 

@@ -37,21 +37,16 @@ class BertBackbone(ExitBackbone):
         order = sorted(cap.states)
         return ExitStates(tuple(order), [cap.states[i] for i in order], batch.get("labels"))
 
-    def exit_features(self, h: Tensor) -> Tensor:
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        return self.model.bert.pooler, self.model.classifier
+
+    def head_features(self, features: nn.Module, h: Tensor) -> Tensor:
         """(B, T, d) layer state -> (B, d) pooled first-token feature (BERT is post-norm: no extra norm)."""
-        return self.model.dropout(self.model.bert.pooler(h))
+        return self.model.dropout(features(h))
 
     def final_norm(self, h: Tensor) -> Tensor:
         """BERT is post-norm: every layer's output already went through its own LayerNorm."""
         return h
-
-    @property
-    def head_weight(self) -> Tensor:
-        return self.model.classifier.weight
-
-    @property
-    def head_bias(self) -> Tensor | None:
-        return self.model.classifier.bias
 
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
@@ -71,6 +66,44 @@ class BertBackbone(ExitBackbone):
             else:
                 batch["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
         return batch
+
+    # --- encoder early exit (sequence heads; see eetrain/classify.py) ----------------------------
+    # The encoder keeps no cache, so rows that exited simply leave the batch: `encode_rows` gathers
+    # the running rows' states and attention inputs, and later layers compute only those.
+    def encode_embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, Any]]:
+        """Embeddings `(B, T, d)` of `batch` (input_ids, attention_mask, token_type_ids) and the
+        attention inputs every layer takes: `(attention_mask (B, T), the model's layer mask)`."""
+        inputs = self.model_inputs(batch)
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = ids.new_ones(ids.shape)
+        h = self.model.bert.embeddings(input_ids=ids, token_type_ids=inputs.get("token_type_ids"))
+        return h, (mask, self._layer_mask(h, mask))
+
+    def encode_layer(self, layer: int, h: Tensor, ctx: tuple[Tensor, Any]) -> Tensor:
+        """Run the 1-based encoder `layer` on states `h (n, T, d)` with `ctx` from `encode_embed` /
+        `encode_rows`; returns `(n, T, d)`."""
+        out = self.blocks[layer - 1](h, ctx[1])
+        return out[0] if isinstance(out, tuple) else out
+
+    def encode_rows(self, h: Tensor, ctx: tuple[Tensor, Any], keep: Tensor) -> tuple[Tensor, tuple[Tensor, Any]]:
+        """The rows `keep` (`(n,)` bool or indices) of states `h (n, T, d)` and of their attention inputs.
+        Trailing columns that are padding in every kept row are cut (masked keys weigh nothing, so the
+        real positions' states do not change), so a batch gets cheaper as its long rows exit."""
+        mask = ctx[0][keep]
+        h = h[keep]
+        real = mask.any(0).nonzero()
+        width = int(real[-1]) + 1 if real.numel() else mask.shape[1]
+        if width < mask.shape[1]:
+            h, mask = h[:, :width], mask[:, :width]
+        return h, (mask, self._layer_mask(h, mask))
+
+    def _layer_mask(self, h: Tensor, mask: Tensor) -> Any:
+        """The bidirectional mask the model's attention implementation takes (None: no padding)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=h, attention_mask=mask)
 
     @property
     def regression(self) -> bool:

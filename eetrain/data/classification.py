@@ -96,3 +96,28 @@ class ClassificationDataModule(SplitDataModule):
 
     def describe(self, stats: dict[str, int]) -> str:
         return f"{stats['examples']} examples; truncated {stats['truncated']} (> {self.max_length} tokens)"
+
+
+class DemoStoryClassification(ClassificationDataModule):
+    """The shipped demo paragraphs as a classification task, offline and without a file of its own: the
+    label of an example is read off its summary (`label_column`, the demo's `target`) by
+    `eetrain.data.make_demo.story_label`: the story type, the event stories split by their outcome
+    (`STORY_LABELS`, 8 classes)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        from eetrain.data.make_demo import STORY_LABELS
+
+        if self.num_labels != len(STORY_LABELS):
+            raise ConfigError(
+                f"data.num_labels={self.num_labels}: the demo stories have {len(STORY_LABELS)} classes "
+                f"({', '.join(STORY_LABELS)})"
+            )
+
+    def label(self, value: Any, i: int) -> int:
+        from eetrain.data.make_demo import STORY_LABELS, story_label
+
+        try:
+            return STORY_LABELS.index(story_label(str(value)))
+        except ValueError as e:
+            raise DataError(f"row {i}: data.label_column={self.label_column!r}: {e}") from None

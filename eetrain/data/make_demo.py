@@ -405,6 +405,38 @@ STORY_TYPES: dict[str, Callable[[_Draw], Story]] = {
     "election": _election,
 }
 
+#: The classes of the demo's classification task (``conf/data/demo_classification.yaml``): the story type of
+#: a paragraph, with the event stories split by their outcome. Most paragraphs give their type away in a few
+#: words; an event's outcome is only implied by the cue sentence among distractors (see ``_event``), so those
+#: three classes are the hard cases an early-exit classifier should keep for its deep layers.
+STORY_LABELS: tuple[str, ...] = (
+    "visit", "match", "sales", "event_postponed", "event_cancelled", "event_ahead", "appointment", "election",
+)  # fmt: skip
+# Each summary template, as ``_target_text`` writes it; an event's outcome is its last words.
+_TEMPLATES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (label, re.compile(pattern))
+    for label, pattern in (
+        ("visit", r"\w+ \w+ arrived on \w+ in \w+ for [\w ]+\."),
+        ("match", r"\w+ \w+ beat \w+ \w+ by \d+ points on \w+\."),
+        ("sales", r"\w+ \w+ sold \d+ \w+ in \w+ this week\."),
+        ("event_postponed", r"The \w+ planned in \w+ for \w+ was postponed\."),
+        ("event_cancelled", r"The \w+ planned in \w+ for \w+ was cancelled\."),
+        ("event_ahead", r"The \w+ planned in \w+ for \w+ went ahead\."),
+        ("appointment", r"\w+ \w+ took over from \w+ \w+ as \w+ of \w+ \w+\."),
+        ("election", r"\w+ \w+ won the \w+ election by \d+ votes\."),
+    )
+)
+
+
+def story_label(target: str) -> str:
+    """The class (one of :data:`STORY_LABELS`) of a demo example, read off its summary's template, so the
+    classification task needs no file of its own. Raises ``ValueError`` for a text no template matches."""
+    for label, pattern in _TEMPLATES:
+        if pattern.fullmatch(target):
+            return label
+    raise ValueError(f"not a demo summary (no story template matches): {target!r}")
+
+
 _PIECE = re.compile(r"\w+|[^\w\s]")  # the tokenizer's split: words and single punctuation marks
 
 

@@ -74,10 +74,13 @@ def curve_settings(cfg: Any) -> CurveSettings:
     )
 
 
-def curve_specs(cfg: Any, backbone: Any, names: Sequence[str], out_dir: Path, model_dir: str | None) -> list[PolicySpec]:
-    """The policies of `curve.policies` with their grids: `exit.policies.<label>.thresholds` (or
-    `exit.thresholds`), `exit.classifiers.thresholds` for `classifier:<kind>`. A classifier is loaded
-    from `exit.classifiers.dir` / this run's `exit_classifiers/`, else from the export."""
+def curve_specs(
+    cfg: Any, backbone: Any, names: Sequence[str], out_dir: Path, model_dir: str | None, key: str = "curve.policies"
+) -> list[PolicySpec]:
+    """The policies of `curve.policies` (or another list, named `key` in errors) with their grids:
+    `exit.policies.<label>.thresholds` (or `exit.thresholds`), `exit.classifiers.thresholds` for
+    `classifier:<kind>`. A classifier is loaded from `exit.classifiers.dir` / this run's
+    `exit_classifiers/`, else from the export."""
     L = backbone.num_layers
     horizon = (cfg.get("data") or {}).get("max_target_length")
     measures = {s.name: s for s in policy_specs(cfg, L, horizon=horizon)}
@@ -86,30 +89,30 @@ def curve_specs(cfg: Any, backbone: Any, names: Sequence[str], out_dir: Path, mo
     allowed = f"labels of exit.policies ({', '.join(measures)}) or classifier:<{'|'.join(sorted(CLASSIFIERS))}>"
     specs = []
     for i, name in enumerate(names):
-        key = f"curve.policies[{i}]"
+        entry = f"{key}[{i}]"
         if name.startswith("classifier:"):
             kind = name.split(":", 1)[1]
             if kind not in CLASSIFIERS:
-                raise ConfigError(f"{key}={name!r}; allowed: {allowed}")
+                raise ConfigError(f"{entry}={name!r}; allowed: {allowed}")
             paths = [clf_settings.path(kind, out_dir)]
             if model_dir is not None:
                 paths.append(Path(model_dir) / CLASSIFIER_FILE.format(kind=kind))
             path = next((p for p in paths if p.is_file()), None)
             if path is None:
                 raise ConfigError(
-                    f"{key}={name!r}: no saved {kind} classifier at {' or '.join(map(str, paths))}; train it "
+                    f"{entry}={name!r}: no saved {kind} classifier at {' or '.join(map(str, paths))}; train it "
                     "with stages=[exit_classifiers,curve] or set exit.classifiers.dir"
                 )
             try:
                 clf = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
             except ValueError as e:
-                raise ConfigError(f"{key}: {e}") from e
+                raise ConfigError(f"{entry}: {e}") from e
             policy = ExitPolicy(clf, min_exit_layer=floor, name=name, exit_points=points)
             specs.append(PolicySpec(name, policy, clf_settings.thresholds))
         elif name in measures:
             specs.append(measures[name])
         else:
-            raise ConfigError(f"{key}={name!r}; allowed: {allowed}")
+            raise ConfigError(f"{entry}={name!r}; allowed: {allowed}")
     return specs
 
 
@@ -208,7 +211,10 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else v
 
 
-def plot_quality_speed(rows: Sequence[Mapping[str, Any]], path: Path, metric: str, title: str) -> Path:
+def plot_quality_speed(
+    rows: Sequence[Mapping[str, Any]], path: Path, metric: str, title: str,
+    xlabel: str = "measured speed-up over full-model decoding (x)",
+) -> Path:
     """The headline metric against the speed-up: one line per policy (threshold labels), the full model
     as a star at 1.0x."""
     import matplotlib
@@ -227,7 +233,7 @@ def plot_quality_speed(rows: Sequence[Mapping[str, Any]], path: Path, metric: st
     if full is not None:
         ax.plot([1.0], [full[metric]], marker="*", markersize=14, color="black", linestyle="none", label="full model")
         ax.axhline(0.97 * full[metric], color="grey", linewidth=0.8, linestyle=":", label="97% of the full model")
-    ax.set_xlabel("measured speed-up over full-model decoding (x)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -239,8 +245,8 @@ def plot_quality_speed(rows: Sequence[Mapping[str, Any]], path: Path, metric: st
     return path
 
 
-def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str) -> bool:
-    """The table and the plot into the active W&B run, if one is active (logger=wandb)."""
+def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str, key: str = "curve/quality_speed") -> bool:
+    """The table and the plot into the active W&B run under `key`, if one is active (logger=wandb)."""
     try:
         import wandb
     except ImportError:
@@ -252,9 +258,9 @@ def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str) -> bool
         columns += [k for k in r if k not in columns]
     table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
     wandb.log({
-        "curve/quality_speed": table,
-        "curve/quality_speed_plot": wandb.plot.scatter(table, "speedup", metric, title=f"{metric} vs speed-up"),
-        "curve/quality_speed_png": wandb.Image(str(png)),
+        key: table,
+        f"{key}_plot": wandb.plot.scatter(table, "speedup", metric, title=f"{metric} vs speed-up"),
+        f"{key}_png": wandb.Image(str(png)),
     })
     return True
 
