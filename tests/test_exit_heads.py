@@ -174,3 +174,22 @@ def test_exit_heads_stage_trains_only_the_heads(tmp_path):
     assert torch.equal(back.exit_heads["1"].proj.weight, bb.exit_heads["1"].proj.weight)
     with pytest.raises(ConfigError, match=r"set model.exit_head=per_layer"):
         run_stage(cfg, instantiate(compose([]).model), data, tmp_path)
+
+
+@pytest.mark.slow
+def test_deebert_two_stages_on_the_demo(tmp_path):
+    """DeeBERT's recipe end to end: last-layer fine-tuning, the heads on the frozen model, entropy exits."""
+    from tests.test_config import cli
+
+    out = tmp_path / "run"
+    r = cli("+experiment=bert_demo", "loss=last_layer", "stages=[exit_heads,classify]", f"hydra.run.dir={out}",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.enable_progress_bar=false",
+            "exit.heads.epochs=1", "classify.policies=[entropy]", "classify.max_examples=64", "classify.repeats=1",
+            "callbacks.generation_metrics=null", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "with the trained exit heads" in r.stdout
+    assert (out / "export" / "exit_heads.safetensors").is_file()
+    import csv
+
+    rows = list(csv.DictReader((out / "accuracy_speed.csv").open()))
+    assert {row["policy"] for row in rows} >= {"full", "entropy"}
