@@ -327,4 +327,5 @@ def test_bad_settings(name, overrides, error, message, tokenizer):
 
 def test_every_data_config_is_covered():
     shipped = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")}
-    assert shipped == set(TEXT) | {f"glue_{t}" for t in GLUE} | {"demo", "local"}
+    plain_text = {"text", "wikitext103"}  # packed plain text: tests/test_llama_recipes.py
+    assert shipped == set(TEXT) | {f"glue_{t}" for t in GLUE} | {"demo", "local", "demo_classification"} | plain_text

@@ -65,6 +65,10 @@ class LlamaBackbone(ExitBackbone):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """input_ids, attention_mask, labels (B, T_max), right-padded: each row is `source + target`,
+        labelled on the target only (-100 on the source and the padding). A packed plain-text block is
+        `{"source_ids": [], "target_ids": block}`: every token labelled, and equal blocks need no padding.
+        `forward` shifts the labels, so a row's first token is never a target."""
         ids = [e["source_ids"] + e["target_ids"] for e in examples]
         labels = [[-100] * len(e["source_ids"]) + e["target_ids"] for e in examples]
         pad_id = self.tokenizer.pad_token_id

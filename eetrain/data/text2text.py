@@ -21,6 +21,8 @@ from eetrain.hub import check_dataset_reachable
 from eetrain.task_metrics import check_metrics
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: plain-text corpora also read TXT files: one document per blank-line-separated paragraph (column `text`)
+TEXT_FORMATS = {**_FORMATS, ".txt": "text"}
 #: the config key that names each role's split
 SPLIT_KEYS = {"train": "data.train_split", "validation": "data.val_split", "test": "data.test_split"}
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -36,7 +38,9 @@ def get_field(row: Mapping[str, Any], path: str) -> Any:
     return value
 
 
-def _local_file(files: Mapping[str, Any] | None, split: str, role: str, also: Sequence[str]) -> tuple[str, str]:
+def _local_file(
+    files: Mapping[str, Any] | None, split: str, role: str, also: Sequence[str], formats: Mapping[str, str] = _FORMATS
+) -> tuple[str, str]:
     """(files key, path) of a role's file: `files[role]` (train/validation/test), else `files[split]`, else
     the file of another role with the same split (`also`).
 
@@ -54,7 +58,7 @@ def _local_file(files: Mapping[str, Any] | None, split: str, role: str, also: Se
         tried = f" (nor {', '.join(f'data.files.{k}' for k in keys[1:])} for {SPLIT_KEYS[role]}={split!r})"
     raise ConfigError(
         f"data.files.{role} is not set{tried}; set data.hf_name or data.files.{role} to a "
-        f"{'/'.join(sorted(_FORMATS))} file; files given: {', '.join(given) or 'none'}"
+        f"{'/'.join(sorted(formats))} file; files given: {', '.join(given) or 'none'}"
     )
 
 
@@ -67,6 +71,7 @@ def load_rows(
     role: str | None = None,
     column_keys: str = "data.source_column and data.target_column",
     also: Sequence[str] = (),
+    formats: Mapping[str, str] = _FORMATS,
 ) -> list[dict[str, Any]]:
     """Load one split as a list of {field: value} rows.
 
@@ -74,7 +79,7 @@ def load_rows(
     a field is a column or a dotted path into a nested column. role: train/validation/test (the
     `data.files` key and the split key in errors; default: the split name). column_keys: the keys that
     name the columns, for the offline message. also: other `data.files` keys for this split (the roles
-    that share its split name).
+    that share its split name). formats: file suffix -> `datasets` builder (TEXT_FORMATS adds `.txt`).
     """
     import datasets
 
@@ -92,18 +97,20 @@ def load_rows(
             ) from None
         where = f"data.hf_name={hf_name!r} split {split!r}"
     else:
-        key, value = _local_file(files, split, role, also)
+        key, value = _local_file(files, split, role, also, formats)
         path = Path(value).expanduser()
         if not path.exists():
             raise DataError(f"data.files.{key}={str(path)!r}: no such file")
-        fmt = _FORMATS.get(path.suffix.lower())
+        fmt = formats.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"data.files.{key}={str(path)!r}: unknown format; allowed: {', '.join(sorted(_FORMATS))}")
+            raise DataError(f"data.files.{key}={str(path)!r}: unknown format; allowed: {', '.join(sorted(formats))}")
         where = f"data.files.{key}={str(path)!r}"
         if path.stat().st_size == 0:
             raise DataError(f"{where} is empty")
         try:
-            ds = datasets.load_dataset(fmt, data_files={"rows": str(path)}, split="rows")
+            # a TXT file's documents are its paragraphs: hard-wrapped lines stay in one document
+            extra = {"sample_by": "paragraph"} if fmt == "text" else {}
+            ds = datasets.load_dataset(fmt, data_files={"rows": str(path)}, split="rows", **extra)
         except ValueError as e:
             # datasets reports a header-only file as "Instruction ... corresponds to no data"
             raise DataError(f"{where} is empty or unreadable as {fmt}: {e}") from e
@@ -142,6 +149,19 @@ def truncate(ids: list[int], max_length: int, eos_id: int | None) -> list[int]:
     return out
 
 
+def as_completion(ids: list[int], bos_id: int | None, eos_id: int | None) -> list[int]:
+    """A target's token ids as the completion of its source: without the bos that LLaMA-style tokenizers
+    put first (it would sit mid-sequence after the source in a decoder-only model) and ending with eos,
+    which those tokenizers do not add, so the model learns to stop. T5's targets (no bos, eos last) are
+    unchanged."""
+    out = list(ids)
+    if out and bos_id is not None and bos_id != eos_id and out[0] == bos_id:
+        out = out[1:]
+    if eos_id is not None and (not out or out[-1] != eos_id):
+        out.append(eos_id)
+    return out
+
+
 def check_headline_metric(metric: str, metrics: Sequence[str], kind: str) -> tuple[str, tuple[str, ...]]:
     """Validate `data.metrics` (names of `kind` "text" or "label") and that `data.metric` is one of them."""
     names = tuple(str(m) for m in metrics)
@@ -158,6 +178,8 @@ class SplitDataModule(L.LightningDataModule):
 
     fields: dict[str, str]
     column_keys: str
+    #: file suffix -> `datasets` builder of the local files this data reads
+    formats: Mapping[str, str] = _FORMATS
 
     def __init__(
         self,
@@ -198,7 +220,7 @@ class SplitDataModule(L.LightningDataModule):
         split = self.splits.get(role, role)
         also = [r for r, s in self.splits.items() if s == split]
         rows = load_rows(split, columns=self.fields, role=role, column_keys=self.column_keys, also=also,
-                         **self.source)
+                         formats=self.formats, **self.source)
         try:
             self.datasets[role], self.truncation[role] = self.tokenize(rows)
         except DataError as e:
@@ -236,16 +258,17 @@ class SplitDataModule(L.LightningDataModule):
         return self._loader("validation", shuffle=False)
 
 
-def template_fields(template: str) -> list[str]:
-    """The columns a `str.format` template names (`{context}`, `{answers[text]}` -> answers)."""
+def template_fields(template: str, key: str = "data.source_template") -> list[str]:
+    """The columns a `str.format` template names (`{context}`, `{answers[text]}` -> answers); `key` names
+    the template's config key in errors."""
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise ConfigError(f"data.source_template={template!r} is not a valid format string: {e}") from None
+        raise ConfigError(f"{key}={template!r} is not a valid format string: {e}") from None
     tops = [n.split(".")[0].split("[")[0] for n in names]
     if not tops or any(not t or t.isdigit() for t in tops):
         raise ConfigError(
-            f"data.source_template={template!r} must name columns, e.g. 'question: {{question}} context: {{context}}'"
+            f"{key}={template!r} must name columns, e.g. 'question: {{question}} context: {{context}}'"
         )
     return list(dict.fromkeys(tops))
 
@@ -311,8 +334,9 @@ class Text2TextDataModule(SplitDataModule):
         references = [[str(a) for a in v] if isinstance(v, list) else str(v) for v in values]
         targets = [r[0] if isinstance(r, list) else r for r in references]
         src_ids = self.tokenizer(self.sources(rows), add_special_tokens=True)["input_ids"]
-        tgt_ids = self.tokenizer(targets, add_special_tokens=True)["input_ids"]
         eos = self.tokenizer.eos_token_id
+        tgt_ids = [as_completion(t, self.tokenizer.bos_token_id, eos)
+                   for t in self.tokenizer(targets, add_special_tokens=True)["input_ids"]]
         max_src, max_tgt = self.max_lengths
         stats = {
             "examples": len(rows),
