@@ -121,3 +121,22 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
     r = cli("+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",
             "decoding.strategy=self_speculative", "decoding.draft_layer=4", cwd=tmp_path)
     assert r.returncode == 2 and "decoding.draft_layer=4; allowed: 1..3" in r.stderr
+
+
+def test_a_run_s_own_calibration_wins_over_the_loaded_export_s_policy(tmp_path):
+    from eetrain.decoding.settings import run_policy_fields
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "early_exit.json").write_text(json.dumps(
+        {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.9, "min_exit_layer": 2}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose(["+experiment=generate", f"model.name_or_path={export}", "exit.min_exit_layer=2"])
+    bb = make_backbone("t5")
+    assert run_policy_fields(cfg, bb, run, str(export))[0]["threshold"] == 0.9  # nothing calibrated here
+    (run / "calibration.json").write_text(json.dumps([{"policy": "softmax_gap", "threshold": 0.37}]))
+    fields, where = run_policy_fields(cfg, bb, run, str(export))
+    assert fields["threshold"] == 0.37 and fields["measure"] == "softmax_gap" and where == str(run)
+    cfg = compose(["+experiment=generate", f"model.name_or_path={export}", "decoding.policy.threshold=0.5"])
+    assert run_policy_fields(cfg, bb, run, str(export))[0]["threshold"] == 0.5  # the command line wins

@@ -294,3 +294,7 @@ def test_natural_llama_on_a_saved_model_without_training(tmp_path, saved_llama):
     summary = json.loads((out / "generation_summary.json").read_text())
     assert summary["examples"] == 4 and summary["strategy"] == "parallel" and summary["num_layers"] == 6
     assert not (out / "export").exists() and not (out / "checkpoints").exists()  # nothing trained or written
+    # generate decoded with what this run's policies stage calibrated, not the loaded model's defaults
+    calibrated = json.loads((out / "calibration.json").read_text())[0]
+    if calibrated["threshold"] is not None:
+        assert summary["policy"] == f"{calibrated['policy']}:{calibrated['threshold']:g}"

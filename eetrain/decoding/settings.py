@@ -204,6 +204,24 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
     return policy
 
 
+def run_policy_fields(cfg: Any, backbone: Any, out_dir: Path, model_dir: str | None) -> tuple[dict[str, Any], str | None]:
+    """Policy fields for decoding in this run, and the directory a classifier policy's file is in.
+
+    When this run's `policies` stage calibrated a policy (`out_dir/calibration.json`) and the command
+    line names no measure or threshold, that policy is used: a run on a loaded model with `train=false`
+    (no export of its own) decodes with what it just calibrated, not with the loaded export's policy.
+    """
+    fields = policy_fields(cfg, model_dir)
+    node = _plain((cfg.get("decoding") or {}).get("policy")) or {}
+    if node.get("measure") is not None or node.get("threshold") is not None:
+        return fields, model_dir
+    calibrated = _calibrated(cfg, backbone, Path(out_dir), Path(out_dir))
+    if calibrated is None:
+        return fields, model_dir
+    schedule = {k: v for k, v in check_schedule(fields).items() if v is not None}
+    return {**FALLBACK_POLICY, **calibrated, **schedule}, str(out_dir)
+
+
 def export_classifiers(cfg: Any, out_dir: Path, export_dir: Path) -> list[Path]:
     """Copy the run's trained exit classifiers beside the export's weights (`exit_classifier_<kind>.pt`)."""
     from eetrain.exits.settings import classifier_settings

@@ -19,7 +19,7 @@ from eetrain.errors import ConfigError
 from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .generate import GenerateOutput, generate
 from .metrics import sequence_consistency, token_consistency
-from .settings import build_policy, check_schedule, decoding_settings, policy_fields
+from .settings import build_policy, check_schedule, decoding_settings, policy_fields, run_policy_fields
 
 
 def check_config(cfg: Any, backbone: Any) -> None:
@@ -106,8 +106,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     if model_dir is None and (Path(out_dir) / "export").is_dir():
         model_dir = str(Path(out_dir) / "export")  # this run's export (and the policy it stores)
     settings = decoding_settings(cfg, model_dir)
-    fields = policy_fields(cfg, model_dir)
-    policy = build_policy(fields, backbone, model_dir)
+    fields, policy_dir = run_policy_fields(cfg, backbone, Path(out_dir), model_dir)
+    policy = build_policy(fields, backbone, policy_dir)
     schedule = check_schedule(fields) if policy is not None else {}
     label = describe(policy) + "".join(f" {k}={v}" for k, v in schedule.items() if v is not None)
     examples = data.split_examples(settings.split)
