@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from eetrain.decoding.decisions import LayerDecider, ScheduledExits
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import PolicySpec
 
@@ -94,7 +94,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _check(backbone: Any, policy: Any, batch_mode: str) -> None:
-    if backbone.head_kind != "sequence" or not hasattr(backbone, "encode_layer"):
+    if backbone.head_kind != "sequence":
         raise ConfigError(
             f"classify needs a sequence-classification head with encoder early exit (BERT); the "
             f"{backbone.family} adapter has a {backbone.head_kind} head (early-exit generation: eetrain.decoding)"
@@ -210,25 +210,9 @@ class ClassifySettings:
     repeats: int
 
 
-def _positive_or_null(node: Mapping[str, Any], name: str, what: str) -> int | None:
-    value = node.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"classify.{name}={value!r}; allowed: null ({what}) or an integer >= 1")
-    return value
-
-
-def _repeats(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"classify.repeats={value!r}; allowed: an integer >= 1")
-    return value
-
-
 def classify_settings(cfg: Any) -> ClassifySettings:
     node = dict(cfg.get("classify") or {})
-    allowed = set(ClassifySettings.__dataclass_fields__)
-    unknown = sorted(set(node) - allowed)
-    if unknown:
-        raise ConfigError(f"classify: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    check_keys(node, set(ClassifySettings.__dataclass_fields__), "classify")
     policies = node.get("policies") or []
     if isinstance(policies, str):
         policies = [policies]
@@ -238,10 +222,10 @@ def classify_settings(cfg: Any) -> ClassifySettings:
     return ClassifySettings(
         policies=tuple(str(p) for p in policies),
         split=str(node.get("split") or "validation"),
-        max_examples=_positive_or_null(node, "max_examples", "the whole split"),
-        batch_size=_positive_or_null(node, "batch_size", "data.eval_batch_size"),
+        max_examples=positive_int(node.get("max_examples"), "classify.max_examples", null="the whole split"),
+        batch_size=positive_int(node.get("batch_size"), "classify.batch_size", null="data.eval_batch_size"),
         batch_mode=mode,
-        repeats=_repeats(node.get("repeats", 1)),
+        repeats=positive_int(node.get("repeats", 1), "classify.repeats"),
     )
 
 

@@ -19,3 +19,21 @@ class HubUnreachableError(EetrainError, OSError):
 
 class NonFiniteLossError(EetrainError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+def check_keys(node: object, allowed: "set[str] | tuple[str, ...]", key: str) -> None:
+    """ConfigError naming `key` when the mapping `node` has keys outside `allowed`."""
+    unknown = sorted(set(node) - set(allowed))  # type: ignore[call-overload]
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def positive_int(value: object, key: str, null: str | None = None) -> int | None:
+    """`value` as an integer >= 1, else a ConfigError naming `key`; `null` says what null means (None:
+    null is not allowed)."""
+    if value is None and null is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = f"null ({null}) or an integer >= 1" if null is not None else "an integer >= 1"
+        raise ConfigError(f"{key}={value!r}; allowed: {allowed}")
+    return value

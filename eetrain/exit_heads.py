@@ -16,20 +16,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.losses.joint import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
 
 
 def heads_settings(cfg: Any) -> dict[str, Any]:
     node = dict(((cfg.get("exit") or {}).get("heads")) or {})
-    allowed = {"epochs", "lr", "weight_decay"}
-    unknown = sorted(set(node) - allowed)
-    if unknown:
-        raise ConfigError(f"exit.heads: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    epochs, lr = node.get("epochs", 2), node.get("lr", 1e-3)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"exit.heads.epochs={epochs!r}; allowed: an integer >= 1")
+    check_keys(node, {"epochs", "lr", "weight_decay"}, "exit.heads")
+    epochs = positive_int(node.get("epochs", 2), "exit.heads.epochs")
+    lr = node.get("lr", 1e-3)
     if not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"exit.heads.lr={lr!r}; allowed: a number > 0")
     return {"epochs": epochs, "lr": float(lr), "weight_decay": float(node.get("weight_decay", 0.0))}

@@ -193,3 +193,14 @@ def test_deebert_two_stages_on_the_demo(tmp_path):
 
     rows = list(csv.DictReader((out / "accuracy_speed.csv").open()))
     assert {row["policy"] for row in rows} >= {"full", "entropy"}
+
+
+def test_bad_heads_settings_name_the_key():
+    from eetrain.exit_heads import heads_settings
+
+    with pytest.raises(ConfigError, match=r"exit.heads: unknown key\(s\) \['speed'\]; allowed"):
+        heads_settings(compose(["+exit.heads.speed=1"]))
+    with pytest.raises(ConfigError, match=r"exit.heads.epochs=0; allowed: an integer >= 1"):
+        heads_settings(compose(["exit.heads.epochs=0"]))
+    with pytest.raises(ConfigError, match=r"exit.heads.lr=-1.0; allowed: a number > 0"):
+        heads_settings(compose(["exit.heads.lr=-1.0"]))

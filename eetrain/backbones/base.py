@@ -323,6 +323,19 @@ class ExitBackbone(nn.Module):
         copying: no attention or MLP is computed)."""
         raise NotImplementedError
 
+    # --- encoder early exit (sequence heads; see eetrain/classify.py) ------------------------------
+    def encode_embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
+        """Input states `(B, T, d)` of `batch` and the attention inputs every layer takes."""
+        raise ConfigError(f"encoder early exit needs a sequence head; the {self.family} adapter has none")
+
+    def encode_layer(self, layer: int, h: Tensor, ctx: Any) -> Tensor:
+        """Run the 1-based `layer` on `h (n, T, d)` with `ctx`; returns `(n, T, d)`."""
+        raise NotImplementedError
+
+    def encode_rows(self, h: Tensor, ctx: Any, keep: Tensor) -> tuple[Tensor, Any]:
+        """The rows `keep` of `h` and of their attention inputs."""
+        raise NotImplementedError
+
     @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from eetrain.errors import ConfigError
+from eetrain.errors import positive_int
 from eetrain.task_metrics import corpus_scores
 
 from .calibration import batches
@@ -43,8 +43,7 @@ class GenerationMetrics(L.Callback):
     ):
         for key, value in (("every_n_validations", every_n_validations), ("max_examples", max_examples),
                            ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"callbacks.generation_metrics.{key}={value!r}; allowed: an integer >= 1")
+            positive_int(value, f"callbacks.generation_metrics.{key}")
         self.every = every_n_validations
         self.max_examples = max_examples
         self.batch_size = batch_size

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import PolicySpec, classifier_settings, exit_points, min_exit_layer, policy_specs
@@ -53,19 +53,13 @@ class CurveSettings:
 
 def curve_settings(cfg: Any) -> CurveSettings:
     node = dict(cfg.get("curve") or {})
-    allowed = set(CurveSettings.__dataclass_fields__)
-    unknown = sorted(set(node) - allowed)
-    if unknown:
-        raise ConfigError(f"curve: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    check_keys(node, set(CurveSettings.__dataclass_fields__), "curve")
     policies = node.get("policies") or []
     if isinstance(policies, str):
         policies = [policies]
     if not policies:
         raise ConfigError("curve.policies is empty; name labels of exit.policies or classifier:<kind>")
-    max_examples = node.get("max_examples")
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
-                                     or max_examples < 1):
-        raise ConfigError(f"curve.max_examples={max_examples!r}; allowed: null (the whole split) or an integer >= 1")
+    max_examples = positive_int(node.get("max_examples"), "curve.max_examples", null="the whole split")
     return CurveSettings(
         policies=tuple(str(p) for p in policies),
         split=str(node.get("split") or "test"),

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.measures import MEASURES
 from eetrain.exits.policy import ExitPolicy
@@ -65,22 +65,14 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
     node = dict(_plain(cfg.get("decoding")) or {})
     if node.get("strategy") is None:
         node["strategy"] = (stored_policy(model_dir) or {}).get("strategy") or "copy"
-    allowed = set(DecodingSettings.__dataclass_fields__) | {"policy"}
-    unknown = sorted(set(node) - allowed)
-    if unknown:
-        raise ConfigError(f"decoding: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    check_keys(node, set(DecodingSettings.__dataclass_fields__) | {"policy"}, "decoding")
     if node.get("strategy", "copy") not in STRATEGIES:
         raise ConfigError(f"decoding.strategy={node.get('strategy')!r}; allowed: {', '.join(STRATEGIES)}")
     if node.get("batch_mode", "auto") not in BATCH_MODES:
         raise ConfigError(f"decoding.batch_mode={node.get('batch_mode')!r}; allowed: {', '.join(BATCH_MODES)}")
-    max_examples = node.get("max_examples")
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
-                                     or max_examples < 1):
-        raise ConfigError(f"decoding.max_examples={max_examples!r}; allowed: null (the whole split) or an integer >= 1")
+    positive_int(node.get("max_examples"), "decoding.max_examples", null="the whole split")
     for key in ("max_new_tokens", "batch_size", "draft_tokens"):
-        value = node.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"decoding.{key}={value!r}; allowed: an integer >= 1")
+        positive_int(node.get(key, 1), f"decoding.{key}")
     return DecodingSettings(
         strategy=node.get("strategy", "copy"),
         batch_mode=node.get("batch_mode", "auto"),
