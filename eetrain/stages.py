@@ -25,6 +25,9 @@ STAGES: dict[str, str] = {
     "curve": "eetrain.decoding.curve.run_stage",
     # sequence classification with per-sample exits: per-layer scores, accuracy vs measured speed-up
     "classify": "eetrain.classify.run_stage",
+    # the seed papers' analyses (agreement, oracle, confidence, gating, saturation, sub-word, sub-layer,
+    # suitability) on the model and analyze.models: <analysis>.csv/.png, analysis_summary.json
+    "analyze": "eetrain.analysis.stage.run_stage",
 }
 
 #: stage name -> "module.function(cfg, backbone)" validating the stage's config before training.
@@ -35,6 +38,7 @@ CHECKS: dict[str, str] = {
     "generate": "eetrain.decoding.stage.check_config",
     "curve": "eetrain.decoding.curve.check_config",
     "classify": "eetrain.classify.check_config",
+    "analyze": "eetrain.analysis.stage.check_config",
 }
 
 

@@ -336,6 +336,14 @@ class ExitBackbone(nn.Module):
         """The rows `keep` of `h` and of their attention inputs."""
         raise NotImplementedError
 
+    # --- analysis (eetrain/analysis/sublayer.py) ---------------------------------------------------
+    def sublayers(self, layer: int) -> list[tuple[str, nn.Module, nn.Module | None]]:
+        """The sub-layers of the 1-based block `layer`, in order, as `(name, branch, stream)`: `branch`'s
+        output (first element if a tuple) is the sub-layer's own contribution `(B, T, d)` before the skip
+        connection adds it; `stream`'s output is the residual stream after the sub-layer, or None where
+        that is the stream before it plus the branch (pre-norm blocks)."""
+        raise ConfigError(f"the {self.family} adapter does not name its sub-layers (sub-layer analysis)")
+
     @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id

@@ -48,6 +48,10 @@ class BertBackbone(ExitBackbone):
         """BERT is post-norm: every layer's output already went through its own LayerNorm."""
         return h
 
+    def sublayers(self, layer: int) -> list[tuple[str, nn.Module, nn.Module | None]]:
+        block = self.blocks[layer - 1]  # post-norm: the stream is LayerNorm(stream + projected branch)
+        return [("attention", block.attention.output.dense, block.attention), ("mlp", block.output.dense, block.output)]
+
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 

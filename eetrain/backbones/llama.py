@@ -61,6 +61,10 @@ class LlamaBackbone(ExitBackbone):
     def final_norm(self, h: Tensor) -> Tensor:
         return self.model.model.norm(h)
 
+    def sublayers(self, layer: int) -> list[tuple[str, nn.Module, nn.Module | None]]:
+        block = self.blocks[layer - 1]  # pre-norm: stream after a sub-layer = stream before + its output
+        return [("attention", block.self_attn, None), ("mlp", block.mlp, None)]
+
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 

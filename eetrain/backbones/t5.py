@@ -65,6 +65,14 @@ class T5Backbone(ExitBackbone):
     def final_norm(self, h: Tensor) -> Tensor:
         return self.model.decoder.final_layer_norm(h)
 
+    def sublayers(self, layer: int) -> list[tuple[str, nn.Module, nn.Module | None]]:
+        block = self.blocks[layer - 1].layer  # [self-attention, cross-attention, feed-forward]
+        return [
+            ("attention", block[0].SelfAttention, block[0]),
+            ("cross_attention", block[1].EncDecAttention, block[1]),
+            ("mlp", block[-1].DenseReluDense, block[-1]),
+        ]
+
     def skipped_block_output(
         self,
         block: nn.Module,

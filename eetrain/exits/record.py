@@ -47,7 +47,9 @@ from eetrain.files import atomic_file
 
 from .measures import ExitRecords, summarize_logits
 
-__all__ = ["record_exits", "save_records", "load_records", "records_nbytes", "RECORD_FIELDS"]
+__all__ = [
+    "record_exits", "save_records", "load_records", "records_nbytes", "RECORD_FIELDS", "token_view", "InputCapture",
+]
 
 _FORMAT = "eetrain.exit_records"
 _VERSION = 1
@@ -68,7 +70,7 @@ RECORD_FIELDS: tuple[str, ...] = (
 )
 
 
-class _InputCapture:
+class InputCapture:
     """Forward pre-hook on block 1 that keeps its input hidden states (``h0``, e.g. the embeddings)."""
 
     def __init__(self, block: torch.nn.Module) -> None:
@@ -78,14 +80,14 @@ class _InputCapture:
     def _hook(self, _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.value = args[0] if args else kwargs.get("hidden_states")
 
-    def __enter__(self) -> _InputCapture:
+    def __enter__(self) -> InputCapture:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
 
 
-def _token_view(
+def token_view(
     backbone: Any, hidden: list[Tensor], h0: Tensor | None, labels: Tensor
 ) -> tuple[list[Tensor], Tensor | None, Tensor, Tensor, Tensor]:
     """Select the scored tokens of one batch.
@@ -154,14 +156,14 @@ def record_exits(
     try:
         for batch in loader:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            with _InputCapture(backbone.blocks[0]) as inp:
+            with InputCapture(backbone.blocks[0]) as inp:
                 states = backbone(batch)
             if tuple(states.layers) != tuple(range(1, num_layers + 1)):
                 raise ValueError(f"recording needs every exit layer 1..{num_layers}, got {states.layers}")
             if states.labels is None:
                 raise ValueError("recording needs labels in the batches (the scored tokens)")
             batch_size = states.labels.shape[0]
-            hs, h0, labels, positions, rows = _token_view(backbone, states.hidden, inp.value, states.labels)
+            hs, h0, labels, positions, rows = token_view(backbone, states.hidden, inp.value, states.labels)
             m = labels.shape[0]
             if max_tokens is not None:
                 m = min(m, int(max_tokens) - total)

@@ -45,7 +45,7 @@ from .classifiers import (
     save_classifier,
 )
 from .measures import ExitRecords
-from .record import _token_view, record_exits
+from .record import record_exits, token_view
 
 __all__ = [
     "make_classifier",
@@ -156,7 +156,7 @@ class ExitClassifierModule(L.LightningModule):
             raise ValueError("text batches need the backbone: ExitClassifierModule(..., backbone=...)")
         with torch.no_grad():
             states = self.backbone(batch)
-            hs, _, _, _, _ = _token_view(self.backbone, states.hidden, None, states.labels)
+            hs, _, _, _, _ = token_view(self.backbone, states.hidden, None, states.labels)
             seq = self.backbone.head_kind == "sequence"
             preds = torch.stack([
                 self.backbone.exit_logits(h[:, None] if seq else h, layer).argmax(-1)

@@ -1,0 +1,39 @@
+"""Per layer: how often the top-1 already equals the last layer's, and how close the hidden state is to
+the last one (the diminishing-returns paper's layer-to-final similarity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .collect import LayerRecords
+from .plots import by_model, figure, lines, save
+
+
+def agreement_rows(rec: LayerRecords) -> list[dict[str, Any]]:
+    """One row per layer 1..L: ``agree`` (share of tokens whose top-1 equals the last layer's),
+    ``accuracy`` (top-1 equals the teacher-forced token), ``similarity`` / ``similarity_std``
+    (cos(h_i, h_L) over tokens)."""
+    final = rec.preds[-1]
+    rows = []
+    for i in range(rec.num_layers):
+        cos = rec.cos_final[i + 1].double()
+        rows.append({
+            "layer": i + 1,
+            "agree": float((rec.preds[i] == final).double().mean()),
+            "accuracy": float((rec.preds[i] == rec.labels).double().mean()),
+            "similarity": float(cos.mean()),
+            "similarity_std": float(cos.std(unbiased=False)),
+        })
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig, (a, b) = figure(2, "Agreement with the last layer")
+    for model, rs in by_model(rows).items():
+        lines(a, rs, "layer", "agree", f"{model} top-1 = last".strip())
+        lines(a, rs, "layer", "accuracy", f"{model} top-1 = target".strip(), linestyle="--")
+        lines(b, rs, "layer", "similarity", model)
+    a.set(xlabel="layer", ylabel="share of tokens", ylim=(0, 1.02))
+    b.set(xlabel="layer", ylabel="mean cos(h_i, h_L)", title="layer-to-final similarity")
+    return save(fig, path)
