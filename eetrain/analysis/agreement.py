@@ -30,10 +30,11 @@ def agreement_rows(rec: LayerRecords) -> list[dict[str, Any]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, (a, b) = figure(2, "Agreement with the last layer")
-    for model, rs in by_model(rows).items():
-        lines(a, rs, "layer", "agree", f"{model} top-1 = last".strip())
-        lines(a, rs, "layer", "accuracy", f"{model} top-1 = target".strip(), linestyle="--")
-        lines(b, rs, "layer", "similarity", model)
+    for j, (model, rs) in enumerate(by_model(rows).items()):
+        color = f"C{j}"
+        lines(a, rs, "layer", "agree", f"{model} top-1 = last".strip(), color=color)
+        lines(a, rs, "layer", "accuracy", f"{model} top-1 = target".strip(), linestyle="--", color=color)
+        lines(b, rs, "layer", "similarity", model, color=color)
     a.set(xlabel="layer", ylabel="share of tokens", ylim=(0, 1.02))
     b.set(xlabel="layer", ylabel="mean cos(h_i, h_L)", title="layer-to-final similarity")
     return save(fig, path)

@@ -41,16 +41,17 @@ def confidence_rows(rec: LayerRecords) -> list[dict[str, Any]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = figure(4, "Confidence by layer (solid: top-1 already final; dashed: not yet)", width=4.2)
-    for model, rs in by_model(rows).items():
+    for j, (model, rs) in enumerate(by_model(rows).items()):
+        color = f"C{j}"  # one colour per model in every panel
         for ax, name in zip(axes[:3], ("max_prob", "gap", "entropy"), strict=True):
-            lines(ax, rs, "layer", f"{name}_agree", f"{model} final".strip())
-            lines(ax, rs, "layer", f"{name}_disagree", f"{model} not final".strip(), linestyle="--")
+            lines(ax, rs, "layer", f"{name}_agree", f"{model} final".strip(), color=color)
+            lines(ax, rs, "layer", f"{name}_disagree", f"{model} not final".strip(), linestyle="--", color=color)
             ax.set(xlabel="layer", title=name)
         xs = [r["layer"] for r in rs]
         mean = [r["p_final"] for r in rs]
         std = [r["p_final_std"] for r in rs]
-        axes[3].plot(xs, mean, marker="o", markersize=3, label=model or None)
+        axes[3].plot(xs, mean, marker="o", markersize=3, label=model or None, color=color)
         axes[3].fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
-                             [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
+                             [m + s for m, s in zip(mean, std, strict=True)], alpha=0.1, color=color)
     axes[3].set(xlabel="layer", title="p(final top-1): mean +- std")
     return save(fig, path)

@@ -75,10 +75,11 @@ def saturation_rows(
 
 def plot(layer_rows: list[dict[str, Any]], path: Path, threshold: float) -> Path:
     fig, (a, b) = figure(2, "Hidden-state saturation (MEE Table 1) and top-1 stability (MEE Fig. 1)")
-    for model, rs in by_model(layer_rows).items():
-        lines(a, rs, "layer", "similarity_easy", f"{model} easy".strip())
-        lines(a, rs, "layer", "similarity_difficult", f"{model} difficult".strip(), linestyle="--")
-        lines(b, [r for r in rs if r["layer"] > 0], "layer", "top1_stability", model)
+    for j, (model, rs) in enumerate(by_model(layer_rows).items()):
+        color = f"C{j}"
+        lines(a, rs, "layer", "similarity_easy", f"{model} easy".strip(), color=color)
+        lines(a, rs, "layer", "similarity_difficult", f"{model} difficult".strip(), linestyle="--", color=color)
+        lines(b, [r for r in rs if r["layer"] > 0], "layer", "top1_stability", model, color=color)
     a.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
     a.set(xlabel="layer (0: input of layer 1)", ylabel="mean cos(h_i, h_L)")
     b.set(xlabel="layer", ylabel="share of tokens whose top-1 no longer changes", ylim=(0, 1.02))

@@ -23,7 +23,7 @@ def sublayer_rows(rec: LayerRecords) -> list[dict[str, Any]]:
         for i in range(rec.num_layers):
             rows.append({"layer": i + 1, "sublayer": name, "kind": kind, "top1_final": float(means[i, 0]),
                          "topk_final": float(means[i, 1]), "topk_before": float(means[i, 2])})
-    return sorted(rows, key=lambda r: (r["layer"], r["kind"] != "stream"))
+    return sorted(rows, key=lambda r: r["layer"])  # stable: each sub-layer in block order, stream then output
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -1,0 +1,47 @@
+"""End to end: `+experiment=analyze_demo` (shortened) trains the CALM model, trains a second model once
+with the given overrides into the cache, analyses both and writes every table, plot and W&B entry; a
+second run reuses the cached model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from eetrain.analysis import ANALYSES
+from tests.test_config import cli
+
+SHORT = ["trainer.max_epochs=1", "++trainer.limit_train_batches=5", "++trainer.limit_val_batches=2"]
+PLAIN = ("analyze.models=[{name: plain, overrides: ['+experiment=demo', 'loss=last_layer', 'trainer.max_epochs=1', "
+         "'++trainer.limit_train_batches=5', '++trainer.limit_val_batches=2', 'callbacks=none']}]")
+
+
+@pytest.mark.slow
+def test_analyze_demo_two_models_offline(tmp_path):
+    args = ["+experiment=analyze_demo", *SHORT, "model.config.num_layers=4", "model.config.num_decoder_layers=4",
+            PLAIN, "analyze.max_examples=16", f"analyze.cache_dir={tmp_path / 'cache'}", "exit.classifiers.epochs=1",
+            "logger=wandb"]
+    r = cli(*args, "hydra.run.dir=run", cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    for name in ANALYSES:
+        assert (out / f"{name}.png").stat().st_size > 5_000, name
+    for table in ("agreement", "oracle", "confidence", "gating", "gating_summary", "saturation", "saturation_layers",
+                  "subword", "sublayer", "suitability"):
+        rows = list(csv.DictReader((out / f"{table}.csv").open()))
+        assert {r["model"] for r in rows} == {"calm", "plain"}, table
+    suit = list(csv.DictReader((out / "suitability.csv").open()))
+    assert [int(r["rank"]) for r in suit] == [1, 2]
+    gates = {r["policy"] for r in csv.DictReader((out / "gating_summary.csv").open()) if r["model"] == "calm"}
+    assert "classifier:calm" in gates and "softmax_gap" in gates  # the run's trained classifier is scored too
+    summary = json.loads((out / "analysis_summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["calm", "plain"]
+    assert "Early-exit suitability" in r.stdout and "== plain: 4 layers" in r.stdout
+    (run,) = (out / "wandb").glob("offline-run-*")
+    record = next(run.glob("run-*.wandb")).read_bytes()
+    assert b"analysis/oracle" in record and b"analysis/suitability" in record
+    # the second model was trained once: a second run reuses it
+    r = cli(*args[:-1], "hydra.run.dir=run2", cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "plain: reusing" in r.stdout
