@@ -100,7 +100,7 @@ def test_bad_exit_settings_one_clear_message(tmp_path, saved_model, overrides, m
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages=[nope]"], "stages: unknown stage 'nope'; allowed: classify, curve, exit_classifiers, exit_heads, generate, policies"),
+        (["stages=[nope]"], "stages: unknown stage 'nope'; allowed: analyze, classify, curve, exit_classifiers, exit_heads, generate, policies"),
         (["stages=[policies]", "exit.calibration.delta=0"], "exit.calibration.delta=0.0 must lie in (0, 1)"),
         (["stages=[policies]", "exit.calibration.delta=1"], "exit.calibration.delta=1.0 must lie in (0, 1)"),
         (["stages=[policies]", "exit.calibration.epsilon=0"], "exit.calibration.epsilon=0.0 must lie in (0, 1)"),

@@ -44,6 +44,7 @@ class ModelEntry:
     name: str
     path: str | None = None
     overrides: tuple[str, ...] = ()
+    key: str = "analyze.models"  # the config key it came from, for error messages
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ def _fraction(value: Any, key: str) -> float:
     return float(value)
 
 
+def _path_name(path: str) -> str:
+    """A model's default name: its run directory's for a run's ``.../<run>/export``, else the path's last part."""
+    p = Path(path)
+    return p.parent.name if p.name == "export" and p.parent.name else (p.name or path)
+
+
 def _entries(node: dict[str, Any]) -> tuple[ModelEntry, ...]:
     raw = list(node.get("models") or [])
     if node.get("compare") is not None:
@@ -81,7 +88,7 @@ def _entries(node: dict[str, Any]) -> tuple[ModelEntry, ...]:
     for i, e in enumerate(raw):
         key = "analyze.compare" if node.get("compare") is not None and i == len(raw) - 1 else f"analyze.models[{i}]"
         if isinstance(e, str):
-            out.append(ModelEntry(Path(e).name or e, path=e))
+            out.append(ModelEntry(_path_name(e), path=e, key=key))
             continue
         if not isinstance(e, Mapping):
             raise ConfigError(f"{key}={e!r}; allowed: an export path / hub name, or {{name, path}} or "
@@ -89,9 +96,9 @@ def _entries(node: dict[str, Any]) -> tuple[ModelEntry, ...]:
         check_keys(e, ("name", "path", "overrides"), key)
         if (e.get("path") is None) == (e.get("overrides") is None):
             raise ConfigError(f"{key}: give exactly one of path (an export) or overrides (train one)")
-        name = str(e.get("name") or Path(str(e.get("path") or "")).name or f"model{i + 1}")
+        name = str(e.get("name") or (_path_name(str(e["path"])) if e.get("path") is not None else f"model{i + 1}"))
         out.append(ModelEntry(name, path=None if e.get("path") is None else str(e["path"]),
-                              overrides=tuple(str(o) for o in e.get("overrides") or ())))
+                              overrides=tuple(str(o) for o in e.get("overrides") or ()), key=key))
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"analyze.models: names must differ, got {names} (set name: ...)")
@@ -102,7 +109,11 @@ def analyze_settings(cfg: Any) -> AnalyzeSettings:
     """``cfg.analyze`` validated (every wrong key or value names itself and what is allowed)."""
     node = OmegaConf.to_container(cfg.analyze, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg["analyze"])
     check_keys(node, _KEYS, "analyze")
-    analyses = list(node.get("analyses") or ANALYSES)
+    analyses = node.get("analyses", list(ANALYSES))
+    if analyses is not None and not isinstance(analyses, list | tuple) or analyses == []:
+        raise ConfigError(f"analyze.analyses={analyses!r}; allowed: a non-empty list of {', '.join(ANALYSES)} "
+                          "(null: all of them)")
+    analyses = list(analyses or ANALYSES)
     for i, a in enumerate(analyses):
         if a not in ANALYSES:
             raise ConfigError(f"analyze.analyses[{i}]={a!r}; allowed: {', '.join(ANALYSES)}")
@@ -150,9 +161,9 @@ def check_config(cfg: Any, backbone: Any) -> None:
     if settings.target == "greedy" and backbone.head_kind != "token":
         raise ConfigError("analyze.target=greedy needs a token head (T5, LLaMA); a classifier has no output "
                           "to generate: use analyze.target=reference")
-    for i, m in enumerate(settings.models):
+    for m in settings.models:
         if m.path is not None:
-            _check_export(m.path, f"analyze.models[{i}]")
+            _check_export(m.path, m.key)
     if "gating" in settings.analyses:
         _policy_specs(cfg, settings, backbone.num_layers, 1)
 
@@ -305,11 +316,15 @@ def _models(cfg: Any, settings: AnalyzeSettings, backbone: Any, data: Any, out_d
     model_dir = backbone.name_or_path
     if model_dir is None and (out_dir / "export").is_dir():
         model_dir = str(out_dir / "export")
-    main_name = settings.name or (Path(str(backbone.name_or_path)).parent.name if backbone.name_or_path else "model")
+    main_name = settings.name or (_path_name(str(backbone.name_or_path)) if backbone.name_or_path else "model")
+    taken = [m.name for m in settings.models if m.name == main_name]
+    if taken:
+        raise ConfigError(f"analyze: two models are named {main_name!r}; set analyze.name or give the other "
+                          "a name ({name: ..., path: ...})")
     yield main_name, backbone, data.split_examples(settings.split), model_dir
     device = next(backbone.parameters()).device
-    for i, entry in enumerate(settings.models):
-        key = f"analyze.models[{i}]"
+    for entry in settings.models:
+        key = entry.key
         path = entry.path if entry.path is not None else _trained_export(entry, settings)
         if entry.path is not None:
             _check_export(path, key)
@@ -395,6 +410,9 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     settings = analyze_settings(cfg)
     results: dict[str, dict[str, Any]] = {}
     for name, bb, examples, model_dir in _models(cfg, settings, backbone, data, out_dir):
+        if name in results:
+            raise ConfigError(f"analyze: two models are named {name!r}; set analyze.name or give the other "
+                              "a name ({name: ..., path: ...})")
         results[name] = analyze_model(bb, examples, settings, cfg, model_dir, name)
     tables: dict[str, list[dict[str, Any]]] = {}
     for name, res in results.items():

@@ -27,6 +27,9 @@ def load_backbone(name_or_path: str, **kwargs: object) -> ExitBackbone:
         family = json.loads((local / "early_exit.json").read_text()).get("family", "t5")
     elif (local / "config.json").is_file():
         family = json.loads((local / "config.json").read_text()).get("model_type", "t5")
+    elif local.is_dir():
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: no exported model there (no config.json); point it "
+                          "at a run's export/ directory (outputs/<task>/<run>/export) or a local Hugging Face model")
     if family not in FAMILIES:
         raise ConfigError(f"model.name_or_path={name_or_path!r} is a {family!r} model; eetrain has adapters for "
                           f"{sorted(FAMILIES)}")
