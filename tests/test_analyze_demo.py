@@ -1,6 +1,6 @@
-"""End to end: `+experiment=analyze_demo` (shortened) trains the CALM model, trains a second model once
-with the given overrides into the cache, analyses both and writes every table, plot and W&B entry; a
-second run reuses the cached model."""
+"""End to end: `+experiment=analyze_demo` (shortened) trains the CALM model, trains a second model with
+the given overrides into the cache, analyses both and writes every table, plot and W&B entry; a second
+stage run reuses the cached model instead of training it again."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import json
 import pytest
 
 from eetrain.analysis import ANALYSES
+from eetrain.analysis.stage import _trained_export, analyze_settings
+from eetrain.config import compose
 from tests.test_config import cli
 
 SHORT = ["trainer.max_epochs=1", "++trainer.limit_train_batches=5", "++trainer.limit_val_batches=2"]
@@ -21,7 +23,7 @@ PLAIN = ("analyze.models=[{name: plain, overrides: ['+experiment=demo', 'loss=la
 def test_analyze_demo_two_models_offline(tmp_path):
     args = ["+experiment=analyze_demo", *SHORT, "model.config.num_layers=4", "model.config.num_decoder_layers=4",
             PLAIN, "analyze.max_examples=16", f"analyze.cache_dir={tmp_path / 'cache'}", "exit.classifiers.epochs=1",
-            "logger=wandb"]
+            "exit.classifiers.max_train_tokens=2000", "logger=wandb"]
     r = cli(*args, "hydra.run.dir=run", cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run"
@@ -41,7 +43,10 @@ def test_analyze_demo_two_models_offline(tmp_path):
     (run,) = (out / "wandb").glob("offline-run-*")
     record = next(run.glob("run-*.wandb")).read_bytes()
     assert b"analysis/oracle" in record and b"analysis/suitability" in record
-    # the second model was trained once: a second run reuses it
-    r = cli(*args[:-1], "hydra.run.dir=run2", cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "plain: reusing" in r.stdout
+    # the second model was trained once: the stage finds it in the cache and does not train it again
+    cfg = compose(["+experiment=analyze_demo", PLAIN, f"analyze.cache_dir={tmp_path / 'cache'}"])
+    (entry,) = analyze_settings(cfg).models
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    export = _trained_export(entry, analyze_settings(cfg))
+    assert export.startswith(str(tmp_path / "cache" / "plain-")) and export.endswith("export")
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
