@@ -36,8 +36,45 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def check_overrides(args: list[str]) -> None:
+    """Overrides Hydra would reject with an OmegaConf merge error, as one ConfigError naming the key:
+    a list for `exits.layers` where the composed config has a mapping (FREE's `{shallow: L_s}`)."""
+    lists = [a for a in args if a.lstrip("+").startswith("exits.layers=") and a.split("=", 1)[1].lstrip().startswith("[")]
+    if not lists:
+        return
+    from omegaconf import OmegaConf
+
+    from eetrain.config import compose
+    from eetrain.errors import ConfigError
+
+    others = [a for a in args if a not in lists and not a.startswith("-") and not a.startswith("hydra.")]
+    try:
+        layers = (compose(others).get("exits") or {}).get("layers")
+    except Exception:  # noqa: BLE001 - any other problem is Hydra's to report
+        return
+    if not OmegaConf.is_dict(layers):
+        return
+    value = lists[-1].split("=", 1)[1]
+    current = OmegaConf.to_container(layers, resolve=False)
+    if "shallow" in layers:
+        raise ConfigError(
+            f"exits.layers={value}: the free loss needs exits.layers={{shallow: L_s}} (its shallow exit; the last "
+            f"layer always exits), this config has {current}; allowed: {{shallow: N}} with N in 1..L-1, e.g. "
+            "'exits.layers={shallow: 2}' (a list of exits needs another loss, e.g. loss=calm)"
+        )
+    raise ConfigError(
+        f"exits.layers={value}: this config sets exits.layers to the mapping {current}, which a list cannot "
+        f"replace on the command line; use the mapping form or '~exits.layers' '+exits.layers={value}'"
+    )
+
+
 def main() -> None:
     register_resolvers()
+    try:
+        check_overrides(sys.argv[1:])
+    except EetrainError as err:
+        print(f"eetrain: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -1,59 +1,174 @@
-"""Checkpoints that are never left half-written, and the `transformers` export of a trained model."""
+"""Checkpoints that are never left half-written, the `transformers` export of a trained model, and the
+checks of what a run is given (a checkpoint that fits the model, a usable learning rate)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from eetrain.backbones.base import ExitBackbone
+from eetrain.errors import ConfigError
+from eetrain.files import atomic_directory, atomic_file
 
 EXIT_SETTINGS_FILE = "early_exit.json"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write `path.tmp`, then rename over `path`: a crash mid-save leaves the old checkpoint intact."""
+    """Write a temp file beside `path`, then rename it over `path` (`eetrain.files.atomic_file`): a crash
+    mid-save leaves the old checkpoint intact."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         protocol = get_filesystem(path).protocol
         if "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
             # Remote filesystems (s3://, gs://) have their own atomic object writes.
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        with atomic_file(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def export_pretrained(backbone: ExitBackbone, directory: str | Path, settings: dict[str, Any]) -> Path:
     """Save model + tokenizer (plain `from_pretrained` loads them) and the early-exit settings as JSON.
 
-    The directory appears complete or not at all: it is written beside, then renamed into place.
+    The directory appears complete or not at all (`eetrain.files.atomic_directory`).
     """
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    backbone.save_pretrained(str(tmp))
-    (tmp / EXIT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+    with atomic_directory(directory) as tmp:
+        backbone.save_pretrained(str(tmp))
+        (tmp / EXIT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return directory
 
 
 def load_exit_settings(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / EXIT_SETTINGS_FILE).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking what a run is given before it starts: a checkpoint to resume from or load, the learning rate
+# ---------------------------------------------------------------------------------------------------
+
+def _load_any(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - an old (non-zip) file cannot be memory-mapped: read it whole
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _layers(keys: Any, prefix: str) -> int:
+    """How many blocks of the stack `prefix` (e.g. `backbone.model.decoder.block`) the keys hold."""
+    found = set()
+    for key in keys:
+        if key.startswith(prefix + "."):
+            head = key[len(prefix) + 1 :].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return max(found) + 1 if found else 0
+
+
+def _shape_of_model(module: Any, state: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(`blocks` prefix, head-weight key) of an EarlyExitModule's state_dict, or None."""
+    backbone = getattr(module, "backbone", None)
+    if backbone is None:
+        return None
+    prefix = next((name for name, m in module.named_modules() if m is getattr(backbone, "blocks", None)), None)
+    head = backbone.head_weight
+    key = next((k for k, v in module.state_dict(keep_vars=True).items() if v is head), None)
+    if prefix is None or key is None:
+        return None
+    return prefix, key
+
+
+def check_checkpoint(path: Any, module: Any, key: str = "ckpt_path") -> dict[str, Any]:
+    """Load the Lightning checkpoint at `path` (on the CPU) and check that it fits `module`.
+
+    Returns the checkpoint. A missing, truncated or corrupt file, a file without a `state_dict`, or a
+    state_dict of another model (other keys or shapes) is a ConfigError naming `key` and saying what
+    differs: for a backbone, its depth and hidden size (`the checkpoint's model has 8 layers / d_model
+    128, this one 4 / 64`), else the first differing keys and shapes.
+    """
+    shown = str(path)
+    file = Path(shown).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}={shown!r}: no such checkpoint file")
+    try:
+        ckpt = _load_any(file)
+    except Exception as e:  # noqa: BLE001 - whatever torch/pickle raise for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}={shown!r}: not a readable checkpoint, the file is truncated or corrupt ({type(e).__name__}: "
+            f"{reason[:160]})"
+        ) from None
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise ConfigError(f"{key}={shown!r}: not a Lightning checkpoint (no state_dict); expected a .ckpt that "
+                          "training wrote under <run>/checkpoints/")
+    theirs: Mapping[str, Any] = ckpt["state_dict"]
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    shapes = [
+        (k, tuple(theirs[k].shape), tuple(v.shape))
+        for k, v in ours.items()
+        if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return ckpt
+    where = _shape_of_model(module, ours)
+    if where is not None and where[1] in theirs:
+        prefix, head = where
+        d_theirs = tuple(theirs[head].shape)[-1]
+        d_ours = tuple(ours[head].shape)[-1]
+        n_theirs, n_ours = _layers(theirs, prefix), _layers(ours, prefix)
+        if (n_theirs, d_theirs) != (n_ours, d_ours):
+            raise ConfigError(
+                f"{key}={shown!r}: the checkpoint's model has {n_theirs} layers / d_model {d_theirs}, this one "
+                f"{n_ours} / {d_ours}; use the model settings it was trained with (e.g. the same model=... and "
+                "model.config.*) or another checkpoint"
+            )
+    parts = []
+    if shapes:
+        k, a, b = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {k}: {list(a)} in the checkpoint, {list(b)} here")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in this model, e.g. {unexpected[0]}")
+    raise ConfigError(f"{key}={shown!r}: the checkpoint is of another model: " + "; ".join(parts))
+
+
+def check_learning_rate(optimizer: Mapping[str, Any] | None, key: str = "optimizer.lr") -> None:
+    """`optimizer.lr` must be a finite number > 0 (null only with Adafactor's `relative_step: true`)."""
+    if not optimizer:
+        return
+    lr = optimizer.get("lr")
+    if lr is None and optimizer.get("relative_step"):
+        return
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"{key}={lr!r}; allowed: a finite number > 0 (e.g. 1e-4)")
+
+
+#: `ckpt_path` values Lightning resolves itself (no file to check here)
+LIGHTNING_CKPT_NAMES = ("last", "hpc", "best")
+
+
+def checkable_checkpoint(path: Any) -> bool:
+    """Whether `ckpt_path` names one local checkpoint file to check: not Lightning's `last` / `hpc` /
+    `best` / `registry:...`, not a remote URL, not a sharded checkpoint directory (DeepSpeed, FSDP)."""
+    text = str(path)
+    if text in LIGHTNING_CKPT_NAMES or text.startswith("registry") or "://" in text:
+        return False
+    return not Path(text).expanduser().is_dir()
+
+
+def check_run_inputs(cfg: Any, module: Any) -> None:
+    """Before any training or evaluation: `optimizer.lr`, and `ckpt_path` (when it names a checkpoint
+    file) against `module`."""
+    check_learning_rate(cfg.get("optimizer"))
+    path = cfg.get("ckpt_path")
+    if path is not None and checkable_checkpoint(path):
+        check_checkpoint(path, module)

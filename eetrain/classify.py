@@ -363,11 +363,10 @@ def format_speed(rows: Sequence[Mapping[str, Any]], metric: str, L: int) -> str:
 
 
 def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
     from eetrain.decoding.curve import at_value, best_point, log_wandb, plot_quality_speed, write_csv
     from eetrain.exits.settings import min_exit_layer
     from eetrain.layer_metrics import oracle_exit_layers
+    from eetrain.progress import progress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -416,7 +415,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         oracle = float(oracle_exit_layers(preds).double().mean())
         rows.append({"policy": "oracle", "threshold": None, "mean_exit_layer": oracle,
                      "expected_saving": 1.0 - oracle / L, "consistency": 1.0})
-    for spec, value in tqdm(grid, desc="accuracy-vs-speed sweep", unit="point", disable=not grid):
+    for spec, value in progress(grid, "accuracy-vs-speed sweep", unit="point", disable=not grid):
         policy = spec.policy if value is None else at_value(spec.policy, value)
         ee, paired = [], []
         for b in batches:
@@ -437,6 +436,9 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         xlabel="measured speed-up over the full model (x)",
     )
     logged = log_wandb(rows, png, metric, key="classify/accuracy_speed")
+    from eetrain.wandb_panels import log_table
+
+    log_table("classify/layers", layers)  # the per-layer scores
     print(f"\nAccuracy vs speed ({metric}; per-sample exits at batch {size}, speed-up measured against the full "
           "model on the same batches, decisions included)")
     print(format_speed(rows, metric, L))

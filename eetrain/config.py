@@ -16,10 +16,31 @@ def demo_dir() -> str:
     return str(DEMO_DIR)
 
 
+def shallow_exit(*, _root_: DictConfig) -> int | None:
+    """`${eetrain_shallow:}`: FREE's shallow exit L_s from `exits.layers={shallow: L_s}`; None when
+    `exits.layers` is not set; a ConfigError naming the key for any other form (a list, {every: k})."""
+    from eetrain.errors import ConfigError
+
+    exits = _root_.get("exits")
+    layers = None if exits is None else exits.get("layers")
+    if layers is None:
+        return None
+    if isinstance(layers, DictConfig) and set(layers) == {"shallow"}:
+        return layers.shallow
+    shown = OmegaConf.to_container(layers, resolve=True) if OmegaConf.is_config(layers) else layers
+    raise ConfigError(
+        f"exits.layers={shown!r}: the free loss needs exits.layers={{shallow: L_s}} (its shallow exit; the last "
+        "layer always exits); allowed: {shallow: N} with N in 1..L-1, e.g. 'exits.layers={shallow: 2}'"
+    )
+
+
 def register_resolvers() -> None:
-    """`${eetrain_demo:}` is the shipped demo data directory (so configs work from any cwd)."""
+    """`${eetrain_demo:}` is the shipped demo data directory (so configs work from any cwd);
+    `${eetrain_shallow:}` the free loss's shallow exit, checked (`shallow_exit`)."""
     if not OmegaConf.has_resolver("eetrain_demo"):
         OmegaConf.register_new_resolver("eetrain_demo", demo_dir)
+    if not OmegaConf.has_resolver("eetrain_shallow"):
+        OmegaConf.register_new_resolver("eetrain_shallow", shallow_exit)
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:

@@ -19,6 +19,7 @@ import torch
 from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.losses.joint import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
+from eetrain.progress import training_progress_bar
 
 
 def heads_settings(cfg: Any) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         max_epochs=settings["epochs"], accelerator=trainer_cfg.get("accelerator", "auto"), devices=1,
         logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=bool(trainer_cfg.get("enable_progress_bar", True)),
+        callbacks=[training_progress_bar(bool(trainer_cfg.get("enable_progress_bar", True)))],
         limit_train_batches=trainer_cfg.get("limit_train_batches"), limit_val_batches=0,
         default_root_dir=str(out_dir),
     )

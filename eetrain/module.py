@@ -13,6 +13,7 @@ from eetrain.backbones.base import ExitBackbone
 from eetrain.errors import NonFiniteLossError
 from eetrain.layer_metrics import LayerStats, layer_predictions
 from eetrain.losses.joint import JointLoss, LossOutput, TrainStep
+from eetrain.resume import rng_states, set_rng_states
 
 
 class EarlyExitModule(L.LightningModule):
@@ -35,6 +36,10 @@ class EarlyExitModule(L.LightningModule):
         self.val_stats = LayerStats(layers)
         self.val_rows: list[dict[str, float]] = []
         self._total_steps: int | None = None
+        #: RNG states from a checkpoint, set again when training restarts (`on_train_start`)
+        self._rng_states: dict[str, Any] | None = None
+        #: after a sharded fit (FSDP, ZeRO-3): the whole state dict on rank 0 (`eetrain.distributed`)
+        self.consolidated: dict[str, Tensor] | None = None
 
     def _step(
         self, batch: dict[str, Tensor], step: TrainStep | None = None, skip: frozenset[int] = frozenset()
@@ -56,7 +61,9 @@ class EarlyExitModule(L.LightningModule):
     def _log_loss(self, stage: str, out: LossOutput, batch_size: int) -> None:
         on_step = stage == "train"
         kw = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
-        self.log(f"{stage}/loss", out.total.detach(), prog_bar=True, **kw)
+        # The training loss is averaged over ranks (one scalar all-reduce per step), so its curve is the
+        # global batch's whatever the number of processes; per-layer values are rank 0's own batch.
+        self.log(f"{stage}/loss", out.total.detach(), prog_bar=True, sync_dist=on_step, **kw)
         for name, value in out.logs.items():
             self.log(f"{stage}/{name}", value, **kw)
         for layer, value in out.layer_ce.items():
@@ -101,6 +108,34 @@ class EarlyExitModule(L.LightningModule):
             for metric in ("loss", "acc", "agree"):
                 self.log(f"val/layer_{r['layer']:02d}/{metric}", r[metric])
         self.log("val/full/loss", self.val_rows[-1]["loss"])
+
+    # --- exact resume: RNG states travel in the checkpoint -----------------------------------------
+    # Lightning restores weights, optimizer, scheduler, loop counters (hence global step: curriculum and
+    # layer-dropout draws) and, through the data module, the position in the epoch; the global RNG states
+    # (torch, CUDA, numpy, random: model dropout) are saved here and set again just before training
+    # restarts, after everything that draws from them while a run starts up.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        if self._rng_states is not None:
+            set_rng_states(self._rng_states)
+            self._rng_states = None
+
+    # --- sharded strategies (eetrain.distributed) ------------------------------------------------------
+    def on_fit_start(self) -> None:
+        from eetrain.distributed import gather_heads_under_zero3
+
+        gather_heads_under_zero3(self.trainer.strategy, self)
+
+    def on_train_end(self) -> None:
+        # before Lightning's teardown, while every rank still holds its shard
+        from eetrain.distributed import consolidated_state
+
+        self.consolidated = consolidated_state(self.trainer.strategy, self)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -12,11 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from eetrain.backbones.base import ExitBackbone
-from eetrain.checkpointing import AtomicCheckpointIO, export_pretrained
+from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained
+from eetrain.distributed import full_backbone, training_strategy
 from eetrain.errors import ConfigError
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
+from eetrain.resume import resume_path, slurm_plugins
+from eetrain.wandb_panels import log_export_artifact
 
 
 @torch.no_grad()
@@ -88,22 +91,30 @@ def run(cfg: DictConfig) -> float:
 
         check_stages(cfg, backbone)  # a bad stage setting fails now, not after the fit
     data = instantiate(cfg.data, tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
+    data.shuffle_seed = int(cfg.seed)  # the training order: one seeded permutation per epoch, resumable
     module = EarlyExitModule(
         backbone,
         loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.get("scheduler") else None,
     )
+    check_run_inputs(cfg, module)  # optimizer.lr, and ckpt_path against this model (fit and train=false alike)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # the strategy gets what its config cannot know from the model (FSDP's block classes, DDP's unused
+    # parameters); under SLURM, Lightning's environment with our requeue settings
+    strategy = training_strategy(cfg.trainer.get("strategy"), backbone, loss)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)],
+        **({} if strategy is None else {"strategy": strategy}),
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+            # ckpt_path, or for a requeued SLURM job its run's newest checkpoint
+            trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+            backbone = full_backbone(cfg.model, module)  # after FSDP / ZeRO-3: gathered on rank 0
         else:
             # evaluation only (train=false): the weights are model.name_or_path's, or ckpt_path's
             load_module_weights(module, cfg.get("ckpt_path"))
@@ -126,6 +137,9 @@ def run(cfg: DictConfig) -> float:
             from eetrain.stages import run_stages
 
             run_stages(cfg, backbone, data, out_dir)
+        if (out_dir / "export").is_dir():
+            # after the stages, which add the classifiers and the calibrated policy to the export
+            log_export_artifact(out_dir / "export", trainer)  # callbacks.wandb_panels.export_artifact=true
         return rows[-1]["loss"]
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):

@@ -37,6 +37,16 @@ def examples():
     ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests (FSDP, DeepSpeed) need CUDA: skipped where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def backbone_factory():
     return make_backbone

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from eetrain.exits.classifiers import feature_states
 from eetrain.exits.policy import ExitPolicy, exit_layers
 
 
@@ -86,12 +87,14 @@ def reference_generate(
         elif isinstance(decide, ExitPolicy):
             with torch.no_grad():
                 logits = torch.stack([backbone.exit_logits(hidden[i], i + 1) for i in range(L)])
+                # classifiers / saturation read the policy's space, as record_exits records it
+                feats, f0 = (feature_states(backbone, x, decide.features) for x in (hidden, h0))
             e = int(
                 exit_layers(
                     decide,
-                    hidden=hidden[:, None],
+                    hidden=feats[:, None],
                     logits=logits[:, None],
-                    h0=h0[None],
+                    h0=f0[None],
                     positions=torch.tensor([step + 1]),
                 )[0]
             )

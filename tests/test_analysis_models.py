@@ -161,6 +161,23 @@ def test_collect_streaming_and_max_tokens_do_not_change_results(tiny, family):
     assert_same_records(capped, rec, n=cap)
 
 
+@pytest.mark.parametrize("family", ("t5", "llama"))
+def test_collect_normed_features_put_saturation_and_hidden_in_the_final_norms_space(tiny, family):
+    backbone = tiny[family][0]
+    batch = backbone.collate(make_examples(4))
+    rec = collect(backbone, [batch], keep_hidden=True, features="normed")
+    raw = collect(backbone, [batch], keep_hidden=True)
+    _, hs, _ = scored(backbone, batch)
+    with torch.no_grad():
+        normed = [backbone.final_norm(h).float() for h in hs]
+    torch.testing.assert_close(rec.hidden, torch.stack(normed), rtol=0, atol=1e-6)
+    for i in range(1, len(hs)):
+        want = torch.nn.functional.cosine_similarity(normed[i], normed[i - 1], dim=-1)
+        torch.testing.assert_close(rec.saturation[i], want, rtol=0, atol=1e-5)
+    # what does not depend on the space stays the same: predictions and the layer-to-final similarity
+    assert torch.equal(rec.preds, raw.preds) and torch.allclose(rec.cos_final, raw.cos_final, equal_nan=True)
+
+
 def test_collect_refuses_batches_without_scored_tokens(tiny):
     bb, ex, _, _ = tiny["t5"]
     batch = bb.collate(ex[:2])

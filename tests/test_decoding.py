@@ -141,6 +141,30 @@ def test_policies_decide_as_exit_layers_on_the_same_states(model, index, strateg
     assert out.sequences()[0] == ref
 
 
+def normed_policies(d):
+    """exit.features=normed: saturation and the three classifiers on final-normed states."""
+    torch.manual_seed(4)
+    probs = [0.3, 0.4, 0.5, 0.6, 0.7]
+    return [
+        (ExitPolicy("hidden_saturation", None, min_exit_layer=2, features="normed"), [0.2, 0.4, 0.6, 0.8, 0.9, 0.99]),
+        (ExitPolicy(CalmClassifier(d, features="normed"), None, min_exit_layer=1), probs),
+        (ExitPolicy(ThreeStateMLP(d, features="normed"), None, min_exit_layer=2), probs),
+        (ExitPolicy(LSTMClassifier(d, hidden_size=16, features="normed"), None, min_exit_layer=1), probs),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_normed_features_decide_as_exit_layers_on_the_same_normed_states(model, index):
+    """exit.features=normed: the decider applies final_norm before the classifier / cosine, as the
+    offline records do (the reference feeds exit_layers final_norm(h_i) and final_norm(h_0))."""
+    policy = varied(model, *normed_policies(model.hidden_size)[index])
+    assert policy.features == "normed"
+    out = generate(model, one(), policy, strategy="parallel", max_new_tokens=8, stop_at_eos=False)
+    ref, exits = reference_generate(model, SOURCE, 8, "exact", policy)
+    assert out.row_exit_layers()[0] == exits
+    assert out.sequences()[0] == ref
+
+
 # --- self-speculative = full greedy --------------------------------------------------------------------
 @pytest.mark.parametrize("draft_layer", [1, 2, 3])
 @pytest.mark.parametrize("draft_tokens", [1, 3, 5])

@@ -12,6 +12,7 @@ from eetrain.losses.distillation import (
     closest_alignment,
     distillation_pairs,
     teacher_layers,
+    uniform_deep_teachers,
     uniform_teachers,
 )
 from tests.conftest import examples, make_backbone
@@ -30,14 +31,45 @@ from tests.conftest import examples, make_backbone
         (2, 1, (2,)),
     ],
 )
-def test_uniform_teachers_by_hand(num_layers, shallow, expected):
+def test_uniform_deep_teachers_by_hand(num_layers, shallow, expected):
+    assert uniform_deep_teachers(num_layers, shallow) == expected
+
+
+@pytest.mark.parametrize(
+    "num_layers, shallow, expected",
+    [
+        # FREE's table: round(j * L / L_s)
+        (24, 6, (4, 8, 12, 16, 20, 24)),  # j * 4
+        (12, 4, (3, 6, 9, 12)),  # j * 3
+        (24, 8, (3, 6, 9, 12, 15, 18, 21, 24)),
+        (12, 6, (2, 4, 6, 8, 10, 12)),
+        (4, 2, (2, 4)),  # j * 2
+        (3, 2, (2, 3)),  # 1.5 -> 2 (half up), 3
+        (12, 5, (2, 5, 7, 10, 12)),  # 2.4, 4.8, 7.2, 9.6, 12 -> 2, 5, 7, 10, 12
+        (24, 7, (3, 7, 10, 14, 17, 21, 24)),  # 3.43, 6.86, 10.29, 13.71, 17.14, 20.57, 24
+        (5, 4, (2, 3, 4, 5)),  # 1.25 -> 1 is the student itself: floor j + 1 = 2; 2.5 -> 3, 3.75 -> 4, 5
+        (5, 3, (2, 3, 5)),  # 1.67 -> 2, 3.33 -> 3, 5
+        (2, 1, (2,)),
+    ],
+)
+def test_uniform_teachers_are_frees_table_by_hand(num_layers, shallow, expected):
     assert uniform_teachers(num_layers, shallow) == expected
+    assert distillation_pairs("uniform", num_layers, shallow) == tuple(zip(range(1, shallow + 1), expected, strict=True))
 
 
 def test_uniform_teachers_any_depth():
     for num_layers in range(2, 41):
         for shallow in range(1, num_layers):
             t = uniform_teachers(num_layers, shallow)
+            assert len(t) == shallow and t[-1] == num_layers
+            assert all(j < x <= num_layers for j, x in enumerate(t, 1)), (num_layers, shallow, t)
+            assert list(t) == sorted(t) and len(set(t)) == shallow  # strictly increasing
+
+
+def test_uniform_deep_teachers_any_depth():
+    for num_layers in range(2, 41):
+        for shallow in range(1, num_layers):
+            t = uniform_deep_teachers(num_layers, shallow)
             assert len(t) == shallow and t[-1] == num_layers
             assert all(shallow < x <= num_layers for x in t), (num_layers, shallow, t)
             assert list(t) == sorted(t)
@@ -47,9 +79,12 @@ def test_uniform_teachers_any_depth():
 
 def test_mapping_pairs():
     assert distillation_pairs("last", 24, 6) == ((6, 24),)
-    assert distillation_pairs("uniform", 4, 2) == ((1, 3), (2, 4))
+    assert distillation_pairs("uniform", 4, 2) == ((1, 2), (2, 4))
+    assert distillation_pairs("uniform_deep", 4, 2) == ((1, 3), (2, 4))
     assert teacher_layers("closest", 4, 3) == (4,)
-    assert teacher_layers("closest", 24, 6) == (9, 12, 15, 18, 21, 24)
+    assert teacher_layers("closest", 24, 6) == (9, 12, 15, 18, 21, 24)  # closest keeps the deep teachers
+    assert teacher_layers("uniform_deep", 24, 6) == (9, 12, 15, 18, 21, 24)
+    assert teacher_layers("uniform", 24, 6) == (4, 8, 12, 16, 20, 24)
 
 
 @pytest.mark.parametrize(
@@ -81,9 +116,13 @@ def test_distillation_loss_hand_computed():
     # last: (2, 4): (2 - 1.1)^2 = 0.81
     loss, pairs = layerwise_distillation_loss(s, t, "last", 4)
     assert pairs == ((2, 4),) and loss.item() == pytest.approx(0.81)
-    # uniform: (1, 3) -> 4, (2, 4) -> 0.81; mean 2.405
-    loss, pairs = layerwise_distillation_loss(s, t, "uniform", 4)
+    # uniform_deep: (1, 3) -> 4, (2, 4) -> 0.81; mean 2.405
+    loss, pairs = layerwise_distillation_loss(s, t, "uniform_deep", 4)
     assert pairs == ((1, 3), (2, 4)) and loss.item() == pytest.approx(2.405)
+    # uniform (FREE's round(j * 4 / 2) = 2, 4): (1, 2) -> (1 - 2)^2 = 1 against layer 2's state (2.0,
+    # detached), (2, 4) -> 0.81; mean 0.905
+    loss, pairs = layerwise_distillation_loss(s, {2: s[1], **t}, "uniform", 4)
+    assert pairs == ((1, 2), (2, 4)) and loss.item() == pytest.approx(0.905)
     # closest: t4 picks s1 (0.01 < 0.81); nothing is below s1, so t3 reuses s1 (4); mean 2.005
     loss, pairs = layerwise_distillation_loss(s, t, "closest", 4)
     assert pairs == ((1, 3), (1, 4)) and loss.item() == pytest.approx(2.005)
@@ -92,7 +131,7 @@ def test_distillation_loss_hand_computed():
 def _closest_reference(students, teachers, num_layers):
     """Brute force: every MSE with F.mse_loss, the walk written out with explicit candidate lists."""
     shallow = len(students)
-    layers = sorted(set(uniform_teachers(num_layers, shallow)))
+    layers = sorted(set(uniform_deep_teachers(num_layers, shallow)))
     table = {(s, t): F.mse_loss(students[s - 1], teachers[t]).item() for s in range(1, shallow + 1) for t in layers}
     chosen = {}
     previous = shallow + 1
@@ -140,7 +179,7 @@ def test_closest_is_the_best_monotone_choice_when_greedy_is_optimal():
 
 
 @pytest.mark.parametrize("family", ["t5", "llama", "bert"])
-@pytest.mark.parametrize("mapping", ["last", "uniform", "closest"])
+@pytest.mark.parametrize("mapping", ["last", "uniform", "uniform_deep", "closest"])
 def test_term_on_a_model(family, mapping):
     bb = make_backbone(family)  # 3 layers, L_s = 1 or 2
     states = bb(bb.collate(examples()))
@@ -152,11 +191,12 @@ def test_term_on_a_model(family, mapping):
         n = bb.final_norm(h)
         return n[labels != -100] if bb.head_kind == "token" else n.reshape(-1, n.shape[-1])
     s = [rows(states.hidden[0]), rows(states.hidden[1])]
-    t3 = rows(states.hidden[2]).detach()
-    pairs = {"last": [(2, 3)], "uniform": [(1, 3), (2, 3)]}.get(mapping)
+    t = {2: rows(states.hidden[1]).detach(), 3: rows(states.hidden[2]).detach()}
+    # L = 3, L_s = 2: uniform round(1.5) = 2, round(3) = 3; uniform_deep: the only deep layer, 3
+    pairs = {"last": [(2, 3)], "uniform": [(1, 2), (2, 3)], "uniform_deep": [(1, 3), (2, 3)]}.get(mapping)
     if pairs is None:  # closest: one teacher (3), the student nearer to it
-        pairs = [(min((1, 2), key=lambda j: F.mse_loss(s[j - 1], t3).item()), 3)]
-    ref = sum(F.mse_loss(s[a - 1], t3) for a, _ in pairs) / len(pairs)
+        pairs = [(min((1, 2), key=lambda j: F.mse_loss(s[j - 1], t[3]).item()), 3)]
+    ref = sum(F.mse_loss(s[a - 1], t[b]) for a, b in pairs) / len(pairs)
     torch.testing.assert_close(out.total, 0.5 * ref)
     torch.testing.assert_close(out.logs["kd/mse"], ref.detach())
     # gradient reaches the students' layers only through the student side
@@ -178,7 +218,7 @@ def test_t5_final_norm_has_no_rescale():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(mapping="nearest", shallow_layer=2), r"loss.kd.mapping='nearest' is unknown; allowed: last, uniform, closest"),
+        (dict(mapping="nearest", shallow_layer=2), r"loss.kd.mapping='nearest' is unknown; allowed: last, uniform, uniform_deep, closest"),
         (dict(shallow_layer=2, alpha=-0.5), r"loss.kd.alpha=-0.5 must be a finite number >= 0"),
         (dict(shallow_layer=None), r"loss.kd.shallow_layer is not set.*exits.layers=\{shallow: L_s\}"),
         (dict(shallow_layer=0), r"loss.kd.shallow_layer=0 must be an integer >= 1"),
@@ -196,3 +236,5 @@ def test_shallow_layer_must_be_below_the_depth():
             LayerwiseDistillation(shallow_layer=shallow).setup(bb)
     with pytest.raises(ConfigError, match="must be within 1..23"):
         uniform_teachers(24, 24)
+    with pytest.raises(ConfigError, match="must be within 1..23"):
+        uniform_deep_teachers(24, 24)

@@ -167,7 +167,8 @@ def test_policy_table_helpers_on_a_hand_record():
     (result,) = calibrate(specs, rec, calibration_settings(cfg))
     # risks: 1.0 -> 0/4, 0.95 -> 0/4, 0.55 -> 1/4 (token 2 exits with a wrong prediction)
     assert [row["risk_hat"] for row in result["scan"]] == [0.0, 0.0, 0.25]
-    # n = 4, delta = 0.5: risk 0 passes (Hoeffding e^-2 = 0.14 <= 0.5), risk 0.25 fails (e^-0.5 = 0.61)
+    # n = 4, delta = 0.5 (LTT's Hoeffding-Bentkus): risk 0 passes (exp(-4 KL(0||0.5)) = 0.5^4 = 0.0625 <= 0.5),
+    # risk 0.25 fails (min(exp(-4 KL(0.25||0.5)) = exp(-0.5232) = 0.593, e * 5/16 = 0.849) > 0.5)
     assert result["threshold"] == 0.95 and result["evaluated_on"] == "the calibration set"
     assert result["mean_exit_layer"] == 2.5 and result["empirical_risk"] == 0.0
 

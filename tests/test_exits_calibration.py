@@ -13,6 +13,8 @@ from eetrain.exits.calibration import (
     calibrate_threshold,
     consistency_risk,
     hoeffding_bentkus_pvalue,
+    hoeffding_bentkus_quadratic_pvalue,
+    hoeffding_kl_pvalue,
     hoeffding_pvalue,
     ltt_scan,
     make_risk_fn,
@@ -46,15 +48,58 @@ def test_binomial_cdf_and_bentkus_by_hand() -> None:
     assert bentkus_pvalue(0.2, 0.5, 10) == pytest.approx(0.148656, abs=1e-6)
     # ceil(n * risk_hat) with floating noise: 0.1 + 0.2 = 0.30000000000000004 -> k = 3, not 4
     assert bentkus_pvalue(0.1 + 0.2, 0.5, 10) == pytest.approx(math.e * binomial_cdf(3, 10, 0.5))
-    # Hoeffding-Bentkus is the minimum of the two
+    # the quadratic Hoeffding-Bentkus (an explicit option now) is the minimum of the two
     for r, d, n in [(0.2, 0.5, 10), (0.05, 0.1, 100), (0.08, 0.1, 2000), (0.0, 0.1, 30)]:
-        hb = hoeffding_bentkus_pvalue(r, d, n)
+        hb = hoeffding_bentkus_quadratic_pvalue(r, d, n)
         assert hb == pytest.approx(min(hoeffding_pvalue(r, d, n), bentkus_pvalue(r, d, n)))
     assert bentkus_pvalue(0.08, 0.1, 2000) < hoeffding_pvalue(0.08, 0.1, 2000)  # Bentkus tighter here
 
 
+def test_hoeffding_bentkus_is_ltts_relative_entropy_form_by_hand() -> None:
+    # r = 0.02, delta = 0.05, n = 50 (checked with math.log / math.comb):
+    # KL(0.02 || 0.05) = 0.02 ln(0.4) + 0.98 ln(0.98 / 0.95) = -0.0183258 + 0.0304688 = 0.0121430
+    # exp(-50 * 0.0121430) = exp(-0.607148) = 0.544903
+    # Bentkus: e * P(Binom(50, 0.05) <= ceil(50 * 0.02) = 1) = e * (0.95^50 + 50 * 0.05 * 0.95^49)
+    #        = e * (0.076945 + 0.202487) = e * 0.279432 = 0.759574  -> the minimum is 0.5449
+    assert hoeffding_kl_pvalue(0.02, 0.05, 50) == pytest.approx(0.544903, abs=1e-6)
+    assert hoeffding_bentkus_pvalue(0.02, 0.05, 50) == pytest.approx(0.5449, abs=5e-5)
+    assert bentkus_pvalue(0.02, 0.05, 50) == pytest.approx(0.759574, abs=1e-6)
+    # the old quadratic form would give min(exp(-2 * 50 * 0.03^2) = exp(-0.09) = 0.913931, 0.759574)
+    assert hoeffding_bentkus_quadratic_pvalue(0.02, 0.05, 50) == pytest.approx(0.759574, abs=1e-6)
+    # r = 0: KL(0 || delta) = -ln(1 - delta), so the bound is (1 - delta)^n: 0.9^30 = 0.0423912 (< Bentkus 0.1152)
+    assert hoeffding_bentkus_pvalue(0.0, 0.1, 30) == pytest.approx(0.9**30, rel=1e-12)
+    # r = 0.2, delta = 0.5, n = 10: exp(-10 (0.2 ln 0.4 + 0.8 ln 1.6)) = exp(-1.927448) = 0.145519
+    # (< Bentkus e * 56 / 1024 = 0.148656)
+    assert hoeffding_bentkus_pvalue(0.2, 0.5, 10) == pytest.approx(0.145519, abs=1e-6)
+    # r = 0.05, delta = 0.1, n = 100: KL form exp(-1.670676) = 0.188125, Bentkus 0.156510 is the minimum
+    assert hoeffding_bentkus_pvalue(0.05, 0.1, 100) == pytest.approx(bentkus_pvalue(0.05, 0.1, 100))
+    # r >= delta: no evidence against H, p = 1
+    assert hoeffding_bentkus_pvalue(0.05, 0.05, 50) == 1.0 and hoeffding_bentkus_pvalue(0.3, 0.1, 100) == 1.0
+    # the KL bound is never looser than the quadratic one (Pinsker: KL >= 2 (a - b)^2)
+    for r, d, n in [(0.2, 0.5, 10), (0.05, 0.1, 100), (0.08, 0.1, 2000), (0.0, 0.1, 30), (0.01, 0.02, 500)]:
+        assert hoeffding_kl_pvalue(r, d, n) <= hoeffding_pvalue(r, d, n) + 1e-15
+        assert hoeffding_bentkus_pvalue(r, d, n) <= hoeffding_bentkus_quadratic_pvalue(r, d, n) + 1e-15
+
+
+def test_pvalue_setting_accepts_the_quadratic_option() -> None:
+    from eetrain.config import compose
+    from eetrain.errors import ConfigError
+    from eetrain.exits.settings import calibration_settings
+
+    assert calibration_settings(compose([])).pvalue == "hoeffding_bentkus"
+    cfg = compose(["exit.calibration.pvalue=hoeffding_bentkus_quadratic"])
+    assert calibration_settings(cfg).pvalue == "hoeffding_bentkus_quadratic"
+    with pytest.raises(ConfigError, match="exit.calibration.pvalue='wilson'; allowed: .*hoeffding_bentkus_quadratic"):
+        calibration_settings(compose(["exit.calibration.pvalue=wilson"]))
+    # the two forms certify different thresholds on the same risks: 50 examples with risk 0.02
+    risks = {1.0: torch.zeros(50), 0.5: torch.tensor([1.0] + [0.0] * 49)}
+    assert calibrate_threshold(risks, epsilon=0.6, delta=0.05) == 0.5  # 0.5449 <= 0.6
+    assert calibrate_threshold(risks, epsilon=0.6, delta=0.05, pvalue="hoeffding_bentkus_quadratic") == 1.0
+
+
 def test_pvalue_bad_inputs() -> None:
-    for fn in (hoeffding_pvalue, bentkus_pvalue, hoeffding_bentkus_pvalue):
+    for fn in (hoeffding_pvalue, bentkus_pvalue, hoeffding_bentkus_pvalue, hoeffding_bentkus_quadratic_pvalue,
+               hoeffding_kl_pvalue):
         with pytest.raises(ValueError, match="delta"):
             fn(0.1, 1.2, 10)
         with pytest.raises(ValueError, match="delta"):

@@ -80,7 +80,7 @@ def test_lstm_is_causal_over_layers() -> None:
     clf = LSTMClassifier(D, hidden_size=9, num_layers=2)
     assert clf.lstm.hidden_size == 9 and clf.lstm.num_layers == 2 and clf.lstm.batch_first
     default = LSTMClassifier(D)
-    assert default.lstm.hidden_size == 250 and default.lstm.num_layers == 2
+    assert default.lstm.hidden_size == 250 and default.lstm.num_layers == 1  # MEE's public code: 1 layer
     h = _hidden(L=5, N=3)
     full = clf.record_logits(h)
     for i in range(1, 6):  # step i only sees h_1..h_i
@@ -164,3 +164,34 @@ def test_class_balanced_cross_entropy_by_hand() -> None:
     assert class_balanced_cross_entropy(logits.detach(), torch.tensor([-100, -100, -100])).item() == 0.0
     with pytest.raises(ValueError, match="expected logits"):
         class_balanced_cross_entropy(logits.detach(), torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("kind", ["calm", "three_state_mlp", "lstm"])
+def test_feature_space_is_saved_with_the_classifier(kind, tmp_path) -> None:
+    from eetrain.exits.classifiers import CLASSIFIERS
+
+    assert CLASSIFIERS[kind](D).features == "raw"  # the default: CALM's residual states
+    clf = CLASSIFIERS[kind](D, features="normed")
+    assert clf.features == "normed" and clf.config["features"] == "normed"
+    save_classifier(clf, tmp_path / "clf.pt")
+    assert load_classifier(tmp_path / "clf.pt").features == "normed"
+    # a checkpoint written before the setting existed (no features in its kwargs) loads as raw
+    payload = torch.load(tmp_path / "clf.pt", weights_only=True)
+    del payload["kwargs"]["features"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_classifier(tmp_path / "old.pt").features == "raw"
+    with pytest.raises(ValueError, match=r"features='post'; allowed: raw, normed"):
+        CLASSIFIERS[kind](D, features="post")
+
+
+def test_policy_takes_the_classifiers_feature_space() -> None:
+    from eetrain.exits.policy import ExitPolicy
+
+    assert ExitPolicy(CalmClassifier(D, features="normed"), 0.5).features == "normed"
+    assert ExitPolicy(CalmClassifier(D), 0.5).features == "raw"
+    assert ExitPolicy("hidden_saturation", 0.9).features == "raw"
+    assert ExitPolicy("hidden_saturation", 0.9, features="normed").features == "normed"
+    with pytest.raises(ValueError, match="features='raw', but the calm classifier was trained on normed states"):
+        ExitPolicy(CalmClassifier(D, features="normed"), 0.5, features="raw")
+    with pytest.raises(ValueError, match=r"features='pre'; allowed: raw, normed"):
+        ExitPolicy("hidden_saturation", 0.9, features="pre")

@@ -184,3 +184,34 @@ def test_save_load_round_trip(tmp_path):
     torch.save({"something": "else"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not an eetrain exit-records file"):
         load_records(tmp_path / "bad.pt")
+
+
+def _sharp_norm(bb):
+    """A final norm whose weight is not all ones (RMSNorm with unit weight keeps every cosine)."""
+    with torch.no_grad():
+        weight = bb.model.decoder.final_layer_norm.weight if bb.family == "t5" else bb.model.model.norm.weight
+        weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(5)) * 2 + 0.1)
+    return bb
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_normed_features_record_final_normed_states_and_saturation(family):
+    """exit.features=normed: hidden, h0 and saturation in final_norm's space; the logits' summaries unchanged."""
+    bb = _sharp_norm(make_backbone(family))
+    raw = record_exits(bb, _loader(bb))
+    normed = record_exits(bb, _loader(bb), features="normed")
+    with torch.no_grad():
+        torch.testing.assert_close(normed.hidden, bb.final_norm(raw.hidden))
+        torch.testing.assert_close(normed.h0, bb.final_norm(raw.h0))
+    for i in range(1, raw.num_layers):
+        want = F.cosine_similarity(normed.hidden[i], normed.hidden[i - 1], dim=-1)
+        torch.testing.assert_close(normed.saturation[i], want)
+    torch.testing.assert_close(normed.saturation[0], F.cosine_similarity(normed.hidden[0], normed.h0, dim=-1))
+    assert not torch.allclose(normed.saturation, raw.saturation)  # the setting reaches the measure
+    for field in ("predictions", "top2", "entropies", "labels", "positions"):
+        assert torch.equal(getattr(normed, field), getattr(raw, field)), field
+    # hidden_saturation on the normed record = the measure on the normed states
+    torch.testing.assert_close(compute_measure("hidden_saturation", normed),
+                               compute_measure("hidden_saturation", ExitRecords(hidden=normed.hidden, h0=normed.h0)))
+    with pytest.raises(ValueError, match=r"features='layernormed'; allowed: raw, normed"):
+        record_exits(bb, _loader(bb), features="layernormed")

@@ -158,3 +158,50 @@ def test_stage_trains_and_saves_every_kind(tmp_path):
         assert load_classifier(path, expected_hidden_size=bb.hidden_size).kind == kind
         assert (tmp_path / "exit_classifiers" / "logs" / kind / "metrics.csv").exists()
     assert load_classifier(saved["lstm"]).config["hidden_size"] == 16
+    assert load_classifier(saved["lstm"]).config["num_layers"] == 1  # MEE's one LSTM layer, the default
+    assert all(load_classifier(p).features == "raw" for p in saved.values())  # exit.features default
+
+
+def test_lstm_num_layers_default_is_meees_one_and_stays_an_option():
+    assert classifier_settings(compose([])).lstm_num_layers == 1
+    assert classifier_settings(compose(["exit.classifiers.lstm_num_layers=2"])).lstm_num_layers == 2
+    assert make_classifier("lstm", 8).lstm.num_layers == 1
+    assert make_classifier("lstm", 8, lstm_num_layers=2).lstm.num_layers == 2
+
+
+def test_exit_features_setting_and_a_mismatched_classifier(tmp_path):
+    from eetrain.exits.settings import feature_space
+
+    assert feature_space(compose([])) == "raw"
+    assert classifier_settings(compose(["exit.features=normed"])).features == "normed"
+    with pytest.raises(ConfigError, match=r"exit.features='final'; allowed: raw \(residual states, CALM\) or normed"):
+        feature_space(compose(["exit.features=final"]))
+    save_classifier(make_classifier("calm", 32, features="normed"), tmp_path / "calm.pt")
+    cfg = compose(["+experiment=mee_demo", f"exit.classifiers.dir={tmp_path}", "exit.classifiers.kinds=[calm]"])
+    with pytest.raises(ConfigError, match=r"exit.features=raw: the calm classifier at .* was trained on normed "
+                                          r"states; set exit.features=normed"):
+        load_classifiers(classifier_settings(cfg), make_backbone("t5"), tmp_path, required=False)
+    cfg = compose(["+experiment=mee_demo", f"exit.classifiers.dir={tmp_path}", "exit.classifiers.kinds=[calm]",
+                   "exit.features=normed"])
+    assert load_classifiers(classifier_settings(cfg), make_backbone("t5"), tmp_path, required=False)["calm"]
+
+
+def test_stage_trains_on_normed_states_and_saves_the_space(tmp_path):
+    from hydra.utils import instantiate
+
+    from eetrain.exits.record import record_exits
+    from eetrain.exits.training import run_stage
+
+    cfg = compose([
+        "+experiment=mee_demo", "exit.min_exit_layer=2", "exit.classifiers.epochs=1", "exit.features=normed",
+        "exit.classifiers.max_train_tokens=200", "exit.classifiers.kinds=[calm]", "trainer.enable_progress_bar=false",
+    ])
+    bb = make_backbone("t5")
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    saved = run_stage(cfg, bb, data, tmp_path)
+    assert load_classifier(saved["calm"]).features == "normed"
+    # text batches (no records) hand the classifier the same normed states as the records
+    loader = torch.utils.data.DataLoader(examples(), batch_size=2, collate_fn=bb.collate)
+    module = ExitClassifierModule(load_classifier(saved["calm"]), layers=(1, 2), backbone=bb)
+    hidden, _ = module._states(next(iter(loader)))
+    torch.testing.assert_close(hidden, record_exits(bb, loader, features="normed").hidden)

@@ -57,6 +57,42 @@ def test_the_export_s_strategy_is_the_default(tmp_path):
     assert decoding_settings(compose([]), None).strategy == "copy"
 
 
+def test_the_export_s_feature_space_reaches_the_decoder(tmp_path):
+    """exit.features travels with the policy (saturation) or the classifier file; decoding uses it."""
+    from eetrain.decoding.settings import export_policy
+    from eetrain.exits.classifiers import save_classifier
+    from eetrain.exits.training import make_classifier
+
+    bb = make_backbone("t5")
+    (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5"}))
+    cfg = compose(["exit.features=normed", "decoding.policy.measure=hidden_saturation",
+                   "decoding.policy.threshold=0.9", "exit.min_exit_layer=2"])
+    stored = export_policy(cfg, bb, tmp_path / "run", tmp_path)
+    assert stored["features"] == "normed" and stored["calibrated"] is False
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}"])
+    policy = build_policy(policy_fields(cfg, str(tmp_path)), bb, str(tmp_path))
+    assert policy.measure == "hidden_saturation" and policy.features == "normed"
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}", "decoding.policy.features=raw"])
+    assert build_policy(policy_fields(cfg, str(tmp_path)), bb, str(tmp_path)).features == "raw"
+    # no stored policy: exit.features, as the offline table of the same run used it
+    cfg = compose(["exit.features=normed", "decoding.policy.measure=hidden_saturation"])
+    assert policy_fields(cfg, None)["features"] == "normed"
+    assert policy_fields(compose(["decoding.policy.measure=hidden_saturation"]), None)["features"] == "raw"
+    # a classifier reads the space saved with it; a contradicting override names the key
+    save_classifier(make_classifier("calm", bb.hidden_size, features="normed"), tmp_path / "calm.pt")
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.measure=classifier:calm",
+                   f"decoding.policy.classifier={tmp_path / 'calm.pt'}"])
+    assert build_policy(policy_fields(cfg, None), bb, None).features == "normed"
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.measure=classifier:calm",
+                   f"decoding.policy.classifier={tmp_path / 'calm.pt'}", "decoding.policy.features=raw"])
+    with pytest.raises(ConfigError, match="decoding.policy: features='raw', but the calm classifier was trained on "
+                                          "normed states"):
+        build_policy(policy_fields(cfg, None), bb, None)
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.features=both"])
+    with pytest.raises(ConfigError, match=r"decoding.policy.features='both'; allowed: null, raw, normed"):
+        build_policy(policy_fields(cfg, None), bb, None)
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

@@ -188,3 +188,37 @@ def test_exits_node_drives_the_losses():
     # a kd term added to calm without L_s is a missing mandatory value
     with pytest.raises(MissingMandatoryValue, match="loss.terms.kd.shallow_layer"):
         instantiate(compose(["+loss/terms@loss.terms.kd=kd"]).loss)
+
+
+def test_free_loss_with_another_exits_form_is_one_config_error():
+    from omegaconf import OmegaConf
+
+    for layers in ("[2,4]", "{every:2}"):
+        cfg = compose(["loss=free", f"exits.layers={layers}"])
+        with pytest.raises(Exception) as err:
+            OmegaConf.resolve(cfg.loss)
+        cause = err.value
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        assert isinstance(cause, ConfigError), err.value
+        assert str(cause).startswith(f"exits.layers={[2, 4] if layers == '[2,4]' else {'every': 2}!r}: the free loss "
+                                     "needs exits.layers={shallow: L_s}")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["+experiment=free_demo", "exits.layers=[2,4]"],  # Hydra cannot merge a list into {shallow: 2}
+        ["+experiment=demo", "loss=free", "exits.layers=[2,4]"],  # the kd term's interpolation
+    ],
+)
+def test_cli_free_loss_with_a_list_of_exits(tmp_path, args):
+    from tests.test_config import cli
+
+    r = cli(*args, f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=1", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "TypeError" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("eetrain: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("eetrain: error: exits.layers=[2")
+    assert "the free loss needs exits.layers={shallow: L_s}" in errors[0] and "{shallow: N}" in errors[0]

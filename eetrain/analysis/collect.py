@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eetrain.exits.classifiers import feature_states
 from eetrain.exits.measures import ExitRecords, summarize_logits
 from eetrain.exits.record import InputCapture, token_view
 
@@ -28,10 +29,12 @@ class LayerRecords:
     probabilities; entropies ``(L, N)`` in nats; p_final ``(L, N)`` the probability each layer gives to
     the last layer's top-1 (MEE Fig. 2); top10_final ``(L, N)`` the share of the last layer's top-k
     (k = ``top_k``) in the layer's top-k; cos_final ``(L + 1, N)`` cos(h_i, h_L) for i = 0..L (row 0:
-    the input of layer 1, NaN where it was not captured); saturation ``(L, N)`` cos(h_i, h_{i-1}).
+    the input of layer 1, NaN where it was not captured; raw residual states); saturation ``(L, N)``
+    cos(h_i, h_{i-1}) in the space ``features`` (``exit.features``: what hidden-state saturation reads).
     labels ``(N,)`` the token teacher-forced at each position (the reference or the greedy output; class
     labels for sequence heads); positions ``(N,)`` 1-based position among its sequence's scored tokens;
-    sequence_ids ``(N,)``. hidden ``(L, N, d)`` and h0 ``(N, d)`` only with ``keep_hidden``.
+    sequence_ids ``(N,)``. hidden ``(L, N, d)`` and h0 ``(N, d)`` only with ``keep_hidden``, in the space
+    ``features`` (what exit classifiers read).
     sublayer: ``{point: (L, N, 3)}`` per sub-layer point (``<name>.stream``, ``<name>.output``): top-1
     equal to the last layer's, top-k overlap with the last layer's top-k, top-k overlap with the stream
     before the sub-layer.
@@ -144,12 +147,14 @@ def collect(
     max_tokens: int | None = None,
     chunk_size: int = 2048,
     progress: Any = None,
+    features: str = "raw",
 ) -> LayerRecords:
     """Run ``backbone`` (eval, no grad) over ``batches`` (its ``collate`` output, labels ``-100`` = not
     scored) and keep the per-layer statistics of :class:`LayerRecords`.
 
     ``sublayer``: also project every sub-layer's residual stream and own output through the exit head of
-    its block (``backbone.sublayers``). ``progress``: a tqdm-like bar to ``update(1)`` per batch.
+    its block (``backbone.sublayers``). ``progress``: a bar to ``update(1)`` per batch. ``features``:
+    ``raw`` or ``normed`` (through the final norm), the space of ``hidden``, ``h0`` and ``saturation``.
     """
     L = backbone.num_layers
     device = next(backbone.parameters()).device
@@ -185,9 +190,10 @@ def collect(
                 final_topk = final.topk(k, -1).indices
                 hL = hs[-1][sl].float()
                 cols: dict[str, list[Tensor]] = {}
-                previous = None if h0 is None else h0[sl].float()
+                previous = None if h0 is None else feature_states(backbone, h0[sl], features).float()
                 for layer, h in zip(range(1, L + 1), hs, strict=True):
                     h = h[sl].float()
+                    f = feature_states(backbone, hs[layer - 1][sl], features).float()
                     z = final if layer == L else _logits(backbone, h, layer)
                     p, t2, e = summarize_logits(z)
                     cols.setdefault("preds", []).append(p)
@@ -198,8 +204,8 @@ def collect(
                     cols.setdefault("cos_final", []).append(F.cosine_similarity(h, hL, dim=-1))
                     cols.setdefault("saturation", []).append(
                         torch.full((h.shape[0],), float("-inf"), device=h.device) if previous is None
-                        else F.cosine_similarity(h, previous, dim=-1))
-                    previous = h
+                        else F.cosine_similarity(f, previous, dim=-1))
+                    previous = f
                 first = (torch.full((hL.shape[0],), float("nan"), device=hL.device) if h0 is None
                          else F.cosine_similarity(h0[sl].float(), hL, dim=-1))
                 cols["cos_final"].insert(0, first)
@@ -215,9 +221,9 @@ def collect(
                 else:
                     add(key, torch.cat(values, dim=1))
             if keep_hidden:
-                add("hidden", torch.stack(hs))
+                add("hidden", torch.stack([feature_states(backbone, h, features) for h in hs]))
                 if h0 is not None:
-                    add("h0", h0)
+                    add("h0", feature_states(backbone, h0, features))
             add("labels", labels.long())
             add("positions", positions.long())
             add("sequence_ids", rows.long() + offset)

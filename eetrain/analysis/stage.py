@@ -181,8 +181,11 @@ def _policy_specs(cfg: Any, settings: AnalyzeSettings, num_layers: int, horizon:
     return policy_specs(view, num_layers, horizon)
 
 
-def _classifier_specs(cfg: Any, settings: AnalyzeSettings, backbone: Any, model_dir: str | None) -> list[Any]:
-    """The trained exit classifiers saved beside the model (``exit_classifier_<kind>.pt``)."""
+def _classifier_specs(
+    cfg: Any, settings: AnalyzeSettings, backbone: Any, model_dir: str | None, features: str = "raw"
+) -> list[Any]:
+    """The trained exit classifiers saved beside the model (``exit_classifier_<kind>.pt``) that read the
+    states of ``features`` (one record holds one space; the others are named and skipped)."""
     from eetrain.decoding.settings import CLASSIFIER_FILE
     from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
     from eetrain.exits.policy import ExitPolicy
@@ -198,6 +201,10 @@ def _classifier_specs(cfg: Any, settings: AnalyzeSettings, backbone: Any, model_
         if path.is_file():
             clf = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
             label = CLASSIFIER_LABEL.format(kind=kind)
+            if clf.features != features:
+                print(f"[analyze] {label} skipped: trained on {clf.features} states, the records hold "
+                      f"exit.features={features} ones (set exit.features={clf.features} to score it)")
+                continue
             specs.append(PolicySpec(label, ExitPolicy(clf, min_exit_layer=settings.min_exit_layer, name=label),
                                     tuple(float(v) for v in values)))
     return specs
@@ -209,7 +216,7 @@ def analyze_model(
 ) -> dict[str, Any]:
     """Every analysis of ``settings.analyses`` but suitability on one model: ``{analysis: rows}`` plus
     ``summary`` (headline numbers) and ``suitability_inputs``."""
-    from tqdm.auto import tqdm
+    from eetrain.progress import progress
 
     examples = list(examples)
     if settings.max_examples is not None:
@@ -219,14 +226,16 @@ def analyze_model(
     todo = settings.analyses
     if settings.target == "greedy":
         steps = settings.max_new_tokens or int(OmegaConf.select(cfg, "decoding.max_new_tokens", default=64) or 64)
-        with tqdm(total=math.ceil(len(examples) / settings.batch_size), desc=f"{name}: greedy outputs",
-                  unit="batch") as bar:
+        with progress(math.ceil(len(examples) / settings.batch_size), f"{name}: greedy outputs", unit="batch") as bar:
             examples = greedy_examples(backbone, examples, settings.batch_size, steps, progress=bar)
-    classifiers = _classifier_specs(cfg, settings, backbone, model_dir) if "gating" in todo else []
+    from eetrain.exits.settings import feature_space
+
+    features = feature_space(cfg)  # exit.features: the space saturation and the classifiers read
+    classifiers = _classifier_specs(cfg, settings, backbone, model_dir, features) if "gating" in todo else []
     batches = example_batches(backbone, examples, settings.batch_size)
-    with tqdm(total=len(batches), desc=f"{name}: per-layer records", unit="batch") as bar:
+    with progress(len(batches), f"{name}: per-layer records", unit="batch") as bar:
         rec = collect(backbone, batches, keep_hidden=bool(classifiers), sublayer="sublayer" in todo,
-                      top_k=settings.top_k, max_tokens=settings.max_tokens, progress=bar)
+                      top_k=settings.top_k, max_tokens=settings.max_tokens, progress=bar, features=features)
     L = rec.num_layers
     layers = oracle.oracle_layers(rec)
     out: dict[str, Any] = {}

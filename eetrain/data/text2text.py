@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from eetrain.data.sampler import ResumableDataLoader, ResumableSampler
 from eetrain.errors import ConfigError, DataError
 from eetrain.hub import check_dataset_reachable
 from eetrain.task_metrics import check_metrics
@@ -180,6 +181,9 @@ class SplitDataModule(L.LightningDataModule):
     column_keys: str
     #: file suffix -> `datasets` builder of the local files this data reads
     formats: Mapping[str, str] = _FORMATS
+    #: the seed of the training order (`ResumableSampler`: one permutation per epoch); train.py sets the
+    #: run's `seed`
+    shuffle_seed: int = 0
 
     def __init__(
         self,
@@ -209,6 +213,9 @@ class SplitDataModule(L.LightningDataModule):
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         #: per role: counts from tokenize (examples, truncated ...)
         self.truncation: dict[str, dict[str, int]] = {}
+        self._train_sampler: ResumableSampler | None = None
+        #: (epoch, batches already trained in it) from a checkpoint; applied to the next training loader
+        self._resume: tuple[int, int] | None = None
 
     def tokenize(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
         raise NotImplementedError
@@ -251,8 +258,69 @@ class SplitDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _fitting(self) -> Any:
+        """The trainer while it fits (then the training order is split across its ranks), else None."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
+            return None
+        return trainer
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Batches in a seeded per-epoch order (`ResumableSampler`), split by rank while fitting; after a
+        checkpoint is loaded the first epoch starts where the checkpoint's run stopped."""
+        trainer = self._fitting()
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.datasets["train"], replicas, rank, shuffle=True, seed=self.shuffle_seed)
+        if trainer is not None:
+            self._train_sampler = sampler
+            if self._resume is not None:
+                sampler.resume(self._resume[0], self._resume[1] * self.batch_size)
+        return ResumableDataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data, saved in every checkpoint: the epoch and how many batches of it
+        the trainer has taken (Lightning's own count, so batches a loader fetched ahead do not count)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # the epoch whose order the batches came from (after a fit that max_steps ended mid-epoch,
+        # Lightning's current_epoch has already moved on)
+        epoch = self._train_sampler.epoch if self._train_sampler is not None else trainer.current_epoch
+        taken = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"train_position": {"epoch": epoch, "batches": taken, "batch_size": self.batch_size,
+                                   "world_size": trainer.world_size, "seed": self.shuffle_seed}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order at a checkpoint's position (Lightning calls this on `ckpt_path`)."""
+        pos = state_dict.get("train_position")
+        if not pos:
+            return
+        now = {"batch_size": self.batch_size, "seed": self.shuffle_seed}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            now["world_size"] = trainer.world_size
+        changed = {k: (pos[k], v) for k, v in now.items() if k in pos and pos[k] != v}
+        if changed:
+            import warnings
+
+            warnings.warn(
+                f"resuming with other data settings than the checkpoint's ({changed}, as (then, now)): the rest "
+                f"of epoch {pos['epoch']} starts after {pos['batches']} batches of the new order, not exactly "
+                "where the checkpoint's run was", stacklevel=2,
+            )
+        self._resume = (int(pos["epoch"]), int(pos["batches"]))
+        loop = getattr(trainer, "fit_loop", None)
+        if self._train_sampler is not None and getattr(loop, "_combined_loader", None) is not None:
+            # FSDP and DeepSpeed restore after the loader is built (and loader workers may already have
+            # drawn indices): Lightning builds it again, from the position
+            loop._combined_loader = None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)

@@ -15,7 +15,7 @@ Writes to the run directory:
   a `full` row, and an `oracle` row whose mean exit layer is the earliest layer from which each token of
   the full model's output keeps the last layer's top-1 (teacher-forced);
 * `quality_speed.png`: the headline metric against the speed-up, one line per policy, the full model as
-  a point; with W&B on, the table and the plot go to the run too.
+  a point; with W&B on, the table, the plot and one line per policy go to the run too (`curve/...`).
 """
 
 from __future__ import annotations
@@ -251,11 +251,19 @@ def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str, key: st
     for r in rows:
         columns += [k for k in r if k not in columns]
     table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-    wandb.log({
+    logs = {
         key: table,
         f"{key}_plot": wandb.plot.scatter(table, "speedup", metric, title=f"{metric} vs speed-up"),
         f"{key}_png": wandb.Image(str(png)),
-    })
+    }
+    # one line per policy over its thresholds, as in the PNG
+    names = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] not in ("full", "oracle")))
+    if names:
+        lines = [sorted((r["speedup"], r[metric]) for r in rows if r["policy"] == n) for n in names]
+        logs[f"{key}_lines"] = wandb.plot.line_series(
+            xs=[[p[0] for p in pts] for pts in lines], ys=[[p[1] for p in pts] for pts in lines], keys=names,
+            title=f"{metric} vs speed-up, per policy", xname="speed-up over the full model (x)")
+    wandb.log(logs)
     return True
 
 
@@ -285,7 +293,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
 
 
 def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
+    from eetrain.progress import progress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,7 +322,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
           f"points, strategy {dec.strategy}, batch {dec.batch_size}; each early-exit batch is timed against "
           f"the full model on the same batch")
     generate(backbone, prompts[0], None, **kwargs)  # warm-up: first-call costs stay out of the table
-    full = [generate(backbone, b, None, **kwargs) for b in prompts]
+    full = [generate(backbone, b, None, **kwargs) for b in progress(prompts, "full-model decoding", unit="batch")]
     full_seqs = [s for o in full for s in o.sequences()]
     full_scores = corpus_scores(metrics, texts(backbone, full_seqs), refs)
     rows: list[dict[str, Any]] = [{
@@ -326,7 +334,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     if settings.oracle:
         mean = oracle_mean_exit_layer(backbone, examples, full_seqs, max(dec.batch_size, 16))
         rows.append({"policy": "oracle", "threshold": None, "mean_exit_layer": mean, "consistency": 1.0})
-    for spec, value in tqdm(grid, desc="quality-vs-speed sweep", unit="point"):
+    for spec, value in progress(grid, "quality-vs-speed sweep", unit="point"):
         policy = spec.policy if value is None else at_value(spec.policy, value)
         ee, paired = [], []
         for b in prompts:

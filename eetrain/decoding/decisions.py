@@ -5,7 +5,9 @@ only h_1..h_i. :class:`LayerDecider` keeps, per batch row, the little state each
 layers (the previous hidden state for saturation, the last two for the three-state MLP, the LSTM's
 (h, c), the per-layer argmax / top-2 history for patience and the monotonic rule) and scores the
 layer through the same registered measures and classifiers, so a decoded exit layer equals
-`eetrain.exits.policy.exit_layers` on the same states (tested).
+`eetrain.exits.policy.exit_layers` on the same states (tested). Classifiers and saturation read the
+states in the policy's feature space (`ExitPolicy.features`, `exit.features`): the residual stream as
+it is (`raw`) or through the family's final norm (`normed`), as `record_exits` records them.
 
 :class:`ScheduledExits` is the other kind of decider: exit layers fixed in advance (`fixed:K`,
 `random:MEAN`), for benchmarks and exactness tests; deciding costs nothing.
@@ -104,6 +106,8 @@ class LayerDecider:
         )
         self.three_states = isinstance(self.classifier, ThreeStateMLP)
         self.keeps_states = self.three_states or self.name == "hidden_saturation"
+        # the states classifiers / saturation read: final-normed ones for features=normed
+        self.normed = policy.features == "normed" and (self.classifier is not None or self.name == "hidden_saturation")
         self.clf_dtype = next(self.classifier.parameters()).dtype if self.classifier is not None else None
         self.observed = frozenset(i for i in range(1, num_layers + 1) if self.wants(i))
 
@@ -124,6 +128,8 @@ class LayerDecider:
         )
         # h_{i-1} and h_{i-2}: saturation compares layer 1 with the input state h0; the three-state MLP
         # reads zeros below layer 1 (as ThreeStateMLP.stack_states does on records)
+        if self.normed:
+            h0 = self.backbone.final_norm(h0)  # type: ignore[attr-defined]
         self.prev = h0 if self.name == "hidden_saturation" else torch.zeros_like(h0)
         self.prev2 = torch.zeros_like(h0)
         self.history: list[tuple[Tensor, Tensor]] = []  # per layer: (predictions (B,), top2 (B, 2))
@@ -193,6 +199,8 @@ class LayerDecider:
             return full
 
         scores: Tensor | None = None
+        if self.normed:  # classifier or saturation in the final-normed space (exit logits still use h)
+            h = self.backbone.final_norm(h)  # type: ignore[attr-defined]
         if clf is not None:
             x = h if h.dtype == self.clf_dtype else h.to(self.clf_dtype)
             if isinstance(clf, LSTMClassifier):

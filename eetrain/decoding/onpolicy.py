@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eetrain.exits.classifiers import load_classifier, save_classifier
+from eetrain.exits.classifiers import feature_states, load_classifier, save_classifier
 from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
+from eetrain.exits.settings import exit_points, min_exit_layer
+from eetrain.exits.training import _split, make_classifier, train_exit_classifier
 
 from .calibration import batches, decode_all, sequences
 from .generate import generate
 from .metrics import token_consistency
+from .settings import decoding_settings
 
 
 def collect(
@@ -62,11 +66,6 @@ def run_on_policy(cfg: Any, backbone: Any, data: Any, out_dir: Path, settings: A
     """`exit.classifiers.on_policy`: retrain each saved classifier on on-policy states, compare both in
     real decoding of validation examples, save them as `<kind>_offline.pt` / `<kind>_on_policy.pt` and
     keep the more consistent one as `<kind>.pt`; write `on_policy.json` and print the comparison."""
-    from eetrain.exits.settings import exit_points, min_exit_layer
-    from eetrain.exits.training import _split, make_classifier, train_exit_classifier
-
-    from .settings import decoding_settings
-
     strategy = decoding_settings(cfg).strategy
     new_tokens = decoding_settings(cfg).max_new_tokens
     L = backbone.num_layers
@@ -81,12 +80,18 @@ def run_on_policy(cfg: Any, backbone: Any, data: Any, out_dir: Path, settings: A
         offline = load_classifier(path).eval()
         policy = ExitPolicy(offline, threshold, min_exit_layer=floor, exit_points=points)
         records = collect(backbone, train_examples, policy, strategy=strategy, max_new_tokens=new_tokens)
+        # decoding records raw states: hand the classifier its own space (exit.features)
+        if offline.features != "raw":
+            with torch.no_grad():
+                hidden = feature_states(backbone, records.hidden.to(next(backbone.parameters()).device),
+                                        offline.features)
+            records = replace(records, hidden=hidden.cpu())
         train_rec, val_rec = _split(records, settings.val_fraction, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + k)
             on_policy = make_classifier(kind, backbone.hidden_size, calm_hidden=settings.calm_hidden,
                                         mlp_width=settings.mlp_width, lstm_hidden_size=settings.lstm_hidden_size,
-                                        lstm_num_layers=settings.lstm_num_layers)
+                                        lstm_num_layers=settings.lstm_num_layers, features=offline.features)
         train_exit_classifier(on_policy, train_rec, layers=layers, epochs=settings.epochs,
                               batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
                               val_records=val_rec, seed=seed + k)

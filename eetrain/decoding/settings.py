@@ -19,9 +19,16 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from eetrain.errors import ConfigError, check_keys, positive_int
-from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
+from eetrain.exits.classifiers import CLASSIFIERS, FEATURES, load_classifier
 from eetrain.exits.measures import MEASURES
 from eetrain.exits.policy import ExitPolicy
+from eetrain.exits.settings import (
+    classifier_settings,
+    exit_points,
+    feature_space,
+    min_exit_layer,
+    policy_specs,
+)
 from eetrain.exits.thresholds import DecayingThreshold
 from eetrain.files import atomic_file
 
@@ -29,7 +36,7 @@ from .generate import BATCH_MODES, STRATEGIES
 
 POLICY_KEYS = (
     "measure", "threshold", "min_exit_layer", "kwargs", "decay", "exit_points", "classifier", "check_every",
-    "candidates",
+    "candidates", "features",
 )
 #: stored beside the policy in early_exit.json, not a policy field of decoding.policy
 STORED_ONLY = ("strategy", "calibrated", "calibration")
@@ -112,7 +119,10 @@ def policy_fields(cfg: Any, model_dir: str | None) -> dict[str, Any]:
     if "measure" in fields and fields["measure"] != stored.get("measure"):
         stored = {}  # another measure: the stored threshold and classifier belong to the stored one
     floor = ((cfg.get("exit") or {}).get("min_exit_layer")) or FALLBACK_POLICY["min_exit_layer"]
-    return {**FALLBACK_POLICY, "min_exit_layer": floor, **stored, **fields}
+    merged = {**FALLBACK_POLICY, "min_exit_layer": floor, **stored, **fields}
+    if merged.get("features") is None and not str(merged.get("measure")).startswith("classifier:"):
+        merged["features"] = _features(cfg)  # saturation reads exit.features' space; a classifier its own
+    return merged
 
 
 def check_schedule(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,6 +169,9 @@ def build_policy(fields: Mapping[str, Any], backbone: Any, model_dir: str | None
             lam=float(threshold), N=int(decay["N"]), tau=float(decay.get("tau", 4.0)), form=decay.get("form", "paper")
         )
     points = fields.get("exit_points")
+    features = fields.get("features")  # null: the classifier's own space, else raw
+    if features is not None and features not in FEATURES:
+        raise ConfigError(f"decoding.policy.features={features!r}; allowed: null, {', '.join(FEATURES)}")
     try:
         return ExitPolicy(
             measure,
@@ -166,6 +179,7 @@ def build_policy(fields: Mapping[str, Any], backbone: Any, model_dir: str | None
             min_exit_layer=int(fields.get("min_exit_layer", 4)),
             measure_kwargs=kwargs,
             exit_points=tuple(points) if points else None,
+            features=features,
         )
     except ValueError as e:
         raise ConfigError(f"decoding.policy: {e}") from e
@@ -216,8 +230,6 @@ def run_policy_fields(cfg: Any, backbone: Any, out_dir: Path, model_dir: str | N
 
 def export_classifiers(cfg: Any, out_dir: Path, export_dir: Path) -> list[Path]:
     """Copy the run's trained exit classifiers beside the export's weights (`exit_classifier_<kind>.pt`)."""
-    from eetrain.exits.settings import classifier_settings
-
     settings = classifier_settings(cfg)
     copied = []
     for kind in settings.kinds:
@@ -234,8 +246,6 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
     path = out_dir / "calibration.json"
     if not path.is_file():
         return None
-    from eetrain.exits.settings import classifier_settings, exit_points, min_exit_layer, policy_specs
-
     L = backbone.num_layers
     for row in json.loads(path.read_text()):
         online = row.get("online")
@@ -259,7 +269,7 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
             shutil.copyfile(src, export_dir / CLASSIFIER_FILE.format(kind=kind))
             return {**base, "measure": name, "min_exit_layer": min_exit_layer(cfg, L), "kwargs": {},
                     "exit_points": list(points) if points else None, "decay": None,
-                    "classifier": None}
+                    "classifier": None, "features": classifier_settings(cfg).features}
         horizon = (cfg.get("data") or {}).get("max_target_length")
         spec = next((s for s in policy_specs(cfg, L, horizon=horizon) if s.name == name), None)
         if spec is None:
@@ -270,5 +280,11 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
             decay = {"N": thr.N, "tau": thr.tau, "form": thr.form}
         return {**base, "measure": str(spec.policy.measure), "min_exit_layer": spec.policy.min_exit_layer,
                 "kwargs": dict(spec.policy.measure_kwargs), "decay": decay,
-                "exit_points": list(points) if points else None, "classifier": None}
+                "exit_points": list(points) if points else None, "classifier": None,
+                "features": spec.policy.features}
     return None
+
+
+def _features(cfg: Any) -> str:
+    """`exit.features` when the run has an `exit` node, else raw."""
+    return feature_space(cfg) if cfg.get("exit") is not None else "raw"

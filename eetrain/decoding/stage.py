@@ -2,7 +2,8 @@
 
 Writes `generations.jsonl` (source, output, reference, per-token exit layers, the full model's output)
 and `generation_summary.json`, and prints the summary: tokens/s of both, speed-up, mean exit layer,
-decision share of the time, token consistency with the full model.
+decision share of the time, token consistency with the full model. With W&B on: the histogram of the
+tokens' exit layers and the summary (`generate/...`, `eetrain.wandb_panels.log_generation`).
 """
 
 from __future__ import annotations
@@ -122,8 +123,12 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     )
     print(f"\n[generate] {len(examples)} examples of split {settings.split!r}; policy {label}, "
           f"strategy {settings.strategy}" + ("; full-model decoding in the same run" if settings.compare_full else ""))
+    from eetrain.progress import progress
+
     ee, full, rows = [], [], []
-    for chunk, batch in _batches(backbone, examples, settings.batch_size, device):
+    n_batches = -(-len(examples) // settings.batch_size)
+    for chunk, batch in progress(_batches(backbone, examples, settings.batch_size, device), "early-exit generation",
+                                 total=n_batches, unit="batch"):
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
         out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule)
         ee.append(out)
@@ -144,7 +149,12 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     (out_dir / "generation_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from eetrain.wandb_panels import log_generation
+
+    layers = [e for o in ee for e in o.exit_layers[o.exit_layers > 0].tolist()]
+    logged = log_generation(summary, layers, backbone.num_layers)
     print("\nEarly-exit generation (" + ("greedy" if settings.temperature == 0 else "sampled") + ")")
     print(format_summary(summary))
-    print(f"\nWrote {out_dir / 'generations.jsonl'} and {out_dir / 'generation_summary.json'}")
+    print(f"\nWrote {out_dir / 'generations.jsonl'} and {out_dir / 'generation_summary.json'}"
+          + (" (and to W&B)" if logged else ""))
     return summary

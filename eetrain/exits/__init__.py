@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "hoeffding_pvalue": "calibration",
     "bentkus_pvalue": "calibration",
     "hoeffding_bentkus_pvalue": "calibration",
+    "hoeffding_bentkus_quadratic_pvalue": "calibration",
+    "hoeffding_kl_pvalue": "calibration",
     "calibrate_threshold": "calibration",
     "consistency_risk": "calibration",
     "task_risk": "calibration",

@@ -11,9 +11,13 @@ first candidate whose p-value exceeds epsilon** and return the last one that pas
 
 P-values (risks bounded in ``[0, 1]``):
 
-* Hoeffding: ``exp(-2 n (delta - R_hat)_+^2)``
+* Hoeffding: ``exp(-2 n (delta - R_hat)_+^2)`` (the quadratic bound)
 * Bentkus: ``e * P(Binom(n, delta) <= ceil(n * R_hat))`` (binomial CDF from ``lgamma``; no scipy)
-* Hoeffding-Bentkus: the minimum of the two (the default).
+* Hoeffding-Bentkus (the default, Learn-then-Test's): for ``R_hat < delta``
+  ``min(exp(-n KL(R_hat || delta)), Bentkus)`` with the relative entropy
+  ``KL(a || b) = a log(a/b) + (1-a) log((1-a)/(1-b))`` (Hoeffding's tighter form); 1 otherwise.
+* Hoeffding-Bentkus quadratic: ``min(Hoeffding, Bentkus)`` with the quadratic bound (looser; kept
+  as an explicit option, ``exit.calibration.pvalue=hoeffding_bentkus_quadratic``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from .policy import ExitPolicy, _check_min_exit_layer, _fires, policy_first_exit
 __all__ = [
     "hoeffding_pvalue",
     "bentkus_pvalue",
+    "hoeffding_kl_pvalue",
     "hoeffding_bentkus_pvalue",
+    "hoeffding_bentkus_quadratic_pvalue",
+    "bernoulli_kl",
     "PVALUES",
     "binomial_cdf",
     "ltt_scan",
@@ -103,8 +110,39 @@ def bentkus_pvalue(risk_hat: float, delta: float, n: int) -> float:
     return math.e * binomial_cdf(k, n, delta)
 
 
+def bernoulli_kl(a: float, b: float) -> float:
+    """Relative entropy ``KL(a || b) = a log(a/b) + (1-a) log((1-a)/(1-b))`` of two Bernoulli laws
+    (``0 log 0 = 0``); ``b`` in ``(0, 1)``, ``a`` in ``[0, 1]``."""
+    out = 0.0
+    if a > 0.0:
+        out += a * math.log(a / b)
+    if a < 1.0:
+        out += (1.0 - a) * math.log((1.0 - a) / (1.0 - b))
+    return out
+
+
+def hoeffding_kl_pvalue(risk_hat: float, delta: float, n: int) -> float:
+    """Hoeffding's relative-entropy p-value ``exp(-n KL(risk_hat || delta))`` for ``H: R > delta``
+    (``risk_hat < delta``; 1 otherwise). Never larger than the quadratic form, since
+    ``KL(a || b) >= 2 (a - b)^2`` (Pinsker)."""
+    risk_hat, delta, n = _check_risk_hat(risk_hat), _check_open_unit(delta, "delta"), _check_n(n)
+    if risk_hat >= delta:
+        return 1.0
+    return math.exp(-n * bernoulli_kl(risk_hat, delta))
+
+
 def hoeffding_bentkus_pvalue(risk_hat: float, delta: float, n: int) -> float:
-    """``min(hoeffding_pvalue, bentkus_pvalue)``."""
+    """Learn-then-Test's Hoeffding-Bentkus p-value: for ``risk_hat < delta``
+    ``min(exp(-n KL(risk_hat || delta)), e * P(Binom(n, delta) <= ceil(n * risk_hat)))``, else 1."""
+    risk_hat, delta, n = _check_risk_hat(risk_hat), _check_open_unit(delta, "delta"), _check_n(n)
+    if risk_hat >= delta:
+        return 1.0
+    return min(hoeffding_kl_pvalue(risk_hat, delta, n), bentkus_pvalue(risk_hat, delta, n))
+
+
+def hoeffding_bentkus_quadratic_pvalue(risk_hat: float, delta: float, n: int) -> float:
+    """``min(hoeffding_pvalue, bentkus_pvalue)`` with the quadratic Hoeffding bound (looser than
+    :func:`hoeffding_bentkus_pvalue`; ``exit.calibration.pvalue=hoeffding_bentkus_quadratic``)."""
     return min(hoeffding_pvalue(risk_hat, delta, n), bentkus_pvalue(risk_hat, delta, n))
 
 
@@ -112,7 +150,10 @@ PVALUES: dict[str, Callable[[float, float, int], float]] = {
     "hoeffding": hoeffding_pvalue,
     "bentkus": bentkus_pvalue,
     "hoeffding_bentkus": hoeffding_bentkus_pvalue,
+    "hoeffding_bentkus_quadratic": hoeffding_bentkus_quadratic_pvalue,
 }
+
+PValueName = Literal["hoeffding", "bentkus", "hoeffding_bentkus", "hoeffding_bentkus_quadratic"]
 
 
 def _risk_array(value: Any, threshold: float) -> Tensor:
@@ -129,7 +170,7 @@ def ltt_scan(
     candidates: Iterable[float] | None = None,
     epsilon: float = 0.05,
     delta: float = 0.1,
-    pvalue: Literal["hoeffding", "bentkus", "hoeffding_bentkus"] = "hoeffding_bentkus",
+    pvalue: PValueName = "hoeffding_bentkus",
 ) -> list[dict[str, float | int | bool]]:
     """Fixed-sequence scan; returns the tested rows ``{threshold, risk_hat, n, pvalue, passed}``.
 
@@ -178,7 +219,7 @@ def calibrate_threshold(
     candidates: Iterable[float] | None = None,
     epsilon: float = 0.05,
     delta: float = 0.1,
-    pvalue: Literal["hoeffding", "bentkus", "hoeffding_bentkus"] = "hoeffding_bentkus",
+    pvalue: PValueName = "hoeffding_bentkus",
 ) -> float | None:
     """Learn-then-Test: the smallest certified threshold, or ``None``.
 
@@ -189,7 +230,8 @@ def calibrate_threshold(
             mapping's thresholds, or ``1.00, 0.99, ..., 0.00`` for a callable.
         epsilon: allowed probability of failing the guarantee, in ``(0, 1)``.
         delta: risk tolerance, in ``(0, 1)``.
-        pvalue: ``"hoeffding_bentkus"`` (default), ``"hoeffding"`` or ``"bentkus"``.
+        pvalue: ``"hoeffding_bentkus"`` (default, LTT's relative-entropy form), ``"hoeffding"``,
+            ``"bentkus"`` or ``"hoeffding_bentkus_quadratic"`` (see :data:`PVALUES`).
 
     Returns:
         The last (smallest) threshold that passed before the first failure.  ``None`` when even the

@@ -8,6 +8,12 @@ full record ``(L, N, d)`` to ``(L, N, 2)``; :func:`exit_probabilities` turns tha
 
 Training targets (CALM/FREE/MEE): :func:`exit_labels` (consistency oracle against the *last* layer)
 and :func:`class_balanced_cross_entropy`.
+
+Feature space (``features``, saved with the classifier): ``raw`` -- the residual stream h_i, as CALM
+reads it -- or ``normed`` -- the family's final norm of it, ``backbone.final_norm(h_i)``, as FREE and
+MEE read it. Records (:func:`eetrain.exits.record.record_exits`) and the decoder
+(:class:`eetrain.decoding.decisions.LayerDecider`) hand a classifier states in its own space
+(:func:`feature_states`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from torch import Tensor, nn
 from eetrain.files import atomic_file
 
 __all__ = [
+    "FEATURES",
+    "check_features",
+    "feature_states",
     "ExitClassifier",
     "CalmClassifier",
     "ThreeStateMLP",
@@ -37,6 +46,24 @@ __all__ = [
 
 EXIT_INDEX = 1
 
+#: the spaces a classifier (and hidden-state saturation) can read layer states in (module docstring)
+FEATURES = ("raw", "normed")
+
+
+def check_features(features: object, key: str = "exit.features") -> str:
+    """``features`` if it is a known feature space, else ``ValueError`` naming ``key``."""
+    if features not in FEATURES:
+        raise ValueError(f"{key}={features!r}; allowed: {', '.join(FEATURES)}")
+    return str(features)
+
+
+def feature_states(backbone: Any, hidden: Tensor, features: str) -> Tensor:
+    """Layer states ``(..., d)`` in the space ``features``: as they are (``raw``) or through the family's
+    final norm (``normed``; BERT is post-norm, so its two spaces coincide)."""
+    if check_features(features) == "raw":
+        return hidden
+    return backbone.final_norm(hidden)
+
 
 class ExitClassifier(nn.Module):
     """Base class: remembers its constructor kwargs (``self.config``) for saving."""
@@ -45,12 +72,18 @@ class ExitClassifier(nn.Module):
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
+        config["features"] = check_features(config.get("features", "raw"), f"{self.kind} classifier features")
         self.config: dict[str, Any] = dict(config)
 
     @property
     def hidden_size(self) -> int:
         """The backbone hidden size ``d`` the classifier reads."""
         return int(self.config["d"])
+
+    @property
+    def features(self) -> str:
+        """The space of the states it reads: ``raw`` or ``normed`` (module docstring)."""
+        return str(self.config.get("features", "raw"))
 
     def record_logits(self, hidden: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``(L, N, d) -> (L, N, 2)`` exit logits for every layer of every token."""
@@ -72,8 +105,8 @@ class CalmClassifier(ExitClassifier):
 
     kind = "calm"
 
-    def __init__(self, d: int, hidden: int | None = None) -> None:
-        super().__init__(d=d, hidden=hidden)
+    def __init__(self, d: int, hidden: int | None = None, features: str = "raw") -> None:
+        super().__init__(d=d, hidden=hidden, features=features)
         if hidden is None:
             self.net: nn.Module = nn.Linear(d, 2, bias=True)
         else:
@@ -100,10 +133,13 @@ class ThreeStateMLP(ExitClassifier):
 
     kind = "three_state_mlp"
 
-    def __init__(self, d: int, width: int | None = None) -> None:
+    def __init__(self, d: int, width: int | None = None, features: str = "raw") -> None:
         if width is not None and width < 1:
             raise ValueError(f"three_state_mlp width must be >= 1, got {width!r}")
-        super().__init__(d=d) if width is None else super().__init__(d=d, width=width)
+        if width is None:
+            super().__init__(d=d, features=features)
+        else:
+            super().__init__(d=d, width=width, features=features)
         w = d if width is None else width
         self.net = nn.Sequential(nn.Linear(3 * d, w, bias=True), nn.ReLU(), nn.Linear(w, 2, bias=True))
 
@@ -134,8 +170,8 @@ class LSTMClassifier(ExitClassifier):
 
     kind = "lstm"
 
-    def __init__(self, d: int, hidden_size: int = 250, num_layers: int = 2) -> None:
-        super().__init__(d=d, hidden_size=hidden_size, num_layers=num_layers)
+    def __init__(self, d: int, hidden_size: int = 250, num_layers: int = 1, features: str = "raw") -> None:
+        super().__init__(d=d, hidden_size=hidden_size, num_layers=num_layers, features=features)
         self.lstm = nn.LSTM(d, hidden_size, num_layers=num_layers, bias=True, batch_first=True)
         self.head = nn.Linear(hidden_size, 2, bias=True)
 
@@ -170,7 +206,7 @@ _VERSION = 1
 
 
 def save_classifier(module: ExitClassifier, path: str | os.PathLike[str]) -> None:
-    """Save kind, constructor kwargs and state_dict in one file, atomically (tmp file + ``os.replace``)."""
+    """Save kind, constructor kwargs and state_dict in one file, atomically (``eetrain.files.atomic_file``)."""
     if not isinstance(module, ExitClassifier) or module.kind not in CLASSIFIERS:
         raise ValueError(
             f"can only save registered exit classifiers {sorted(CLASSIFIERS)}, got {type(module).__name__}"

@@ -24,7 +24,7 @@ import torch
 from eetrain.errors import ConfigError
 
 from .calibration import calibrate_threshold, consistency_risk, ltt_scan, make_risk_fn, task_risk
-from .classifiers import ExitClassifier, load_classifier
+from .classifiers import ExitClassifier
 from .measures import ExitRecords, get_measure
 from .policy import (
     ExitPolicy,
@@ -38,11 +38,11 @@ from .record import record_exits, records_nbytes, save_records
 from .settings import (
     CLASSIFIER_LABEL,
     CalibrationSettings,
-    ClassifierSettings,
     PolicySpec,
     calibration_settings,
     classifier_settings,
     exit_points,
+    load_classifiers,
     min_exit_layer,
     policy_specs,
     record_settings,
@@ -56,33 +56,6 @@ __all__ = [
     "format_policy_table",
     "run_stage",
 ]
-
-
-def load_classifiers(
-    settings: ClassifierSettings, backbone: Any, out_dir: Path, required: bool
-) -> dict[str, ExitClassifier]:
-    """Load the saved classifiers of ``settings.kinds`` (hidden size checked against the backbone).
-
-    A missing file is skipped (``required=False``) or a ``ConfigError``; a file for another hidden
-    size is always a ``ConfigError`` naming ``exit.classifiers.dir``.
-    """
-    found: dict[str, ExitClassifier] = {}
-    for kind in settings.kinds:
-        path = settings.path(kind, out_dir)
-        if not path.exists():
-            if required:
-                raise ConfigError(
-                    f"exit.classifiers.dir: no {kind} classifier at {path}; train it with the "
-                    "exit_classifiers stage or point exit.classifiers.dir at a directory that has it"
-                )
-            continue
-        try:
-            found[kind] = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
-        except ValueError as e:
-            raise ConfigError(f"exit.classifiers.dir: {e}") from e
-        if found[kind].kind != kind:
-            raise ConfigError(f"exit.classifiers.dir: {path} holds a {found[kind].kind!r} classifier, not {kind!r}")
-    return found
 
 
 def _classifier_specs(
@@ -259,6 +232,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         store_hidden=bool(classifiers),  # hidden states are only needed by the classifiers
         hidden_dtype=rec_settings.hidden_dtype,
         max_tokens=rec_settings.max_tokens,
+        features=clf_settings.features,  # exit.features: the states classifiers and saturation read
     )
     print(
         f"\n[policies] recorded {records.num_tokens} validation tokens of "
@@ -269,7 +243,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         where = save_records(
             records if not classifiers else _without_hidden(records),
             out_dir / "records" / "validation.pt",
-            meta={"num_layers": num_layers, "hidden_size": backbone.hidden_size, "family": backbone.family},
+            meta={"num_layers": num_layers, "hidden_size": backbone.hidden_size, "family": backbone.family,
+                  "features": clf_settings.features},
         )
         print(f"[policies] saved the record (without hidden states) to {where}")
     specs = policy_specs(cfg, num_layers, horizon=_horizon(cfg, records))
@@ -311,6 +286,9 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         calibrate_online_stage(cfg, backbone, data, specs, calibration, rows, cal_settings)
         (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
         csv_path = write_policy_table(rows, out_dir / "policies.csv")
+    from eetrain.wandb_panels import log_policies
+
+    log_policies(rows, png_path, calibration)  # W&B: policies/table, policies/plot, ... (when a run is active)
     print(f"\nWrote {csv_path} and {png_path}" + (f" and {out_dir / 'calibration.json'}" if calibration else ""))
     return rows
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from eetrain.files import atomic_file
 
-from .classifiers import ExitClassifier, exit_probabilities
+from .classifiers import ExitClassifier, check_features, exit_probabilities
 from .measures import ExitRecords, compute_measure, get_measure, to_preds
 from .thresholds import (
     DecayingThreshold,
@@ -77,6 +77,11 @@ class ExitPolicy:
         exit_points: the 1-based layers that carry an exit (``exits.layers``, e.g. ``(2, 4, 6, 8)``
             or FREE's ``(6, L)``); a token can only leave at one of them (and at ``L``).  ``None``:
             every layer.
+        features: the space of the layer states a classifier or ``hidden_saturation`` reads:
+            ``raw`` (residual streams, CALM) or ``normed`` (``backbone.final_norm``, FREE/MEE);
+            ``exit.features``. ``None``: the classifier's own space (saved with it), else ``raw``.
+            Records are recorded in one space (``record_exits(features=...)``); the decoder applies
+            the policy's space to the states it hands the classifier or the cosine.
     """
 
     measure: str | nn.Module
@@ -85,13 +90,22 @@ class ExitPolicy:
     measure_kwargs: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     exit_points: tuple[int, ...] | None = None
+    features: str | None = None
 
     def __post_init__(self) -> None:
+        if self.features is not None:
+            check_features(self.features, "features")
         if isinstance(self.measure, nn.Module):
             if not isinstance(self.measure, ExitClassifier):
                 raise ValueError(
                     "a classifier measure must be an eetrain ExitClassifier (with record_logits)"
                 )
+            if self.features is not None and self.features != self.measure.features:
+                raise ValueError(
+                    f"features={self.features!r}, but the {self.measure.kind} classifier was trained on "
+                    f"{self.measure.features} states"
+                )
+            self.features = self.measure.features
             if self.measure_kwargs:
                 raise ValueError("measure_kwargs are not used with a classifier measure")
             kind, score_range = "score", (0.0, 1.0)
@@ -99,6 +113,8 @@ class ExitPolicy:
             spec = get_measure(self.measure)
             spec.validate_kwargs(self.measure_kwargs)
             kind, score_range = spec.kind, spec.score_range
+            if self.features is None:
+                self.features = "raw"
         if (
             isinstance(self.min_exit_layer, bool)
             or not isinstance(self.min_exit_layer, int)

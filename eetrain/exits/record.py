@@ -7,12 +7,14 @@ mode, no grad) and returns :class:`~eetrain.exits.measures.ExitRecords` for the 
 ==================  ================  ====================================================================
 field               shape / dtype     what
 ==================  ================  ====================================================================
-``hidden``          (L, N, d)         h_1..h_L (``store_hidden``; dtype ``hidden_dtype``); classifiers read it
-``h0``              (N, d)            the input of layer 1 (saturation at layer 1), with ``hidden``
+``hidden``          (L, N, d)         h_1..h_L in the space ``features`` (``store_hidden``; dtype
+                                      ``hidden_dtype``); classifiers read it
+``h0``              (N, d)            the input of layer 1 (saturation at layer 1), with ``hidden``, same space
 ``predictions``     (L, N) long       argmax of every exit
 ``top2``            (L, N, 2) f32     the two largest probabilities of every exit
 ``entropies``       (L, N) f32        H(p_i) in nats
-``saturation``      (L, N) f32        cos(h_i, h_{i-1}) in float32 (so saturation works without ``hidden``)
+``saturation``      (L, N) f32        cos(h_i, h_{i-1}) in float32 and in the space ``features`` (so
+                                      saturation works without ``hidden``)
 ``vocab_size``      int               V (for the normalised entropy)
 ``labels``          (N,) long         gold tokens
 ``positions``       (N,) long         1-based decoding position t of the token among its sequence's
@@ -27,6 +29,12 @@ probabilities and the entropy (4 numbers per layer and token, computed exactly a
 The logits of one layer are materialised for at most ``chunk_size`` tokens at a time.  The hidden
 states (``L * N * d``) are the remaining big item: keep them only when exit classifiers are to be
 trained or evaluated, in half precision if need be, or cap ``max_tokens``.
+
+``features`` (``exit.features``): ``raw`` keeps the residual streams h_i (CALM), ``normed`` the
+family's final norm of them, ``backbone.final_norm(h_i)`` (FREE, MEE), for ``hidden``, ``h0`` and
+``saturation``; the exit logits (and so every softmax measure) are the same either way. The decoder
+applies the same space (:class:`eetrain.decoding.decisions.LayerDecider`), so decoded exits equal the
+offline ones.
 
 Sequence-classification backbones (``head_kind == "sequence"``, BERT) give one "token" per example:
 the first-token state ``h[:, 0]`` that the pooler reads, position 1.
@@ -45,6 +53,7 @@ from torch import Tensor
 
 from eetrain.files import atomic_file
 
+from .classifiers import check_features, feature_states
 from .measures import ExitRecords, summarize_logits
 
 __all__ = [
@@ -120,6 +129,7 @@ def record_exits(
     keep_logits: bool = False,
     max_tokens: int | None = None,
     chunk_size: int = 4096,
+    features: str = "raw",
 ) -> ExitRecords:
     """Run a frozen backbone once over ``loader`` and collect the per-layer records of scored tokens.
 
@@ -132,6 +142,8 @@ def record_exits(
         keep_logits: also keep the full ``(L, N, V)`` logits (small vocabularies only).
         max_tokens: stop after this many scored tokens (``None``: the whole loader).
         chunk_size: tokens per head application (bounds the ``(chunk, V)`` logits in memory).
+        features: ``raw`` or ``normed``: the space of ``hidden``, ``h0`` and ``saturation`` (module
+            docstring).
 
     Returns:
         :class:`ExitRecords` on the CPU (see the module docstring for the fields).
@@ -140,6 +152,7 @@ def record_exits(
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    check_features(features, "features")
     if isinstance(hidden_dtype, str):
         dtype = getattr(torch, hidden_dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -170,8 +183,11 @@ def record_exits(
                 hs, labels, positions, rows = [h[:m] for h in hs], labels[:m], positions[:m], rows[:m]
                 h0 = None if h0 is None else h0[:m]
             preds, top2, ents, sats, logits = [], [], [], [], []
+            # the states classifiers and saturation read (the exit logits always start from h itself)
+            fs = [feature_states(backbone, h, features) for h in hs]
+            h0 = None if h0 is None else feature_states(backbone, h0, features)
             previous = h0
-            for layer, h in zip(states.layers, hs, strict=True):
+            for layer, h, f in zip(states.layers, hs, fs, strict=True):
                 p_parts, t_parts, e_parts, z_parts = [], [], [], []
                 for start in range(0, m, chunk_size):
                     chunk = h[start : start + chunk_size]
@@ -196,8 +212,8 @@ def record_exits(
                 if previous is None:
                     sats.append(torch.full((m,), float("-inf")))
                 else:
-                    sats.append(F.cosine_similarity(h.float(), previous.float(), dim=-1).cpu())
-                previous = h
+                    sats.append(F.cosine_similarity(f.float(), previous.float(), dim=-1).cpu())
+                previous = f
             parts["predictions"].append(torch.stack(preds))
             parts["top2"].append(torch.stack(top2))
             parts["entropies"].append(torch.stack(ents))
@@ -205,7 +221,7 @@ def record_exits(
             if keep_logits:
                 parts["logits"].append(torch.stack(logits))
             if store_hidden:
-                parts["hidden"].append(torch.stack([h.to(hidden_dtype or h.dtype).cpu() for h in hs]))
+                parts["hidden"].append(torch.stack([f.to(hidden_dtype or f.dtype).cpu() for f in fs]))
                 if h0 is not None:
                     parts["h0"].append(h0.to(hidden_dtype or h0.dtype).cpu())
             parts["labels"].append(labels.long().cpu())

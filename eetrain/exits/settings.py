@@ -8,6 +8,7 @@ Layout (see ``conf/exit/default.yaml`` for the documented defaults)::
 
     exit:
       min_exit_layer: 4            # floor for every policy (also never below exits.min_layer)
+      features: raw                # raw | normed: the states classifiers and saturation read
       thresholds: [...]            # default grid of probability-type score measures and classifiers
       policies:                    # label -> {measure, thresholds, min_exit_layer, decay, kwargs}
         softmax_gap: {measure: softmax_gap}
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from eetrain.errors import ConfigError
 
 from .calibration import PVALUES
-from .classifiers import CLASSIFIERS
+from .classifiers import CLASSIFIERS, FEATURES, ExitClassifier, load_classifier
 from .measures import MEASURES, get_measure
 from .policy import ExitPolicy
 from .thresholds import DECAY_FORMS, DecayingThreshold
@@ -41,6 +42,7 @@ __all__ = [
     "CalibrationSettings",
     "RecordSettings",
     "exit_node",
+    "feature_space",
     "min_exit_layer",
     "exit_points",
     "policy_specs",
@@ -48,6 +50,8 @@ __all__ = [
     "calibration_settings",
     "record_settings",
     "check_config",
+    "training_layers",
+    "load_classifiers",
     "CLASSIFIER_LABEL",
 ]
 
@@ -94,6 +98,19 @@ def _number_list(value: Any, key: str) -> list[float]:
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         raise ConfigError(f"{key}={value!r} must be a non-empty list of numbers")
     return [_float(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def feature_space(cfg: Any) -> str:
+    """``exit.features``: the space of the layer states exit classifiers and hidden-state saturation
+    read -- ``raw`` residual streams (CALM; the default) or ``normed``, through the family's final
+    norm (FREE, MEE). ``ConfigError`` naming the key for anything else."""
+    value = exit_node(cfg).get("features", "raw")
+    if value not in FEATURES:
+        raise ConfigError(
+            f"exit.features={value!r}; allowed: raw (residual states, CALM) or normed (final-normed states, "
+            "FREE/MEE)"
+        )
+    return str(value)
 
 
 def min_exit_layer(cfg: Any, num_layers: int) -> int:
@@ -185,6 +202,7 @@ def policy_specs(cfg: Any, num_layers: int, horizon: int | None = None) -> list[
     node = exit_node(cfg)
     floor = min_exit_layer(cfg, num_layers)
     points = exit_points(cfg, num_layers)
+    features = feature_space(cfg)
     grid = _number_list(node.get("thresholds"), "exit.thresholds") if node.get("thresholds") is not None else []
     policies = node.get("policies") or {}
     if not isinstance(policies, Mapping):
@@ -229,7 +247,7 @@ def policy_specs(cfg: Any, num_layers: int, horizon: int | None = None) -> list[
                 horizon = 1  # only while validating before data exist: N is checked again at the stage
             threshold = _decay(entry["decay"], f"{key}.decay", horizon)
         template = _build(key, measure=measure, threshold=threshold, min_exit_layer=layer,
-                          measure_kwargs=dict(kwargs), name=str(name), exit_points=points)
+                          measure_kwargs=dict(kwargs), name=str(name), exit_points=points, features=features)
         values = entry.get("thresholds")
         if values is None:
             values = grid if spec.kind == "score" and spec.is_probability else []
@@ -248,7 +266,7 @@ def policy_specs(cfg: Any, num_layers: int, horizon: int | None = None) -> list[
                     v = _int(v, f"{key}.thresholds[{i}] (patience)")
                     values[i] = v
                 _build(f"{key}.thresholds[{i}]", measure=measure, min_exit_layer=layer,
-                       measure_kwargs={**kwargs, param: v}, name=str(name), exit_points=points)
+                       measure_kwargs={**kwargs, param: v}, name=str(name), exit_points=points, features=features)
             else:
                 try:
                     template.with_base_threshold(v)
@@ -261,6 +279,24 @@ def policy_specs(cfg: Any, num_layers: int, horizon: int | None = None) -> list[
 # ---------------------------------------------------------------------------------------------------
 # Classifiers, calibration, recording
 # ---------------------------------------------------------------------------------------------------
+
+
+def training_layers(
+    num_layers: int, min_exit_layer: int, exit_points: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """1-based layers whose decisions are trained: ``min_exit_layer .. L-1`` (only exit points, if given)."""
+    layers = tuple(
+        i for i in range(min_exit_layer, num_layers) if exit_points is None or i in set(exit_points)
+    )
+    if not layers:
+        subset = exit_points is not None and set(range(1, num_layers + 1)) - set(exit_points)
+        where = f" among the exit points {list(exit_points)}" if subset else ""  # type: ignore[arg-type]
+        raise ValueError(
+            f"min_exit_layer={min_exit_layer} leaves no layer below the last ({num_layers}){where} for an "
+            f"exit classifier to decide on; a model with {num_layers} exit layers needs a minimum exit "
+            f"layer in 1..{num_layers - 1}"
+        )
+    return layers
 
 
 @dataclass(frozen=True)
@@ -283,6 +319,7 @@ class ClassifierSettings:
     on_policy: bool = False
     on_policy_examples: int = 128
     on_policy_threshold: float = 0.9
+    features: str = "raw"  # exit.features: the space the classifiers read (saved with each one)
 
     def path(self, kind: str, out_dir: Path) -> Path:
         """Where the classifier of ``kind`` is saved/loaded: ``<dir or out_dir/exit_classifiers>/<kind>.pt``."""
@@ -322,7 +359,7 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
         calm_hidden=None if calm_hidden is None else _int(calm_hidden, f"{k}.calm_hidden", lo=1),
         mlp_width=None if node.get("mlp_width") is None else _int(node["mlp_width"], f"{k}.mlp_width", lo=1),
         lstm_hidden_size=_int(node.get("lstm_hidden_size", 250), f"{k}.lstm_hidden_size", lo=1),
-        lstm_num_layers=_int(node.get("lstm_num_layers", 2), f"{k}.lstm_num_layers", lo=1),
+        lstm_num_layers=_int(node.get("lstm_num_layers", 1), f"{k}.lstm_num_layers", lo=1),
         max_train_tokens=None if max_tokens is None else _int(max_tokens, f"{k}.max_train_tokens", lo=1),
         val_fraction=val_fraction,
         dir=None if node.get("dir") is None else Path(str(node["dir"])).expanduser(),
@@ -330,6 +367,7 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
         on_policy=bool(node.get("on_policy", False)),
         on_policy_examples=_int(node.get("on_policy_examples", 128), f"{k}.on_policy_examples", lo=1),
         on_policy_threshold=_probability(node.get("on_policy_threshold", 0.9), f"{k}.on_policy_threshold"),
+        features=feature_space(cfg),
     )
 
 
@@ -445,6 +483,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
     Run before training so that a typo fails at once; every error names its config key.
     """
     num_layers = int(backbone.num_layers)
+    feature_space(cfg)
     specs = policy_specs(cfg, num_layers)
     classifiers = classifier_settings(cfg)
     calibration = calibration_settings(cfg)
@@ -471,14 +510,42 @@ def check_config(cfg: Any, backbone: Any) -> None:
     stages = list(cfg.get("stages") or [])
     floor = min_exit_layer(cfg, num_layers)
     if "exit_classifiers" in stages and classifiers.kinds:
-        from .training import training_layers
-
         try:
             training_layers(num_layers, floor, exit_points(cfg, num_layers))
         except ValueError as e:
             raise ConfigError(f"exit.min_exit_layer={floor}: {e}") from e
     if "policies" in stages and "exit_classifiers" not in stages:
         # evaluating classifiers trained earlier: check their hidden size now
-        from .evaluation import load_classifiers
-
         load_classifiers(classifiers, backbone, out_dir=Path(str(cfg.paths.output_dir)), required=False)
+
+
+def load_classifiers(
+    settings: ClassifierSettings, backbone: Any, out_dir: Path, required: bool
+) -> dict[str, ExitClassifier]:
+    """Load the saved classifiers of ``settings.kinds`` (hidden size checked against the backbone).
+
+    A missing file is skipped (``required=False``) or a ``ConfigError``; a file for another hidden
+    size is always a ``ConfigError`` naming ``exit.classifiers.dir``.
+    """
+    found: dict[str, ExitClassifier] = {}
+    for kind in settings.kinds:
+        path = settings.path(kind, out_dir)
+        if not path.exists():
+            if required:
+                raise ConfigError(
+                    f"exit.classifiers.dir: no {kind} classifier at {path}; train it with the "
+                    "exit_classifiers stage or point exit.classifiers.dir at a directory that has it"
+                )
+            continue
+        try:
+            found[kind] = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
+        except ValueError as e:
+            raise ConfigError(f"exit.classifiers.dir: {e}") from e
+        if found[kind].kind != kind:
+            raise ConfigError(f"exit.classifiers.dir: {path} holds a {found[kind].kind!r} classifier, not {kind!r}")
+        if found[kind].features != settings.features:
+            raise ConfigError(
+                f"exit.features={settings.features}: the {kind} classifier at {path} was trained on "
+                f"{found[kind].features} states; set exit.features={found[kind].features} (or retrain it)"
+            )
+    return found

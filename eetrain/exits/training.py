@@ -42,10 +42,12 @@ from .classifiers import (
     ThreeStateMLP,
     class_balanced_cross_entropy,
     exit_labels,
+    feature_states,
     save_classifier,
 )
 from .measures import ExitRecords
 from .record import record_exits, token_view
+from .settings import classifier_settings, exit_points, min_exit_layer, training_layers
 
 __all__ = [
     "make_classifier",
@@ -65,34 +67,18 @@ def make_classifier(
     calm_hidden: int | None = None,
     mlp_width: int | None = None,
     lstm_hidden_size: int = 250,
-    lstm_num_layers: int = 2,
+    lstm_num_layers: int = 1,
+    features: str = "raw",
 ) -> ExitClassifier:
-    """A fresh classifier of ``kind`` (``calm``, ``three_state_mlp``, ``lstm``) for hidden size ``d``."""
+    """A fresh classifier of ``kind`` (``calm``, ``three_state_mlp``, ``lstm``) for hidden size ``d``,
+    reading states in the space ``features`` (``raw`` or ``normed``: ``exit.features``)."""
     if kind == CalmClassifier.kind:
-        return CalmClassifier(d, hidden=calm_hidden)
+        return CalmClassifier(d, hidden=calm_hidden, features=features)
     if kind == ThreeStateMLP.kind:
-        return ThreeStateMLP(d, width=mlp_width)
+        return ThreeStateMLP(d, width=mlp_width, features=features)
     if kind == LSTMClassifier.kind:
-        return LSTMClassifier(d, hidden_size=lstm_hidden_size, num_layers=lstm_num_layers)
+        return LSTMClassifier(d, hidden_size=lstm_hidden_size, num_layers=lstm_num_layers, features=features)
     raise ValueError(f"unknown classifier kind {kind!r}; allowed: {sorted(CLASSIFIERS)}")
-
-
-def training_layers(
-    num_layers: int, min_exit_layer: int, exit_points: Sequence[int] | None = None
-) -> tuple[int, ...]:
-    """1-based layers whose decisions are trained: ``min_exit_layer .. L-1`` (only exit points, if given)."""
-    layers = tuple(
-        i for i in range(min_exit_layer, num_layers) if exit_points is None or i in set(exit_points)
-    )
-    if not layers:
-        subset = exit_points is not None and set(range(1, num_layers + 1)) - set(exit_points)
-        where = f" among the exit points {list(exit_points)}" if subset else ""  # type: ignore[arg-type]
-        raise ValueError(
-            f"min_exit_layer={min_exit_layer} leaves no layer below the last ({num_layers}){where} for an "
-            f"exit classifier to decide on; a model with {num_layers} exit layers needs a minimum exit "
-            f"layer in 1..{num_layers - 1}"
-        )
-    return layers
 
 
 def batch_targets(predictions: Tensor) -> Tensor:
@@ -162,7 +148,8 @@ class ExitClassifierModule(L.LightningModule):
                 self.backbone.exit_logits(h[:, None] if seq else h, layer).argmax(-1)
                 for layer, h in zip(states.layers, hs, strict=True)
             ])
-            return torch.stack(hs), batch_targets(preds)
+            # the classifier reads the states in its own space (raw or final-normed)
+            return feature_states(self.backbone, torch.stack(hs), self.classifier.features), batch_targets(preds)
 
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         hidden, targets = self._states(batch)
@@ -276,6 +263,11 @@ def train_exit_classifier(
         devices=1,
     )
     kwargs.update(trainer_kwargs or {})
+    if kwargs["enable_progress_bar"]:
+        from eetrain.progress import training_progress_bar
+
+        # plain lines in logs, Rich on a terminal (Lightning's default Rich bar prints nothing until the end)
+        kwargs.setdefault("callbacks", [training_progress_bar()])
     trainer = L.Trainer(**kwargs)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     classifier.eval()
@@ -290,8 +282,6 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Pa
     """
     from lightning.pytorch.loggers import CSVLogger
 
-    from .settings import classifier_settings, exit_points, min_exit_layer
-
     settings = classifier_settings(cfg)
     if not settings.kinds:
         print("[exit_classifiers] exit.classifiers.kinds is empty: nothing to train")
@@ -303,13 +293,15 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Pa
         raise ConfigError(f"exit.min_exit_layer={floor}: {e}") from e
     out_dir = Path(out_dir)
     data.setup("fit")
-    records = record_exits(backbone, data.train_dataloader(), max_tokens=settings.max_train_tokens)
+    records = record_exits(
+        backbone, data.train_dataloader(), max_tokens=settings.max_train_tokens, features=settings.features
+    )
     seed = int(cfg.get("seed", 0) or 0)
     train_rec, val_rec = _split(records, settings.val_fraction, seed)
     positives = float(batch_targets(train_rec.preds())[list(i - 1 for i in layers)].float().mean())
     print(
         f"\n[exit_classifiers] recorded {records.num_tokens} training tokens x {records.num_layers} layers "
-        f"(d={backbone.hidden_size}); training the decisions at layers {list(layers)} on "
+        f"(d={backbone.hidden_size}, {settings.features} states); training the decisions at layers {list(layers)} on "
         f"{train_rec.num_tokens} tokens, {0 if val_rec is None else val_rec.num_tokens} held out; "
         f"share of 'exit' targets {positives:.3f}"
     )
@@ -326,6 +318,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, Pa
                 mlp_width=settings.mlp_width,
                 lstm_hidden_size=settings.lstm_hidden_size,
                 lstm_num_layers=settings.lstm_num_layers,
+                features=settings.features,  # saved with the classifier: loading reads the same space
             )
         logger = CSVLogger(out_dir / "exit_classifiers", name="logs", version=kind)
         metrics = train_exit_classifier(

@@ -10,13 +10,18 @@ with MSE the mean over positions and features, and s_j optionally passed through
 Linear(d, d) first. Mappings:
 
 * ``last``: one pair, (L_s, L).
-* ``uniform``: student j (1..L_s) to deep layer u(j) = L_s + max(1, floor(j * D / L_s + 1/2)),
-  D = L - L_s: the deep layers evenly spaced at the students' relative depths, ending at L (j = L_s
-  gives L). E.g. L=24, L_s=6: 9, 12, ..., 24; L=12, L_s=4: 6, 8, 10, 12; L=4, L_s=2: 3, 4. When
-  D < L_s several students share a teacher. (FREE's public code has a table for 24 and 12 layers
-  that maps onto all L layers, e.g. 4, 8, ..., 24 for L_s = 6, so its first teachers are shallow
-  layers; here every teacher is a deep layer, for any L and L_s.)
-* ``closest``: the teachers are the distinct uniform teachers t_1 < ... < t_n; which student each
+* ``uniform`` (FREE's table and the methods sheet): student j (1..L_s) to layer
+  u(j) = max(j + 1, floor(j * L / L_s + 1/2)), i.e. round(j * L / L_s): the layers evenly spaced at
+  the students' relative depths, ending at L. E.g. L=24, L_s=6: 4, 8, ..., 24 (FREE's public table);
+  L=12, L_s=4: 3, 6, 9, 12; L=4, L_s=2: 2, 4. The first teachers may themselves be shallow layers
+  (their states are detached all the same); the floor j + 1 only acts when L < 2 L_s and
+  round(j * L / L_s) would be j itself (a student never learns from its own state), e.g. L=5, L_s=4:
+  2, 3, 4, 5.
+* ``uniform_deep``: every teacher a deep layer: student j to L_s + max(1, floor(j * D / L_s + 1/2)),
+  D = L - L_s, the deep layers evenly spaced at the students' relative depths, ending at L. E.g. L=24,
+  L_s=6: 9, 12, ..., 24; L=12, L_s=4: 6, 8, 10, 12; L=4, L_s=2: 3, 4. When D < L_s several students
+  share a teacher. (eetrain's ``uniform`` before issue 11.)
+* ``closest``: the teachers are the distinct ``uniform_deep`` teachers t_1 < ... < t_n (deep layers only); which student each
   one pulls is chosen anew every step from the current (detached) MSEs. See `closest_alignment`.
 """
 
@@ -33,7 +38,7 @@ from eetrain.backbones.base import ExitBackbone, ExitStates
 from eetrain.errors import ConfigError
 from eetrain.losses.joint import LossOutput, TrainStep
 
-MAPPINGS = ("last", "uniform", "closest")
+MAPPINGS = ("last", "uniform", "uniform_deep", "closest")
 
 
 def check_shallow_layer(shallow_layer: int, num_layers: int, key: str = "loss.kd.shallow_layer") -> int:
@@ -49,6 +54,15 @@ def check_shallow_layer(shallow_layer: int, num_layers: int, key: str = "loss.kd
 
 
 def uniform_teachers(num_layers: int, shallow_layer: int) -> tuple[int, ...]:
+    """FREE's uniform map u(j) = max(j + 1, round(j * L / L_s)) for j = 1..L_s (module docstring)."""
+    check_shallow_layer(shallow_layer, num_layers)
+    # Integer form of floor(j * L / L_s + 1/2): round half up, exact for any depth.
+    return tuple(
+        max(j + 1, (2 * j * num_layers + shallow_layer) // (2 * shallow_layer)) for j in range(1, shallow_layer + 1)
+    )
+
+
+def uniform_deep_teachers(num_layers: int, shallow_layer: int) -> tuple[int, ...]:
     """u(j) for j = 1..L_s: deep layer L_s + max(1, floor(j * (L - L_s) / L_s + 1/2)) (module docstring)."""
     check_shallow_layer(shallow_layer, num_layers)
     deep = num_layers - shallow_layer
@@ -104,8 +118,9 @@ def distillation_pairs(
     check_shallow_layer(shallow_layer, num_layers)
     if mapping == "last":
         return ((shallow_layer, num_layers),)
-    if mapping == "uniform":
-        return tuple(zip(range(1, shallow_layer + 1), uniform_teachers(num_layers, shallow_layer), strict=True))
+    if mapping in ("uniform", "uniform_deep"):
+        teachers = (uniform_teachers if mapping == "uniform" else uniform_deep_teachers)(num_layers, shallow_layer)
+        return tuple(zip(range(1, shallow_layer + 1), teachers, strict=True))
     if mapping == "closest":
         teachers = teacher_layers("closest", num_layers, shallow_layer)
         if mse is None or tuple(mse.shape) != (len(teachers), shallow_layer):
@@ -115,10 +130,13 @@ def distillation_pairs(
 
 
 def teacher_layers(mapping: str, num_layers: int, shallow_layer: int) -> tuple[int, ...]:
-    """The deep layers a mapping reads, ascending and distinct."""
+    """The layers a mapping reads as teachers, ascending and distinct (deep layers only, but for
+    ``uniform``, whose first teachers may be shallow)."""
     if mapping == "last":
         return (num_layers,)
-    return tuple(sorted(set(uniform_teachers(num_layers, shallow_layer))))
+    if mapping == "uniform":
+        return tuple(sorted(set(uniform_teachers(num_layers, shallow_layer))))
+    return tuple(sorted(set(uniform_deep_teachers(num_layers, shallow_layer))))
 
 
 def layerwise_distillation_loss(
@@ -152,7 +170,7 @@ def _rows(h: Tensor, labels: Tensor | None, head_kind: str) -> Tensor:
 class LayerwiseDistillation(nn.Module):
     """alpha * L_KD (module docstring) as a term of a `JointLoss`.
 
-    mapping: last | uniform | closest; shallow_layer: L_s; alpha: >= 0 (FREE uses 0.5);
+    mapping: last | uniform | uniform_deep | closest; shallow_layer: L_s; alpha: >= 0 (FREE uses 0.5);
     student_projection: a learned Linear(d, d) on the student states, created by `setup(backbone)`
     (which `EarlyExitModule` calls, so the optimizer and checkpoints see it) and initialised to the
     identity, so switching it on does not change the loss at the first step.

@@ -1,0 +1,93 @@
+"""Resuming a run: the RNG states a checkpoint carries, and the checkpoint a requeued SLURM job picks up.
+
+Lightning restores weights, optimizer, LR scheduler and loop counters from `ckpt_path`; the data module
+restores the position inside the epoch (`eetrain.data.sampler`); the module saves and restores the global
+RNG states with the functions here. A SLURM job that was requeued (`SLURM_RESTART_COUNT` > 0) and has no
+`ckpt_path` resumes from its run directory's newest checkpoint (`requeue_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from eetrain.errors import ConfigError
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and CUDA), numpy and Python, as tensors and plain Python values
+    (a checkpoint that holds them still loads with `torch.load(weights_only=True)`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(state), py_gauss],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Set the states `rng_states` returned (CUDA's only where CUDA is available and they were saved)."""
+    torch.set_rng_state(states["torch"])
+    if states.get("torch.cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, py_gauss = states["python"]
+    random.setstate((version, tuple(state), py_gauss))
+
+
+def slurm_restart_count() -> int:
+    """How often SLURM has requeued this job (0 outside SLURM or on the first run)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def requeue_checkpoint(out_dir: str | Path) -> Path | None:
+    """A requeued SLURM job's checkpoint: the newest of `<run>/checkpoints/last.ckpt` (written every
+    `callbacks.model_checkpoint.every_n_train_steps` and at validation) and Lightning's own
+    `<run>/hpc_ckpt_N.ckpt` (written on the requeue signal); None on a first run or without one."""
+    if slurm_restart_count() < 1:
+        return None
+    out_dir = Path(out_dir)
+    found = [p for p in (out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resume_path(cfg: DictConfig, out_dir: str | Path) -> str | None:
+    """`ckpt_path` as given (a path, or Lightning's `last` / `hpc`); when it is null, a requeued SLURM job's
+    newest checkpoint (printed), else None (a fresh start)."""
+    given = cfg.get("ckpt_path")
+    if given is not None:
+        return str(given)
+    found = requeue_checkpoint(out_dir)
+    if found is not None:
+        print(f"[resume] SLURM requeue {slurm_restart_count()}: resuming from {found}")
+        return str(found)
+    return None
+
+
+def slurm_plugins(cfg: DictConfig) -> list[Any]:
+    """Lightning's SLURM environment, with `slurm.auto_requeue` / `slurm.requeue_signal`, when the run is
+    a SLURM job (Lightning would pick the environment itself; this makes the requeue settings ours)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    settings = cfg.get("slurm") or {}
+    if not SLURMEnvironment.detect():
+        return []
+    name = str(settings.get("requeue_signal", "SIGUSR1"))
+    try:
+        signum = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except KeyError:
+        raise ConfigError(f"slurm.requeue_signal={name!r} is not a signal name; e.g. SIGUSR1, SIGUSR2") from None
+    return [SLURMEnvironment(auto_requeue=bool(settings.get("auto_requeue", True)), requeue_signal=signum)]

@@ -1,0 +1,173 @@
+"""Exact resume: the resumable training order, RNG states in checkpoints, and a run killed with SIGKILL in
+the middle of an epoch that, restarted from its last.ckpt, ends bit for bit where an uninterrupted run does."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from eetrain.data.sampler import ResumableSampler
+from eetrain.resume import rng_states, set_rng_states
+from tests import tiny_runs
+
+
+def test_sampler_order_is_seeded_per_epoch_and_resumes():
+    data = list(range(20))
+    s = ResumableSampler(data, seed=3)
+    first = list(s)
+    assert sorted(first) == data and list(s) == first  # the same epoch: the same order
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert list(ResumableSampler(data, seed=3)) == first
+    s.set_epoch(1)
+    second = list(s)
+    assert second != first and sorted(second) == data
+    assert list(ResumableSampler(data, seed=4)) != first
+    # resume inside epoch 1 after 8 samples; the next pass (and any later epoch) starts at the beginning
+    r = ResumableSampler(data, seed=3)
+    r.resume(1, 8)
+    assert len(r) == 20 and list(r) == second[8:]
+    assert list(r) == second
+    # a position in an epoch the run has already left is dropped
+    r.resume(0, 8)
+    r.set_epoch(1)
+    assert list(r) == second
+
+
+def test_ranks_split_each_global_batch_by_interleaving():
+    """Rank r of W gets positions r, r + W, ... of the one-process order, so with batch size B per rank the
+    ranks' t-th batches together are the one-process run's t-th batch of W * B."""
+    data, b = list(range(24)), 3
+    one = list(ResumableSampler(data, seed=0))
+    ranks = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=0)) for r in range(2)]
+    for t in range(len(one) // (2 * b)):
+        together = sorted(ranks[0][t * b:(t + 1) * b] + ranks[1][t * b:(t + 1) * b])
+        assert together == sorted(one[t * 2 * b:(t + 1) * 2 * b])
+    r = ResumableSampler(data, num_replicas=2, rank=1, seed=0)
+    r.resume(0, 2 * b)
+    assert list(r) == ranks[1][2 * b:]
+
+
+def test_rng_states_round_trip_and_load_weights_only(tmp_path):
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    states = rng_states()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save({"rng_states": states}, tmp_path / "c.ckpt")
+    loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)["rng_states"]  # plain tensors and values
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_states(loaded)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["restore-before-setup", "restore-after-setup-with-workers"])
+def test_data_module_saves_and_restores_its_position(tmp_path, late):
+    """A checkpoint taken mid-epoch holds (epoch, batches taken) from Lightning's own counters; a run that
+    loads it trains on the batches an uninterrupted run trains on next. late: the strategy restores after
+    it has built the loader (as FSDP and DeepSpeed do), and a loader worker has already drawn indices."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class LateRestore(SingleDeviceStrategy):
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from eetrain.config import compose
+    from eetrain.losses import ExitCrossEntropy, JointLoss
+    from eetrain.module import EarlyExitModule
+
+    overrides = tiny_runs.write_data(tmp_path / "data", train=12, validation=4)
+    cfg = compose(["model.config.num_layers=2", "model.config.num_decoder_layers=2", "data.batch_size=2",
+                   *overrides])
+    seen: list[list[int]] = []
+
+    def fit(max_steps: int, ckpt: str | None = None) -> None:
+        bb = instantiate(cfg.model)
+        data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+        data.shuffle_seed = 7
+        data.num_workers = 1 if late else 0
+        # a schedule: configure_optimizers asks for the number of steps, so Lightning builds the loader then
+        module = EarlyExitModule(bb, JointLoss({"ce": ExitCrossEntropy()}), lambda p: torch.optim.SGD(p, lr=0.1),
+                                 scheduler={"name": "linear"})
+        original = bb.forward
+
+        def spy(batch, layers=None, skip=frozenset()):
+            seen.append(batch["input_ids"].sum(dim=1).tolist())  # identifies the batch's examples
+            return original(batch, layers, skip)
+
+        bb.forward = spy
+        every_4 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, monitor=None,
+                                  filename="{step}")
+        trainer = L.Trainer(max_steps=max_steps, max_epochs=2, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path, callbacks=[every_4],
+                            strategy=LateRestore(torch.device("cpu")) if late else "auto")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+
+    fit(max_steps=8)  # 6 batches per epoch: into epoch 1; checkpoints at steps 4 and 8
+    reference, seen[:] = list(seen), []
+    ckpt = tmp_path / "ckpt" / "step=4.ckpt"
+    pos = torch.load(ckpt, weights_only=True)["Text2TextDataModule"]["train_position"]
+    assert (pos["epoch"], pos["batches"], pos["batch_size"], pos["seed"]) == (0, 4, 2, 7)
+    fit(max_steps=8, ckpt=str(ckpt))
+    assert len(reference) == 8 and len({str(b) for b in reference[:6]}) == 6
+    assert seen == reference[4:8]  # the rest of epoch 0, then epoch 1 from its start, as uninterrupted
+
+
+def _wait_for(path, proc, timeout: float = 600) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before stalling"
+        assert time.monotonic() < end, f"no {path} after {timeout} s"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    """2 epochs of 6 steps; last.ckpt every 3 steps (atomically). The first run is killed with SIGKILL one
+    step after its step-9 checkpoint (mid epoch 1: 3 of 6 batches taken), the restart from that last.ckpt
+    runs steps 10-12; its exported weights equal an uninterrupted run's bit for bit. Model dropout (global
+    torch RNG), layer dropout and the rotational curriculum (seed + step), a warmup + linear LR schedule,
+    AdamW state, per-layer heads and gradient clipping all have to continue exactly."""
+    data = tiny_runs.write_data(tmp_path / "data", train=32)
+    common = [*data, "data.batch_size=4", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+              "callbacks.model_checkpoint.every_n_train_steps=3", "model.config.dropout_rate=0.1",
+              "scheduler.warmup_ratio=0.25"]
+    killed_dir, marker = tmp_path / "killed", tmp_path / "stalled"
+    proc = tiny_runs.start(killed_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
+                           "+callbacks.stall.at_step=10", f"+callbacks.stall.marker={marker}")
+    try:
+        _wait_for(marker, proc)
+        last = killed_dir / "checkpoints" / "last.ckpt"
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["global_step"] == 9 and ckpt["epoch"] == 1  # taken mid epoch 1
+        assert ckpt["Text2TextDataModule"]["train_position"] == {
+            "epoch": 1, "batches": 3, "batch_size": 4, "world_size": 1, "seed": 42}
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(last.parent.glob("*.tmp")) and not list(last.parent.glob(".*.tmp"))
+
+    resumed = tiny_runs.run(tmp_path / "resumed", *common, f"ckpt_path={last}")
+    assert "not resumable" not in resumed.stdout + resumed.stderr  # Lightning's mid-epoch warning
+    tiny_runs.run(tmp_path / "reference", *common)
+
+    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
+    assert set(reference) == set(again) and any(k.startswith("exit_heads/") for k in reference)
+    different = [k for k in reference if not torch.equal(reference[k], again[k])]
+    assert not different, different
+    # and the logged losses of the steps the restart ran are the uninterrupted run's
+    ref_losses, resumed_losses = tiny_runs.step_losses(tmp_path / "reference"), tiny_runs.step_losses(tmp_path / "resumed")
+    assert list(resumed_losses.index) == [9, 10, 11]
+    assert resumed_losses.tolist() == ref_losses.loc[[9, 10, 11]].tolist()
