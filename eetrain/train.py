@@ -122,6 +122,9 @@ def run(cfg: DictConfig) -> float:
         if not trainer.is_global_zero:
             return float("nan")
         data.setup("validate")  # under ddp_spawn the fit ran in child processes: load here too
+        # Lightning moves the module back to the CPU when fit ends (and train=false never moved it): the
+        # report and the stages run on the trainer's device, where their speed-ups mean something
+        backbone.to(trainer.strategy.root_device)
         rows = evaluate_layers(backbone, data.val_dataloader())
         print("\nPer-layer validation report (agree_last: top-1 equals the last layer's top-1)")
         print(format_table(rows))
