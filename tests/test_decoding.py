@@ -323,7 +323,7 @@ def test_check_every_runs_no_check_at_other_layers(model, every):
     seen: list[int] = []
     from eetrain.decoding import decisions
 
-    original = decisions.LayerDecider.observe
+    original = decisions.LayerDecider.decide
 
     def spy(self, layer, h, rows):
         out = original(self, layer, h, rows)
@@ -331,12 +331,12 @@ def test_check_every_runs_no_check_at_other_layers(model, every):
             seen.append(layer)
         return out
 
-    decisions.LayerDecider.observe = spy
+    decisions.LayerDecider.decide = spy
     try:
         out = generate(model, one(), ExitPolicy("softmax_max", 0.999999, min_exit_layer=1), max_new_tokens=4,
                        stop_at_eos=False, check_every=every)
     finally:
-        decisions.LayerDecider.observe = original
+        decisions.LayerDecider.decide = original
     allowed = {i for i in range(1, L) if (i - 1) % every == 0}
     assert seen and set(seen) <= allowed
     assert set(out.exit_layers.flatten().tolist()) <= allowed | {L}
@@ -384,3 +384,40 @@ def test_recording_changes_nothing_and_records_the_states_the_strategy_shows(mod
     # every layer of every token, past its exit too, as the reference computes them with the same semantics
     torch.testing.assert_close(records.hidden, torch.stack(states, dim=1), atol=1e-3, rtol=1e-3)
     assert records.predictions.tolist() == model.exit_logits(records.hidden).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("measure", ["hidden_saturation", "softmax_gap", "patience"])
+def test_host_decisions_equal_tensor_decisions(model, measure):
+    """`decide` (the decoder's: compared on the host on the CPU) = `observe` (compared as tensors), with
+    per-row thresholds, on all rows and on a subset, including a score exactly at its threshold."""
+    from eetrain.decoding.decisions import LayerDecider
+    from eetrain.exits.thresholds import DecayingThreshold
+
+    if measure == "patience":
+        policy = ExitPolicy(measure, None, min_exit_layer=2, measure_kwargs={"patience": 1})
+    elif measure == "softmax_gap":
+        policy = ExitPolicy(measure, DecayingThreshold(lam=0.5, N=8, tau=4.0), min_exit_layer=2)
+    else:
+        policy = ExitPolicy(measure, [0.1, 0.0, -0.1, 0.2], min_exit_layer=2)
+    tensor, host, peek = (LayerDecider(policy, model, L) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    size, d = 6, model.hidden_size
+    h0 = torch.randn(size, d, generator=g)
+    for decider in (tensor, host, peek):
+        decider.begin(torch.arange(1, size + 1), h0)
+    subset = torch.tensor([0, 2, 3, 5])
+    for layer in range(1, L):
+        h = torch.randn(size, d, generator=g)
+        rows = None if layer % 2 else subset
+        x = h if rows is None else h[rows]
+        scores = peek._score(layer, x, rows, None)
+        if layer == 2 and measure != "patience":  # row 2 of the subset sits exactly at its threshold
+            tensor.thresholds[layer - 1, 3] = host.thresholds[layer - 1, 3] = scores[2]
+        fired = tensor.observe(layer, x, rows)
+        decided = host.decide(layer, x, rows)
+        if fired is None:
+            assert decided is None
+        else:
+            assert decided.dtype == bool and decided.tolist() == fired.tolist()
+            if layer == 2 and measure != "patience":
+                assert decided[2]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +29,7 @@ from eetrain.exits.measures import (
     ExitRecords,
     _full,
     compute_measure,
+    cosine,
     entropy_score,
     get_measure,
     normalized_entropy_score,
@@ -126,6 +128,9 @@ class LayerDecider:
                 h0.device
             )
         )
+        # decide() compares on the host on the CPU (a view of the same values: no copy)
+        on_cpu = h0.device.type == "cpu"
+        self.host_thresholds = self.thresholds.numpy() if on_cpu and self.thresholds is not None else None
         # h_{i-1} and h_{i-2}: saturation compares layer 1 with the input state h0; the three-state MLP
         # reads zeros below layer 1 (as ThreeStateMLP.stack_states does on records)
         if self.normed:
@@ -180,6 +185,34 @@ class LayerDecider:
         exiting tokens need not recompute them); with candidates, `last_logits` is `(n, k)` over the
         token ids in `last_candidates` `(n, k)`.
         """
+        scores = self._score(layer, h, rows, logits)
+        if scores is None or self.thresholds is None:  # a boolean rule decides itself
+            return scores
+        return self._compare(layer, scores, rows)
+
+    @torch.no_grad()
+    def decide(self, layer: int, h: Tensor, rows: Tensor | None, logits: Tensor | None = None) -> np.ndarray | None:
+        """:meth:`observe`'s decisions as a host `(n,)` bool array, for a decoder that must know them to
+        stop its layer loop. On the CPU the scores are compared with the thresholds on the host: a
+        tensor operation costs tens of microseconds right after a layer has streamed its weights
+        through the caches, the host comparison of a few floats almost nothing (same float32 values,
+        same result). On an accelerator: compared there, one transfer."""
+        scores = self._score(layer, h, rows, logits)
+        if scores is None:
+            return None
+        if self.host_thresholds is None:  # a boolean rule, or an accelerator
+            return (scores if self.thresholds is None else self._compare(layer, scores, rows)).cpu().numpy()
+        thresholds = self.host_thresholds[layer - 1]
+        return scores.numpy() >= (thresholds if rows is None else thresholds[rows.numpy()])
+
+    def _compare(self, layer: int, scores: Tensor, rows: Tensor | None) -> Tensor:
+        """`(n,)` bool: scores at or above the rows' thresholds at `layer`."""
+        thresholds = self.thresholds[layer - 1]
+        return scores >= (thresholds if rows is None else thresholds[rows])
+
+    def _score(self, layer: int, h: Tensor, rows: Tensor | None, logits: Tensor | None) -> Tensor | None:
+        """The measure's `(n,)` float32 scores at `layer` (a boolean rule: its `(n,)` bool decisions), or
+        None when this layer cannot exit; keeps the state later layers read."""
         self.last_logits = self.last_candidates = None
         if layer not in self.observed:
             return None
@@ -216,7 +249,7 @@ class LayerDecider:
                 scores = torch.softmax(logits.float(), dim=-1)[..., EXIT_INDEX]
         elif name == "hidden_saturation":
             if check:  # as the registered measure computes it: cos(h_i, h_{i-1}) in float32
-                scores = F.cosine_similarity(_full(h), take(self.prev).to(_full(h).dtype), dim=-1)
+                scores = cosine(_full(h), take(self.prev).to(_full(h).dtype))
         elif name in _HISTORY_MEASURES:
             if logits is None:
                 logits = self.backbone.exit_logits(h, layer)  # type: ignore[attr-defined]
@@ -246,9 +279,7 @@ class LayerDecider:
             if self.three_states:
                 self.prev2 = store(self.prev2, take(self.prev))
             self.prev = store(self.prev, h)
-        if scores is None:
-            return None
-        return scores >= take(self.thresholds[layer - 1])
+        return scores
 
     def _hist_fill(self, *trailing: int) -> Tensor:
         """A full-batch placeholder row of the history (rows not observed keep their earlier values)."""

@@ -351,11 +351,9 @@ class _Decoder:
         if isinstance(self.decider, ScheduledExits):
             return self.schedule[rows] == layer, None  # a schedule costs nothing to decide
         t0 = time.perf_counter()
-        fired = self.decider.observe(layer, h, None if len(rows) == self.B else torch.from_numpy(rows).to(self.device))
-        if fired is None:
+        fires = self.decider.decide(layer, h, None if len(rows) == self.B else torch.from_numpy(rows).to(self.device))
+        if fires is None:
             fires = np.zeros(len(rows), dtype=bool)
-        else:
-            fires = fired.cpu().numpy()
         logits, self.candidates = self.decider.last_logits, self.decider.last_candidates
         self.decision_seconds += time.perf_counter() - t0
         return fires, logits

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -361,6 +360,18 @@ def normalized_entropy_score(logits: Tensor | None = None, *, probs: Tensor | No
     return (1.0 - normalized_entropy(logits, probs=probs)).clamp(0.0, 1.0)
 
 
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """``cos(a, b)`` over the last dimension: ``(..., d), (..., d) -> (...)``; a zero vector gives 0.
+
+    The one formula of hidden-state saturation, for records and for the decoder alike (so a decoded
+    exit equals the recorded one bit for bit). Fewer kernels than ``F.cosine_similarity`` (which
+    normalises both inputs first): a decoder pays each kernel at every check, right after a layer has
+    streamed its weights through the caches.
+    """
+    norms = torch.linalg.vecdot(a, a) * torch.linalg.vecdot(b, b)
+    return torch.linalg.vecdot(a, b) * torch.rsqrt(norms.clamp_min(1e-16))
+
+
 def hidden_saturation(hidden: Tensor, h0: Tensor | None = None) -> Tensor:
     """CALM hidden-state saturation ``cos(h_i, h_{i-1})``: ``(L, N, d) -> (L, N)`` in ``[-1, 1]``.
 
@@ -373,11 +384,11 @@ def hidden_saturation(hidden: Tensor, h0: Tensor | None = None) -> Tensor:
     h = _full(hidden)
     out = torch.empty(h.shape[:2], dtype=h.dtype, device=h.device)
     if h.shape[0] > 1:
-        out[1:] = F.cosine_similarity(h[1:], h[:-1], dim=-1)
+        out[1:] = cosine(h[1:], h[:-1])
     if h0 is not None:
         if h0.shape != h.shape[1:]:
             raise ValueError(f"h0 must have shape (N, d) = {tuple(h.shape[1:])}, got {tuple(h0.shape)}")
-        out[0] = F.cosine_similarity(h[0], h0.to(h.dtype), dim=-1)
+        out[0] = cosine(h[0], h0.to(h.dtype))
     else:
         out[0] = float("-inf")
     return out

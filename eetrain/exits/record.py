@@ -48,13 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from eetrain.files import atomic_file
 
 from .classifiers import check_features, feature_states
-from .measures import ExitRecords, summarize_logits
+from .measures import ExitRecords, cosine, summarize_logits
 
 __all__ = [
     "record_exits", "save_records", "load_records", "records_nbytes", "RECORD_FIELDS", "token_view", "InputCapture",
@@ -212,7 +211,7 @@ def record_exits(
                 if previous is None:
                     sats.append(torch.full((m,), float("-inf")))
                 else:
-                    sats.append(F.cosine_similarity(f.float(), previous.float(), dim=-1).cpu())
+                    sats.append(cosine(f.float(), previous.float()).cpu())
                 previous = f
             parts["predictions"].append(torch.stack(preds))
             parts["top2"].append(torch.stack(top2))
