@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from eetrain.backbones.kv import DecodeContext, Slots
+from eetrain.backbones.kv import Copied, DecodeContext, Slots
 from eetrain.errors import ConfigError
 from eetrain.hub import resolve_model
 
@@ -308,19 +308,13 @@ class ExitBackbone(nn.Module):
 
     def decode_layer(
         self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
-        qmask: Tensor | None = None,
+        qmask: Tensor | None = None, copy_kv: Copied | None = None,
     ) -> Tensor:
         """Run the 1-based `layer` on states `h (b, q, d)` of queries at `slots` of the rows `rows`
         (`(b,)` indices into the batch, None = all): write their keys/values (only where `qmask (b, q)`
-        is True), attend over the cache, return the layer's output `(b, q, d)`."""
-        raise NotImplementedError
-
-    def decode_kv(
-        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
-        qmask: Tensor | None = None,
-    ) -> None:
-        """Write only the keys/values that `layer` projects from the states `h (b, q, d)` (CALM's state
-        copying: no attention or MLP is computed)."""
+        is True), attend over the cache, return the layer's output `(b, q, d)`. `copy_kv`: positions whose
+        keys/values the layer only projects from given states (CALM's state copying), in the same
+        projection calls as the queries' own."""
         raise NotImplementedError
 
     # --- encoder early exit (sequence heads; see eetrain/classify.py) ------------------------------

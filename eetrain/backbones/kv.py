@@ -55,7 +55,7 @@ class DecodeContext:
 
     def positions(self, slots: Slots, rows: Tensor | None, q: int) -> Tensor:
         """`(b, q)` token positions of queries at `slots` (slot minus the row's left padding)."""
-        offset = self.position_offset if rows is None else self.position_offset[rows]
+        offset = self.position_offset if rows is None else self.position_offset.index_select(0, rows)
         if isinstance(slots, int):
             slots = torch.arange(slots, slots + q, device=offset.device)[None, :]
         return slots - offset[:, None]
@@ -86,7 +86,7 @@ def write(cache: Tensor, new: Tensor, rows: Tensor | None, slots: Slots, qmask: 
         if rows is None:
             cache[:, :, slots : slots + q] = new
         else:
-            cache[rows, :, slots : slots + q] = new
+            cache.narrow(2, slots, q).index_copy_(0, rows, new)
         return
     b, _, q, _ = new.shape
     if isinstance(slots, int):
@@ -107,9 +107,37 @@ def write_kv(
     write(ctx.v[index], value, rows, slots, qmask)
 
 
+@dataclass
+class Copied:
+    """Positions whose keys/values a layer projects from given states without running on them (CALM's
+    state copying): `states (n, d)` (the residual stream before the layer), `rows (n,)`, `slots (n,)`.
+    The layer projects them in the same calls as its own tokens' keys/values, so each projection's
+    weights are read once (decoding is bound by reading weights)."""
+
+    states: Tensor
+    rows: Tensor
+    slots: Tensor
+
+
+def project(proj: Callable[[Tensor], Tensor], normed: Tensor, copied: Tensor | None, heads: int) -> tuple[Tensor, Tensor | None]:
+    """`proj` on the queries' states `normed (b, q, d)` and, in the same call, on `copied (n, d)`.
+
+    Returns `(b, heads, q, d_head)` and `(n, heads, 1, d_head)` (None without copied states)."""
+    b, q, d = normed.shape
+    if copied is None:
+        return proj(normed).view(b, q, heads, -1).transpose(1, 2), None
+    out = proj(torch.cat([normed.reshape(b * q, d), copied]))
+    return out[: b * q].view(b, q, heads, -1).transpose(1, 2), out[b * q :].view(-1, 1, heads, out.shape[-1] // heads).transpose(1, 2)
+
+
+def write_copied(ctx: DecodeContext, index: int, key: Tensor, value: Tensor, copy: Copied) -> None:
+    """Store the copied positions' keys and values `(n, H_kv, 1, d_head)` of a layer."""
+    write_kv(ctx, index, key, value, copy.rows, copy.slots[:, None], None)
+
+
 def attention_mask(key_valid: Tensor, rows: Tensor | None, slots: Slots, q: int, upto: int) -> Tensor:
     """`(b, 1, q, upto)` bool: key slot `<=` query slot and the key is valid."""
-    valid = key_valid[:, :upto] if rows is None else key_valid[rows, :upto]
+    valid = key_valid[:, :upto] if rows is None else key_valid[:, :upto].index_select(0, rows)
     if isinstance(slots, int):
         if q == 1:
             return valid[:, None, None, :]
@@ -156,9 +184,7 @@ def attend(
 
 def _widen(query: Tensor, rows: Tensor, batch: int) -> Tensor:
     """`query (b, H, q, d)` of `rows` placed among all `batch` rows (the others: zero queries)."""
-    full = query.new_zeros((batch, *query.shape[1:]))
-    full[rows] = query
-    return full
+    return query.new_zeros((batch, *query.shape[1:])).index_copy_(0, rows, query)
 
 
 def _reads_all_rows(rows: Tensor | None, batch: int) -> bool:
@@ -186,11 +212,12 @@ def cached_attention(
             full[rows] = slots
             slots = full
         out = cached_attention(ctx, layer_index, _widen(query, rows, ctx.batch_size), None, slots, scale, bias)
-        return out[rows]
+        return out.index_select(0, rows)
     upto = last_slot(slots, q) + 1
     k, v = ctx.k[layer_index], ctx.v[layer_index]
-    keys = k[:, :, :upto] if rows is None else k[rows, :, :upto]
-    values = v[:, :, :upto] if rows is None else v[rows, :, :upto]
+    keys, values = k[:, :, :upto], v[:, :, :upto]
+    if rows is not None:
+        keys, values = keys.index_select(0, rows), values.index_select(0, rows)
     mask = attention_mask(ctx.key_valid, rows, slots, q, upto)
     return attend(query, keys, values, mask, scale, None if bias is None else bias(slots, upto))
 
@@ -201,5 +228,5 @@ def cross_attention(query: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Ten
     if rows is None:
         return attend(query, k, v, mask, scale)
     if _reads_all_rows(rows, k.shape[0]):
-        return attend(_widen(query, rows, k.shape[0]), k, v, mask, scale)[rows]
-    return attend(query, k[rows], v[rows], mask[rows], scale)
+        return attend(_widen(query, rows, k.shape[0]), k, v, mask, scale).index_select(0, rows)
+    return attend(query, *(x.index_select(0, rows) for x in (k, v, mask)), scale)

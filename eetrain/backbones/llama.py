@@ -118,33 +118,27 @@ class LlamaBackbone(ExitBackbone):
     def decode_embed(self, ids: Tensor) -> Tensor:
         return self.model.model.embed_tokens(ids)
 
-    def _qkv(self, ctx: DecodeContext, block: nn.Module, normed: Tensor, rows: Tensor | None, slots: Slots):
-        attn = block.self_attn
-        b, q, _ = normed.shape
-        shape = (b, q, -1, attn.head_dim)
-        query = attn.q_proj(normed).view(shape).transpose(1, 2)
-        key = attn.k_proj(normed).view(shape).transpose(1, 2)
-        value = attn.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = self.model.model.rotary_emb(normed, ctx.positions(slots, rows, q))
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        return query, key, value
-
-    def decode_kv(
-        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
-        qmask: Tensor | None = None,
-    ) -> None:
-        block = self.blocks[layer - 1]
-        _, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
-        kv.write_kv(ctx, layer - 1, key, value, rows, slots, qmask)
-
     def decode_layer(
         self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
-        qmask: Tensor | None = None,
+        qmask: Tensor | None = None, copy_kv: kv.Copied | None = None,
     ) -> Tensor:
         block = self.blocks[layer - 1]
         i = layer - 1
-        query, key, value = self._qkv(ctx, block, block.input_layernorm(h), rows, slots)
+        attn, norm = block.self_attn, block.input_layernorm
+        normed = norm(h)
+        b, q, _ = normed.shape
+        copied = None if copy_kv is None else norm(copy_kv.states)
+        heads, kv_heads = self.model.config.num_attention_heads, self.model.config.num_key_value_heads
+        query = attn.q_proj(normed).view(b, q, heads, -1).transpose(1, 2)
+        key, copied_key = kv.project(attn.k_proj, normed, copied, kv_heads)
+        value, copied_value = kv.project(attn.v_proj, normed, copied, kv_heads)
+        cos, sin = self.model.model.rotary_emb(normed, ctx.positions(slots, rows, q))
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
         kv.write_kv(ctx, i, key, value, rows, slots, qmask)
-        attn = kv.cached_attention(ctx, i, query, rows, slots, scale=block.self_attn.scaling)
-        h = h + block.self_attn.o_proj(attn)
+        if copy_kv is not None:
+            cos, sin = self.model.model.rotary_emb(copied, ctx.positions(copy_kv.slots[:, None], copy_kv.rows, 1))
+            _, copied_key = apply_rotary_pos_emb(copied_key, copied_key, cos, sin)
+            kv.write_copied(ctx, i, copied_key, copied_value, copy_kv)
+        out = kv.cached_attention(ctx, i, query, rows, slots, scale=attn.scaling)
+        h = h + attn.o_proj(out)
         return h + block.mlp(block.post_attention_layernorm(h))

@@ -143,23 +143,9 @@ class T5Backbone(ExitBackbone):
     def decode_embed(self, ids: Tensor) -> Tensor:
         return self.model.decoder.embed_tokens(ids)
 
-    def _self_kv(self, block: nn.Module, normed: Tensor) -> tuple[Tensor, Tensor]:
-        attn = block.layer[0].SelfAttention
-        b, q, _ = normed.shape
-        shape = (b, q, attn.n_heads, attn.key_value_proj_dim)
-        return attn.k(normed).view(shape).transpose(1, 2), attn.v(normed).view(shape).transpose(1, 2)
-
-    def decode_kv(
-        self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
-        qmask: Tensor | None = None,
-    ) -> None:
-        block = self.blocks[layer - 1]
-        key, value = self._self_kv(block, block.layer[0].layer_norm(h))
-        kv.write_kv(ctx, layer - 1, key, value, rows, slots, qmask)
-
     def decode_layer(
         self, ctx: DecodeContext, layer: int, h: Tensor, rows: Tensor | None, slots: Slots,
-        qmask: Tensor | None = None,
+        qmask: Tensor | None = None, copy_kv: kv.Copied | None = None,
     ) -> Tensor:
         block = self.blocks[layer - 1]
         self_attn, cross_attn, ff = block.layer
@@ -169,8 +155,12 @@ class T5Backbone(ExitBackbone):
         i = layer - 1
 
         normed = self_attn.layer_norm(h)
-        key, value = self._self_kv(block, normed)
+        copied = None if copy_kv is None else self_attn.layer_norm(copy_kv.states)
+        key, copied_key = kv.project(attn.k, normed, copied, heads)
+        value, copied_value = kv.project(attn.v, normed, copied, heads)
         kv.write_kv(ctx, i, key, value, rows, slots, qmask)
+        if copy_kv is not None:
+            kv.write_copied(ctx, i, copied_key, copied_value, copy_kv)
         query = attn.q(normed).view(b, q, heads, dk).transpose(1, 2)
         table = ctx.extra["bias"]
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from eetrain.backbones.kv import Copied
 from eetrain.errors import ConfigError
 from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
@@ -325,9 +326,8 @@ class _Decoder:
             # keys/values only, position by position: a flat list of (row, slot) pairs, no padding
             flat_rows = torch.from_numpy(row_ids[ri]).to(dev)
             flat_slots = torch.from_numpy(si).to(dev)
-            states = self.pend_state[flat_rows, flat_slots][:, None]  # (n, 1, d)
-            bb.decode_kv(ctx, layer, states, flat_rows, flat_slots[:, None])
-            out = bb.decode_layer(ctx, layer, h[:, None], rows_t, slot)[:, 0]
+            copied = Copied(self.pend_state[flat_rows, flat_slots], flat_rows, flat_slots)
+            out = bb.decode_layer(ctx, layer, h[:, None], rows_t, slot, copy_kv=copied)[:, 0]
         else:  # parallel: the waiting positions and the new token in one causal pass
             slots_np, mask_np = self._padded(ri, si, len(row_ids), slot)
             row_idx = torch.from_numpy(row_ids).to(dev)
@@ -473,18 +473,21 @@ class _Decoder:
                     if self.mode == "ride_along":
                         h_cur = self._layer(layer, None, slot, h_cur)
                         reached[:] = layer
+                        h = h_cur
                     else:
                         rows = np.flatnonzero(self.deciding)
                         if len(rows) == B:
-                            h_cur = self._layer(layer, None, slot, h_cur)
+                            h = h_cur = self._layer(layer, None, slot, h_cur)
                         else:
                             idx = torch.from_numpy(rows).to(dev)
-                            h_cur = h_cur.index_copy(0, idx, self._layer(layer, rows, slot, h_cur[idx]))
+                            h = self._layer(layer, rows, slot, h_cur.index_select(0, idx))
+                            h_cur = h_cur.index_copy(0, idx, h)
                         reached[rows] = layer
                     if states is not None:
                         states[layer - 1] = h_cur
                     dec_rows = np.flatnonzero(self.deciding)
-                    h = h_cur if len(dec_rows) == B else h_cur[torch.from_numpy(dec_rows).to(dev)]
+                    if len(dec_rows) < len(h):  # ride_along: the rows still deciding
+                        h = h.index_select(0, torch.from_numpy(dec_rows).to(dev))
                     if layer == L:
                         self._exit(layer, h, dec_rows, np.ones(len(dec_rows), dtype=bool), None)
                     else:
