@@ -330,11 +330,11 @@ def test_gating_policy_as_configured_and_min_exit_layer():
              # min_exit_layer 2: t2 cannot leave at 1; 0.5 at 2 < 0.7, 0.875 at 3 -> exits [2, 2, 3, 4, 4]
              PolicySpec("max07_from2", ExitPolicy("softmax_max", threshold=0.7, min_exit_layer=2))]
     rows, summary = gating_rows(rec.exit_records(), specs, oracle_layers(rec))
-    assert [r["threshold"] for r in rows] == [None, None]
+    assert [r["threshold"] for r in rows] == [0.7, 0.7]  # as configured
     assert rows[0]["mean_exit_layer"] == approx(2.6)  # same as the 0.7 sweep value
     assert (rows[1]["mean_exit_layer"], rows[1]["consistency"]) == approx((3.0, 1.0))
     assert (rows[1]["too_early"], rows[1]["exact"], rows[1]["too_late"]) == approx((0.0, 0.8, 0.2))
-    assert summary[1]["best_threshold"] is None and summary[1]["mean_exit_layer"] == approx(3.0)
+    assert summary[1]["best_threshold"] == 0.7 and summary[1]["mean_exit_layer"] == approx(3.0)
     assert summary[1]["gating_efficiency"] == approx(1.0 / 1.2)
 
 
