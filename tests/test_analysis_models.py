@@ -23,7 +23,7 @@ from eetrain.decoding.calibration import batches as prompt_batches
 from eetrain.decoding.generate import generate
 from eetrain.errors import ConfigError
 from tests.conftest import TINY, TOKENIZER, make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 
 FAMILIES = ("t5", "llama", "bert")
 SUBLAYERS = {"t5": ("attention", "cross_attention", "mlp"), "llama": ("attention", "mlp"), "bert": ("attention", "mlp")}

@@ -12,7 +12,7 @@ import pytest
 from eetrain.analysis import ANALYSES
 from eetrain.analysis.stage import _trained_export, analyze_settings
 from eetrain.config import compose
-from tests.test_config import cli
+from tests.in_process import cli
 
 SHORT = ["trainer.max_epochs=1", "++trainer.limit_train_batches=5", "++trainer.limit_val_batches=2"]
 PLAIN = ("analyze.models=[{name: plain, overrides: ['+experiment=demo', 'loss=last_layer', 'trainer.max_epochs=1', "

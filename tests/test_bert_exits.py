@@ -22,7 +22,7 @@ from eetrain.errors import ConfigError, DataError
 from eetrain.exits.policy import ExitPolicy, exit_layers
 from eetrain.exits.record import record_exits
 from tests.conftest import TINY, TOKENIZER, make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 from tests.test_train_e2e import SHORT
 
 LAYERS = 6

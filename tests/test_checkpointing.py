@@ -22,8 +22,9 @@ from eetrain.errors import ConfigError
 from eetrain.files import atomic_directory
 from eetrain.losses import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
+from tests import test_config
 from tests.conftest import make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 
 TINY = ["trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false", "callbacks.generation_metrics=null", "callbacks.lr_monitor=null"]
@@ -160,7 +161,8 @@ def test_cli_truncated_checkpoint(tmp_path, trained):
 
 
 def test_cli_nan_learning_rate(tmp_path):
-    r = cli("+experiment=demo", f"hydra.run.dir={tmp_path / 'run'}", *TINY, "optimizer.lr=nan", cwd=tmp_path)
+    """The one-line error as a shell sees it: a real `python -m eetrain` process (the others run in-process)."""
+    r = test_config.cli("+experiment=demo", f"hydra.run.dir={tmp_path / 'run'}", *TINY, "optimizer.lr=nan", cwd=tmp_path)
     assert _one_line_error(r) == "eetrain: error: optimizer.lr=nan; allowed: a finite number > 0 (e.g. 1e-4)"
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing ran
 

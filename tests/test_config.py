@@ -9,11 +9,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from eetrain.config import CONF_DIR, compose
+from tests import in_process
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m eetrain *args` in a new interpreter (tests.in_process.cli runs the same entry in this one)."""
     return subprocess.run(
         [sys.executable, "-m", "eetrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
@@ -54,7 +56,7 @@ def test_calm_t5_is_the_real_recipe():
 
 
 def test_unknown_experiment_lists_available(tmp_path):
-    r = cli("+experiment=no_such_experiment", cwd=tmp_path)
+    r = in_process.cli("+experiment=no_such_experiment", cwd=tmp_path)
     assert r.returncode != 0
     assert "Available options in 'experiment'" in r.stderr
     for name in EXPERIMENTS:
@@ -62,14 +64,14 @@ def test_unknown_experiment_lists_available(tmp_path):
 
 
 def test_unknown_group_option_and_key(tmp_path):
-    r = cli("loss=no_such_loss", cwd=tmp_path)
+    r = in_process.cli("loss=no_such_loss", cwd=tmp_path)
     assert r.returncode != 0 and "Available options in 'loss'" in r.stderr and "calm" in r.stderr
-    r = cli("+experiment=demo", "trainer.no_such_key=1", cwd=tmp_path)
+    r = in_process.cli("+experiment=demo", "trainer.no_such_key=1", cwd=tmp_path)
     assert r.returncode != 0 and "no_such_key" in r.stderr
 
 
 def test_cfg_job_prints_composed_config(tmp_path):
-    r = cli("+experiment=demo", "--cfg", "job", cwd=tmp_path)
+    r = in_process.cli("+experiment=demo", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     cfg = OmegaConf.create(r.stdout)
     assert cfg.task_name == "demo" and cfg.loss.terms.ce.weights == "calm"
@@ -87,14 +89,14 @@ def test_cfg_job_prints_composed_config(tmp_path):
     ],
 )
 def test_bad_input_one_clear_message(tmp_path, overrides, message):
-    r = cli("+experiment=demo", "logger=none", *overrides, cwd=tmp_path)
+    r = in_process.cli("+experiment=demo", "logger=none", *overrides, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_calm_t5_offline_stops_at_once(tmp_path):
-    r = cli("+experiment=calm_t5", cwd=tmp_path, timeout=60)
+    r = in_process.cli("+experiment=calm_t5", cwd=tmp_path, timeout=60)
     assert r.returncode == 2
     assert "hub is unreachable" in r.stderr and "model.name_or_path" in r.stderr
     assert "Traceback" not in r.stderr

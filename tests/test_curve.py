@@ -23,7 +23,7 @@ from eetrain.exits.settings import calibration_settings
 from eetrain.layer_metrics import oracle_exit_layers
 from eetrain.task_metrics import sentence_scores
 from tests.conftest import make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 from tests.test_online_calibration import calibration_case
 
 

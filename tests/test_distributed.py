@@ -105,7 +105,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     data = tiny_runs.write_data(tmp_path / "data")
     common = [*data, "trainer.max_epochs=2", "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.5",
               "export=false"]
-    tiny_runs.run(tmp_path / "one", *common, "data.batch_size=8")
+    tiny_runs.run_here(tmp_path / "one", *common, "data.batch_size=8")  # one process: this one
     two = tiny_runs.run(tmp_path / "two", *common, "data.batch_size=4", "trainer=ddp_sim")
     assert "ddp_spawn with find_unused_parameters=True" in two.stdout
 

@@ -22,6 +22,7 @@ from eetrain.exits.training import make_classifier
 from eetrain.losses import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
 from eetrain.train import load_module_weights
+from tests import in_process
 from tests.conftest import examples, make_backbone
 
 FAST = ["exit.min_exit_layer=2", "exit.record.max_tokens=400", "data.eval_batch_size=64"]
@@ -35,13 +36,15 @@ def saved_model(tmp_path_factory) -> Path:
     return where
 
 
-def _evaluate(tmp_path: Path, model: Path, *overrides: str, module: str = "eetrain") -> subprocess.CompletedProcess:
+def _evaluate(tmp_path: Path, model: Path, *overrides: str, module: str = "eetrain",
+              subprocess_run: bool = False) -> subprocess.CompletedProcess:
+    """`python -m <module> ...` in this process (tests.in_process), or with `subprocess_run` in a new one."""
     args = ["+experiment=evaluate"] if module == "eetrain" else []
-    return subprocess.run(
-        [sys.executable, "-m", module, *args, f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'run'}",
-         *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
+    args += [f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    if not subprocess_run:
+        return in_process.cli(*args, cwd=tmp_path, module=module)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_evaluate_experiment_composes_without_training():
@@ -54,7 +57,8 @@ def test_evaluate_experiment_composes_without_training():
 def test_evaluate_a_saved_model(tmp_path, saved_model):
     clf_dir = tmp_path / "classifiers"
     save_classifier(make_classifier("calm", 32), clf_dir / "calm.pt")
-    r = _evaluate(tmp_path, saved_model, *FAST, f"exit.classifiers.dir={clf_dir}", module="eetrain.evaluate")
+    r = _evaluate(tmp_path, saved_model, *FAST, f"exit.classifiers.dir={clf_dir}", module="eetrain.evaluate",
+                  subprocess_run=True)  # the entry point as a shell runs it (the other runs are in-process)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run"
     with (out / "policies.csv").open() as fh:

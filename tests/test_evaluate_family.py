@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from eetrain.backbones import BertBackbone, LlamaBackbone, T5Backbone
 from eetrain.checkpointing import export_pretrained
 from eetrain.config import compose
 from tests.conftest import make_backbone
+from tests.in_process import cli
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +34,9 @@ def test_evaluate_experiment_builds_the_export_s_adapter(exports, family, cls):
 
 @pytest.mark.slow
 def test_python_m_eetrain_evaluate_on_a_llama_export(tmp_path, exports):
-    r = subprocess.run(
-        [sys.executable, "-m", "eetrain.evaluate", f"model.name_or_path={exports['llama']}",
-         f"hydra.run.dir={tmp_path / 'run'}", "exit.min_exit_layer=2", "exit.record.max_tokens=200",
-         "data.eval_batch_size=32", "exit.classifiers.kinds=[]"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
+    r = cli(f"model.name_or_path={exports['llama']}", f"hydra.run.dir={tmp_path / 'run'}", "exit.min_exit_layer=2",
+            "exit.record.max_tokens=200", "data.eval_batch_size=32", "exit.classifiers.kinds=[]", cwd=tmp_path,
+            module="eetrain.evaluate")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "policies.csv").is_file()
     assert "Exit policies on the validation set" in r.stdout

@@ -179,7 +179,7 @@ def test_exit_heads_stage_trains_only_the_heads(tmp_path):
 @pytest.mark.slow
 def test_deebert_two_stages_on_the_demo(tmp_path):
     """DeeBERT's recipe end to end: last-layer fine-tuning, the heads on the frozen model, entropy exits."""
-    from tests.test_config import cli
+    from tests.in_process import cli
 
     out = tmp_path / "run"
     r = cli("+experiment=bert_demo", "loss=last_layer", "stages=[exit_heads,classify]", f"hydra.run.dir={out}",

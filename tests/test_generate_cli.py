@@ -11,7 +11,7 @@ from eetrain.decoding.metrics import sequence_consistency, token_consistency
 from eetrain.decoding.settings import build_policy, decoding_settings, policy_fields
 from eetrain.errors import ConfigError
 from tests.conftest import make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=none",

@@ -16,7 +16,7 @@ from eetrain.data.make_demo import DEMO_DIR
 from eetrain.data.text2text import Text2TextDataModule, as_completion
 from eetrain.errors import ConfigError, DataError, HubUnreachableError
 from tests.conftest import make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=none",

@@ -213,7 +213,7 @@ def test_free_loss_with_another_exits_form_is_one_config_error():
     ],
 )
 def test_cli_free_loss_with_a_list_of_exits(tmp_path, args):
-    from tests.test_config import cli
+    from tests.in_process import cli
 
     r = cli(*args, f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=1", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -2,18 +2,10 @@
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-
-def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "eetrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-
+from tests.in_process import cli
 
 SHORT = ["trainer.max_epochs=1", "++trainer.limit_train_batches=5", "++trainer.limit_val_batches=2"]
 

@@ -12,7 +12,7 @@ from eetrain.config import compose
 from eetrain.exits.classifiers import load_classifier
 from eetrain.exits.record import load_records
 from eetrain.exits.settings import check_config, classifier_settings, min_exit_layer
-from tests.test_config import cli
+from tests.in_process import cli
 
 MEASURES = {"softmax_gap", "softmax_gap_decaying", "softmax_max", "entropy", "normalized_entropy",
             "hidden_saturation", "patience", "monotonic"}

@@ -71,7 +71,7 @@ def test_on_policy_classifiers_stage(tmp_path):
     import json
 
     from eetrain.exits.classifiers import load_classifier
-    from tests.test_config import cli
+    from tests.in_process import cli
 
     out = tmp_path / "run"
     r = cli(

@@ -98,10 +98,10 @@ def test_requeued_run_continues_in_its_run_directory(tmp_path, monkeypatch):
     data = tiny_runs.write_data(tmp_path / "data", train=16)
     run_dir = tmp_path / "run"
     common = [*data, "data.batch_size=8", "export=false"]
-    tiny_runs.run(run_dir, *common, "trainer.max_epochs=1")
+    tiny_runs.run_here(run_dir, *common, "trainer.max_epochs=1")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    r = tiny_runs.run(run_dir, *common, "trainer.max_epochs=2")
+    r = tiny_runs.run_here(run_dir, *common, "trainer.max_epochs=2")
     assert f"[resume] SLURM requeue 1: resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in r.stdout
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1

@@ -15,7 +15,7 @@ from eetrain.errors import NonFiniteLossError
 from eetrain.losses import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
 from tests.conftest import examples, make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
          "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]

@@ -16,7 +16,7 @@ from eetrain.module import EarlyExitModule
 from eetrain.progress import LineProgressBar, NoProgressBar, progress, status_line, training_progress_bar
 from eetrain.wandb_panels import WandbPanels, _thin, layer_rows, layer_series, log_export_artifact
 from tests.conftest import examples, make_backbone
-from tests.test_config import cli
+from tests.in_process import cli
 
 
 def test_layer_rows_from_logged_metrics():

@@ -66,6 +66,16 @@ def run(run_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.Comple
     return r
 
 
+def run_here(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`run`, but in this process (tests.in_process) with one torch thread, as `env` gives a child: for runs
+    that need no process of their own."""
+    from tests.in_process import cli
+
+    r = cli(*command(run_dir, *overrides)[3:], cwd=run_dir.parent, threads=1)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
 def step_losses(run_dir: Path) -> pd.Series:
     """The logged train/loss by global step (CSV logger)."""
     metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
