@@ -203,3 +203,14 @@ def test_scores_are_per_layer_for_many_tokens() -> None:
     # each token's score only depends on that token and layer
     single = softmax_gap(logits[:, 3:4])
     torch.testing.assert_close(single[:, 0], softmax_gap(logits)[:, 3])
+
+
+def test_cosine_by_hand_and_zero_vectors() -> None:
+    from eetrain.exits.measures import cosine
+
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[4.0, 3.0], [-2.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(cosine(a, b), torch.tensor([24 / 25, -1.0, 0.0]))  # a zero vector gives 0
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 7, 64, generator=g), torch.randn(5, 7, 64, generator=g)
+    torch.testing.assert_close(cosine(x, y), torch.nn.functional.cosine_similarity(x, y, dim=-1))
