@@ -94,6 +94,17 @@ def test_hub_dataset_offline_fails_fast(tmp_path):
         dm.setup("fit")
 
 
+def test_loading_script_dataset_names_the_way_out(tmp_path):
+    # datasets >= 4 refuses repositories that are only a loading script (IWSLT 2017, older hub copies)
+    script_dir = tmp_path / "iwslt_like"
+    script_dir.mkdir()
+    (script_dir / "iwslt_like.py").write_text("import datasets\n")
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, hf_name=str(script_dir))
+    with pytest.raises(ConfigError, match=r"loading-script dataset.*data.hf_name=null data.files.train="):
+        dm.setup("fit")
+
+
 def test_llama_collation_from_same_data(tmp_path):
     bb = make_backbone("llama")
     files = {s: _write(tmp_path / f"{s}.jsonl", ROWS, "jsonl") for s in ("train", "validation")}

@@ -96,6 +96,16 @@ def load_rows(
                 f"{SPLIT_KEYS.get(role, 'split')}={split!r}: data.hf_name={hf_name!r} "
                 f"(data.hf_config={hf_config!r}) has no such split; {e}"
             ) from None
+        except RuntimeError as e:
+            # datasets >= 4 refuses a repository that is only a loading script (some older hub datasets)
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ConfigError(
+                f"data.hf_name={hf_name!r} is a loading-script dataset, which datasets {datasets.__version__} "
+                "no longer runs. Use files instead (e.g. exported once from the hub's Parquet conversion, "
+                "branch refs/convert/parquet): data.hf_name=null data.files.train=... data.files.validation=... "
+                f"data.files.test=... (JSON, JSONL, CSV or Parquet with the columns named by {column_keys})"
+            ) from None
         where = f"data.hf_name={hf_name!r} split {split!r}"
     else:
         key, value = _local_file(files, split, role, also, formats)

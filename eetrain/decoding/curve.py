@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from eetrain.analysis import plots
 from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.policy import ExitPolicy
@@ -211,12 +212,7 @@ def plot_quality_speed(
 ) -> Path:
     """The headline metric against the speed-up: one line per policy (threshold labels), the full model
     as a star at 1.0x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax,) = plots.figure(1, title, width=7.0)
     for name in dict.fromkeys(r["policy"] for r in rows if r["policy"] not in ("full", "oracle")):
         pts = sorted((r["speedup"], r[metric], r["threshold"]) for r in rows if r["policy"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -229,14 +225,7 @@ def plot_quality_speed(
         ax.axhline(0.97 * full[metric], color="grey", linewidth=0.8, linestyle=":", label="97% of the full model")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str, key: str = "curve/quality_speed") -> bool:
