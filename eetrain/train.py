@@ -101,6 +101,8 @@ def run(cfg: DictConfig) -> float:
     check_run_inputs(cfg, module)  # optimizer.lr, and ckpt_path against this model (fit and train=false alike)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     # the strategy gets what its config cannot know from the model (FSDP's block classes, DDP's unused
     # parameters); under SLURM, Lightning's environment with our requeue settings
     strategy = training_strategy(cfg.trainer.get("strategy"), backbone, loss)

@@ -78,6 +78,14 @@ def test_wandb_offline_run_files(tmp_path):
 
 
 @pytest.mark.slow
+def test_logger_none_alone_trains(tmp_path):
+    # the default callbacks include Lightning's learning-rate monitor, which refuses a Trainer without a
+    # logger: with logger=none it is left out (no need for callbacks=none as well)
+    out, _ = _run(tmp_path, *SHORT, "logger=none", "export=false", name="nolog")
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
 def test_full_demo_learns(tmp_path):
     """The README's quick start, as is: the model learns and shallow exits agree with the last layer."""
     out, r = _run(tmp_path, "trainer.enable_progress_bar=false")
