@@ -93,6 +93,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: the rules that read no class probabilities, so apply to a regression head's score
+REGRESSION_RULES = "patience with kwargs.tolerance (PABEE's regression rule: |r_i - r_(i-1)| < tau) or hidden_saturation"
+
+
+def head_mismatch(policy: ExitPolicy, backbone: Any) -> str | None:
+    """Why `policy` cannot decide on this head (a regression head has no class probabilities; a
+    tolerance compares regression scores), or None."""
+    regression = bool(getattr(backbone, "regression", False))
+    tolerance = policy.measure_kwargs.get("tolerance") is not None
+    if regression and not (policy.measure == "hidden_saturation" or (policy.measure == "patience" and tolerance)):
+        needs = "class predictions (argmax)" if policy.measure == "patience" else "class probabilities"
+        return (f"needs {needs}, and this head is a regression (num_labels=1); on it use {REGRESSION_RULES}, "
+                "or classify with the full model or a fixed exit layer")
+    if tolerance and not regression:
+        return ("kwargs.tolerance compares a regression head's scores, and this head has "
+                f"{int(backbone.head_weight.shape[0])} classes: drop the tolerance (patience then compares the argmax)")
+    return None
+
+
 def _check(backbone: Any, policy: Any, batch_mode: str) -> None:
     if backbone.head_kind != "sequence":
         raise ConfigError(
@@ -101,11 +120,10 @@ def _check(backbone: Any, policy: Any, batch_mode: str) -> None:
         )
     if batch_mode not in BATCH_MODES:
         raise ConfigError(f"classify.batch_mode={batch_mode!r}; allowed: {', '.join(BATCH_MODES)}")
-    if isinstance(policy, ExitPolicy) and getattr(backbone, "regression", False):
-        raise ConfigError(
-            "exit policies need class probabilities, and this head is a regression (num_labels=1): "
-            "classify it with the full model or a fixed exit layer"
-        )
+    if isinstance(policy, ExitPolicy):
+        problem = head_mismatch(policy, backbone)
+        if problem:
+            raise ConfigError(f"exit policy {policy.label!r}: {problem}")
     if policy is not None and not isinstance(policy, ExitPolicy | ScheduledExits):
         raise TypeError(f"policy must be an ExitPolicy, ScheduledExits or None, got {type(policy).__name__}")
 
@@ -243,18 +261,24 @@ def check_config(cfg: Any, backbone: Any) -> None:
     """Validate `classify` and the policies it names before any training."""
     settings = classify_settings(cfg)
     _check(backbone, None, settings.batch_mode)
-    if settings.policies and getattr(backbone, "regression", False):
-        raise ConfigError(
-            f"classify.policies={list(settings.policies)}: exit policies need class probabilities, and this "
-            "head is a regression (num_labels=1); set classify.policies=[] for the per-layer scores"
-        )
+    regression = bool(getattr(backbone, "regression", False))
     measures = [n for n in settings.policies if not n.startswith("classifier:")]
-    classify_specs(cfg, backbone, measures, Path("."), None)
+    specs = dict(zip(measures, classify_specs(cfg, backbone, measures, Path("."), None), strict=True))
     from eetrain.exits.classifiers import CLASSIFIERS
 
     for i, name in enumerate(settings.policies):
-        if name.startswith("classifier:") and name.split(":", 1)[1] not in CLASSIFIERS:
-            raise ConfigError(f"classify.policies[{i}]={name!r}; classifier kinds: {sorted(CLASSIFIERS)}")
+        key = f"classify.policies[{i}]={name!r}"
+        if name.startswith("classifier:"):
+            if name.split(":", 1)[1] not in CLASSIFIERS:
+                raise ConfigError(f"{key}; classifier kinds: {sorted(CLASSIFIERS)}")
+            if regression:
+                raise ConfigError(f"{key}: an exit classifier learns when a layer's class agrees with the last "
+                                  f"layer's, and this head is a regression (num_labels=1); on it use {REGRESSION_RULES}")
+            continue
+        problem = head_mismatch(specs[name].policy, backbone)
+        if problem:
+            raise ConfigError(f"{key} (exit.policies.{name}): {problem}; or set classify.policies=[] for the "
+                              "per-layer scores alone")
 
 
 def _batches(
@@ -323,7 +347,8 @@ def speed_row(
         "expected_saving": 1.0 - float(exits.mean()) / L,
         "speedup": full_s / ee_s,
         "normalized_latency": ee_s / full_s,
-        "consistency": float((preds == full_preds).double().mean()),
+        # the share of rows answered with the full model's class (a regression score: not defined)
+        "consistency": float("nan") if preds.is_floating_point() else float((preds == full_preds).double().mean()),
         "decision_fraction": sum(o.decision_seconds for o in ee) / ee_s,
         **scores,
         f"{metric}_ratio": scores[metric] / base if base else float("nan"),

@@ -14,10 +14,12 @@ def layer_predictions(states: ExitStates, backbone: ExitBackbone) -> tuple[Tenso
     """Top-1 predictions and token CE of every captured exit at the scored positions.
 
     Returns preds (n, N) long, token_ce (n, N) float, labels (N,), n = len(states.layers). One layer's
-    logits exist at a time, so this is cheap in memory even for a large vocabulary.
+    logits exist at a time, so this is cheap in memory even for a large vocabulary. A regression head
+    (one output, float labels): preds are the scores (n, N) float and token_ce the squared errors.
     """
     labels = states.labels
     keep = labels != -100
+    regression = bool(getattr(backbone, "regression", False))
     preds, ces = [], []
     for layer, h in zip(states.layers, states.hidden, strict=True):
         if backbone.head_kind == "sequence":
@@ -25,6 +27,10 @@ def layer_predictions(states: ExitStates, backbone: ExitBackbone) -> tuple[Tenso
         else:
             logits = backbone.exit_logits(h[keep], layer)
         logits = logits.float()
+        if regression:
+            preds.append(logits[:, 0])
+            ces.append((logits[:, 0] - labels[keep].float()) ** 2)
+            continue
         preds.append(logits.argmax(-1))
         ces.append(F.cross_entropy(logits, labels[keep], reduction="none"))
     return torch.stack(preds), torch.stack(ces), labels[keep]
@@ -48,7 +54,8 @@ def oracle_exit_layers(preds: Tensor, layers: tuple[int, ...] | None = None) -> 
 
 class LayerStats:
     """Sums over batches; `compute()` gives one row per exit layer:
-    loss (mean token CE), acc (top-1 == label), agree (top-1 == the last layer's top-1)."""
+    loss (mean token CE), acc (top-1 == label), agree (top-1 == the last layer's top-1). For a
+    regression head's float scores: loss (mean squared error) alone."""
 
     def __init__(self, layers: tuple[int, ...]):
         self.layers = layers
@@ -60,16 +67,22 @@ class LayerStats:
         self.correct = torch.zeros(n, dtype=torch.long)
         self.agree = torch.zeros(n, dtype=torch.long)
         self.count = 0
+        self.regression = False
 
     def update(self, preds: Tensor, token_ce: Tensor, labels: Tensor) -> None:
         """preds, token_ce: (n, N); labels: (N,). The last row is the reference for agreement."""
         self.ce_sum += token_ce.double().sum(-1).cpu()
+        self.count += labels.numel()
+        if preds.is_floating_point():  # regression scores: no classes to be right about
+            self.regression = True
+            return
         self.correct += (preds == labels).sum(-1).cpu()
         self.agree += (preds == preds[-1]).sum(-1).cpu()
-        self.count += labels.numel()
 
     def compute(self) -> list[dict[str, float]]:
         n = max(self.count, 1)
+        if self.regression:
+            return [{"layer": layer, "loss": float(self.ce_sum[k] / n)} for k, layer in enumerate(self.layers)]
         return [
             {
                 "layer": layer,
@@ -83,6 +96,8 @@ class LayerStats:
 
 def format_table(rows: list[dict[str, float]]) -> str:
     """A fixed-width text table of `LayerStats.compute()` rows."""
+    if "acc" not in rows[0]:  # a regression head
+        return "\n".join([f"{'layer':>5}  {'mse':>8}"] + [f"{r['layer']:>5}  {r['loss']:>8.4f}" for r in rows])
     lines = [f"{'layer':>5}  {'loss':>8}  {'top1_acc':>8}  {'agree_last':>10}"]
     for r in rows:
         lines.append(f"{r['layer']:>5}  {r['loss']:>8.4f}  {r['acc']:>8.4f}  {r['agree']:>10.4f}")

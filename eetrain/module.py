@@ -66,8 +66,9 @@ class EarlyExitModule(L.LightningModule):
         self.log(f"{stage}/loss", out.total.detach(), prog_bar=True, sync_dist=on_step, **kw)
         for name, value in out.logs.items():
             self.log(f"{stage}/{name}", value, **kw)
+        kind = "mse" if getattr(self.backbone, "regression", False) else "ce"  # a regression head's loss is MSE
         for layer, value in out.layer_ce.items():
-            self.log(f"{stage}/layer_{layer:02d}/ce", value, **kw)
+            self.log(f"{stage}/layer_{layer:02d}/{kind}", value, **kw)
 
     def _train_step(self) -> TrainStep:
         # The planned number of optimizer steps only matters to the gradual curriculum; the trainer
@@ -89,7 +90,7 @@ class EarlyExitModule(L.LightningModule):
         # Per-layer accuracy costs one extra head pass per exit: only when the logger writes.
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             preds, _, labels = layer_predictions(states, self.backbone)
-            for k, layer in enumerate(states.layers):
+            for k, layer in enumerate(states.layers if not preds.is_floating_point() else ()):  # classes only
                 self.log(f"train/layer_{layer:02d}/acc", (preds[k] == labels).float().mean(), batch_size=bs)
         return out.total
 
@@ -105,7 +106,7 @@ class EarlyExitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_rows = self.val_stats.compute()
         for r in self.val_rows:
-            for metric in ("loss", "acc", "agree"):
+            for metric in ("loss", "acc", "agree")[: len(r) - 1]:  # a regression head's rows: loss alone
                 self.log(f"val/layer_{r['layer']:02d}/{metric}", r[metric])
         self.log("val/full/loss", self.val_rows[-1]["loss"])
 

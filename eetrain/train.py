@@ -128,7 +128,9 @@ def run(cfg: DictConfig) -> float:
         # report and the stages run on the trainer's device, where their speed-ups mean something
         backbone.to(trainer.strategy.root_device)
         rows = evaluate_layers(backbone, data.val_dataloader())
-        print("\nPer-layer validation report (agree_last: top-1 equals the last layer's top-1)")
+        note = "mse: a regression head's mean squared error" if "acc" not in rows[0] else (
+            "agree_last: top-1 equals the last layer's top-1")
+        print(f"\nPer-layer validation report ({note})")
         print(format_table(rows))
         write_rows(rows, out_dir / "layer_report.csv")
         if cfg.get("export", True):

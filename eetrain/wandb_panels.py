@@ -29,9 +29,9 @@ from typing import Any
 import lightning as L
 
 VAL_METRICS = ("loss", "acc", "agree")
-TRAIN_METRICS = ("ce", "acc")
+TRAIN_METRICS = ("ce", "mse", "acc")  # mse: a regression head's per-exit loss
 #: summary aggregation per metric (the best value and the last one)
-SUMMARY = {"loss": "min,last", "ce": "min,last", "acc": "max,last", "agree": "max,last"}
+SUMMARY = {"loss": "min,last", "ce": "min,last", "mse": "min,last", "acc": "max,last", "agree": "max,last"}
 MAX_POINTS = 500  # points per line of a line-series chart (W&B charts 10k rows at most)
 
 

@@ -125,6 +125,36 @@ def test_decisions_equal_exit_layers_on_the_recorded_states(exit_head, batch_mod
     assert len(spread) >= 4  # the policies exit at many different layers: a real test
 
 
+def sharp_regression() -> BertBackbone:
+    """`sharp()` with a regression head (num_labels=1, STS-B's): one score per row and layer."""
+    config = {**TINY["bert"], "num_hidden_layers": LAYERS, "initializer_range": 0.3, "num_labels": 1}
+    return BertBackbone(config=config, tokenizer=TOKENIZER, seed=0).eval()
+
+
+@pytest.mark.parametrize("batch_mode", ["gather", "ride_along"])
+def test_regression_decisions_equal_exit_layers_on_the_recorded_scores(batch_mode):
+    bb = sharp_regression()
+    batches = [batch_of(bb, seed=s) for s in range(3)]
+    records = record_exits(bb, batches)  # a regression head: its (L, N, 1) scores, no summaries
+    assert records.logits.shape == (LAYERS, 36, 1) and records.predictions is None
+    steps = (records.logits[1:, :, 0] - records.logits[:-1, :, 0]).abs()
+    tau = float(steps.median())  # half the layer-to-layer moves count as "unchanged"
+    spread = set()
+    for policy in (
+        ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 1, "tolerance": tau}),
+        ExitPolicy("patience", None, min_exit_layer=2, measure_kwargs={"patience": 2, "tolerance": 2 * tau}),
+        ExitPolicy("hidden_saturation", 0.9, min_exit_layer=2),
+    ):
+        want = exit_layers(policy, records)
+        outs = [classify(bb, b, policy, batch_mode) for b in batches]
+        assert torch.cat([o.exit_layers for o in outs]).tolist() == want.tolist(), policy
+        # each row's prediction is its exit layer's score
+        at_exit = records.logits[want - 1, torch.arange(want.shape[0]), 0]
+        assert torch.allclose(torch.cat([o.predictions for o in outs]), at_exit, atol=1e-5), policy
+        spread.update(want.tolist())
+    assert len(spread) >= 3  # rows leave at several layers: a real test
+
+
 class TableEncoder(nn.Module):
     """A stand-in encoder whose exit logits are a hand-written table: row r's state is its batch index,
     layers keep it, and `exit_logits(h, i)` is `table[i - 1, r]`. Shows classify's bookkeeping alone."""
@@ -212,8 +242,15 @@ def test_classify_refuses_token_heads_regression_policies_and_unknown_modes():
     with pytest.raises(ConfigError, match=r"classify.batch_mode='fast'; allowed: gather, ride_along"):
         classify(bb, batch, None, "fast")
     reg = make_backbone("bert", num_labels=1)
-    with pytest.raises(ConfigError, match=r"regression \(num_labels=1\)"):
+    with pytest.raises(ConfigError, match=r"'entropy': needs class probabilities, and this head is a regression "
+                                          r"\(num_labels=1\); on it use patience with kwargs.tolerance"):
         classify(reg, batch_of(reg), ExitPolicy("entropy", -0.1, min_exit_layer=1))
+    with pytest.raises(ConfigError, match=r"'patience': needs class predictions \(argmax\), and this head is a "
+                                          r"regression"):
+        classify(reg, batch_of(reg), ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 2}))
+    with pytest.raises(ConfigError, match=r"kwargs.tolerance compares a regression head's scores, and this head "
+                                          r"has 3 classes: drop the tolerance"):
+        classify(bb, batch, ExitPolicy("patience", None, measure_kwargs={"patience": 2, "tolerance": 0.1}))
     out = classify(reg, batch_of(reg), ScheduledExits("fixed:2", 3))
     assert out.predictions.dtype == torch.float and out.predictions.shape == (12,)
 
@@ -303,10 +340,48 @@ def test_stage_settings_name_the_key(overrides, message):
 def test_stage_refuses_token_heads_and_regression_policies():
     with pytest.raises(ConfigError, match="classify needs a sequence-classification head"):
         check_config(stage_cfg(), make_backbone("t5"))
-    with pytest.raises(ConfigError, match=r"classify.policies=\['patience', 'entropy', 'softmax_max'\]: exit "
-                                          r"policies need class probabilities"):
-        check_config(stage_cfg(), make_backbone("bert", num_labels=1))
-    check_config(stage_cfg("classify.policies=[]"), make_backbone("bert", num_labels=1))
+    reg = make_backbone("bert", num_labels=1)
+    with pytest.raises(ConfigError, match=r"classify.policies\[0\]='patience' \(exit.policies.patience\): needs "
+                                          r"class predictions \(argmax\), and this head is a regression"):
+        check_config(stage_cfg(), reg)
+    with pytest.raises(ConfigError, match=r"classify.policies\[0\]='entropy' \(exit.policies.entropy\): needs "
+                                          r"class probabilities.*or set classify.policies=\[\] for the per-layer"):
+        check_config(stage_cfg("classify.policies=[entropy]"), reg)
+    with pytest.raises(ConfigError, match=r"classify.policies\[0\]='classifier:calm': an exit classifier learns"):
+        check_config(stage_cfg("classify.policies=[classifier:calm]"), reg)
+    with pytest.raises(ConfigError, match=r"classify.policies\[0\]='patience_regression' "
+                                          r"\(exit.policies.patience_regression\): kwargs.tolerance compares"):
+        check_config(stage_cfg(*REGRESSION_PATIENCE), make_backbone("bert", num_hidden_layers=4))
+    with pytest.raises(ConfigError, match=r"tolerance must be a number > 0"):
+        check_config(stage_cfg(*REGRESSION_PATIENCE, "exit.policies.patience_regression.kwargs.tolerance=0"), reg)
+    check_config(stage_cfg("classify.policies=[]"), reg)
+    check_config(stage_cfg(*REGRESSION_PATIENCE), reg)
+
+
+REGRESSION_PATIENCE = ("+exit.policies.patience_regression={measure: patience, kwargs: {tolerance: 0.05}, "
+                       "thresholds: [1, 2]}", "classify.policies=[patience_regression]")
+
+
+def test_stage_on_a_regression_head_sweeps_pabee_regression_patience(tmp_path, capsys):
+    """STS-B's shape (sentence pairs, a float score, Pearson / Spearman) from local files, classified with
+    PABEE's regression rule: the per-layer scores and the accuracy-vs-speed table."""
+    from tests.test_task_data import PAIRS, local
+
+    rows = [{**PAIRS[i % 3], "label": float(i % 6) * 0.8, "idx": i} for i in range(24)]
+    cfg = local(tmp_path, "glue_stsb", rows, "stages=[classify]", "classify.batch_size=8", "exit.min_exit_layer=1",
+                *REGRESSION_PATIENCE, model="bert_tiny", splits=("train", "validation"))
+    bb = instantiate(cfg.model)
+    assert bb.regression
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    table_rows = run_stage(cfg, bb, data, tmp_path / "out")
+    layers = pd.read_csv(tmp_path / "out" / "layer_scores.csv")
+    assert list(layers.columns) == ["layer", "pearson", "spearman"] and len(layers) == bb.num_layers
+    table = pd.read_csv(tmp_path / "out" / "accuracy_speed.csv")
+    assert list(table.policy) == ["full", "patience_regression", "patience_regression"]  # no oracle for scores
+    patience = table[table.policy == "patience_regression"]
+    assert (patience.mean_exit_layer >= [2.0, 3.0]).all() and (patience.speedup > 0).all()
+    assert {"pearson", "pearson_ratio", "consistency"} <= set(table.columns) and len(table_rows) == 3
+    assert "Accuracy vs speed (pearson;" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -340,6 +415,62 @@ def test_pabee_bert_is_the_real_recipe(data, metric):
     assert cfg.loss.terms.ce.weights == "calm" and cfg.trainer.accelerator == "gpu"
     assert cfg.optimizer.lr == 2e-5 and list(cfg.stages) == ["classify"]
     assert list(cfg.exit.policies.patience.thresholds) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_pabee_bert_on_stsb_uses_the_regression_rule():
+    cfg = compose(["+experiment=pabee_bert", "data=glue_stsb", "classify.policies=[patience_regression]"])
+    assert cfg.data.metric == "pearson" and cfg.model.model_kwargs.num_labels == 1
+    assert dict(cfg.exit.policies.patience_regression.kwargs) == {"tolerance": 0.1}
+    check_config(cfg, make_backbone("bert", num_labels=1, num_hidden_layers=12))
+    with pytest.raises(ConfigError, match=r"classify.policies\[0\]='patience' .*this head is a regression"):
+        check_config(compose(["+experiment=pabee_bert", "data=glue_stsb"]), make_backbone("bert", num_labels=1))
+
+
+@pytest.mark.slow
+def test_stsb_trains_and_classifies_with_regression_patience(tmp_path):
+    """PABEE's recipe on STS-B-shaped local files with a tiny BERT: every exit trained with its MSE, the
+    per-layer report, W&B (offline) and the accuracy-vs-speed sweep of the regression rule."""
+    from tests.test_task_data import PAIRS, write_jsonl
+
+    rows = [{**PAIRS[i % 3], "label": float(i % 6) * 0.8, "idx": i} for i in range(48)]
+    files = [f"data.files.{s}={write_jsonl(tmp_path / f'{s}.jsonl', rows)}" for s in ("train", "validation")]
+    out = tmp_path / "run"
+    r = cli("+experiment=pabee_bert", "model=bert_tiny", "data=glue_stsb", "data.hf_name=null", *files,
+            "data.num_workers=0", "trainer=cpu", f"hydra.run.dir={out}", *SHORT, "logger=wandb",
+            "classify.policies=[patience_regression]", "exit.policies.patience_regression.thresholds=[1,2]",
+            cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Per-layer validation report (mse: a regression head's mean squared error)" in r.stdout
+    report = pd.read_csv(out / "layer_report.csv")
+    assert list(report.columns) == ["layer", "loss"] and (report.loss > 0).all()
+    table = pd.read_csv(out / "accuracy_speed.csv")
+    assert list(table.policy) == ["full", "patience_regression", "patience_regression"]
+    assert (table.mean_exit_layer.iloc[1:] >= [2.0, 3.0]).all() and table.consistency.iloc[1:].isna().all()
+    assert list(pd.read_csv(out / "layer_scores.csv").columns) == ["layer", "pearson", "spearman"]
+    (record,) = next((out / "wandb").glob("offline-run-*")).glob("run-*.wandb")
+    for key in ("train/layer_01/mse", "val/layer_04/mse", "val/layer_04/loss"):  # each exit's MSE
+        assert key.encode() in record.read_bytes(), key
+
+
+def test_a_tolerance_on_a_token_head_is_refused():
+    from eetrain.decoding.decisions import LayerDecider
+
+    policy = ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 1, "tolerance": 0.1})
+    with pytest.raises(ConfigError, match=r"'patience': kwargs.tolerance compares a regression head's scores, and "
+                                          r"this head has \d+ outputs"):
+        LayerDecider(policy, make_backbone("t5"), 3)
+
+
+def test_stages_that_read_classes_refuse_a_regression_head():
+    from eetrain.stages import check_stages
+
+    reg = make_backbone("bert", num_labels=1)
+    for stages, message in ((["policies"], "stages exit_classifiers and policies learn and score when a layer's "
+                                           "class agrees"),
+                            (["exit_classifiers"], "use stages=\\[classify\\] with classify.policies"),
+                            (["analyze"], "analyze reads every layer's class predictions")):
+        with pytest.raises(ConfigError, match=message):
+            check_stages(compose(["model=bert_tiny", "data=demo_classification", f"stages=[{stages[0]}]"]), reg)
 
 
 def test_pabee_bert_offline_stops_at_once(tmp_path):

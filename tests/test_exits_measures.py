@@ -20,6 +20,7 @@ from eetrain.exits.measures import (
     softmax_gap,
     softmax_max,
 )
+from eetrain.exits.policy import ExitPolicy
 
 # A 3-layer, 2-token record with V = 3, given as probabilities (logits = log p).
 #   token 0: layer 1 [0.5, 0.3, 0.2], layer 2 [0.6, 0.3, 0.1], layer 3 [0.8, 0.1, 0.1]
@@ -130,6 +131,36 @@ def test_patience_accepts_logits_and_rejects_bad_values() -> None:
     assert torch.equal(
         compute_measure("patience", ExitRecords(logits=logits), patience=3), patience(PREDS, 3)
     )
+
+
+# A regression head's scores r_i over L = 5 layers (PABEE on STS-B), tau = 0.25 (all binary fractions):
+#   row 0: 1.0 1.125 1.5 1.625 1.75 -> |r_i - r_(i-1)| 0.125 0.375 0.125 0.125 -> counter 0 1 0 1 2
+#   row 1: 2.0 2.25 2.5 2.75 3.0    -> differences exactly tau (not < tau)    -> counter 0 0 0 0 0
+SCORES = torch.tensor([[1.0, 2.0], [1.125, 2.25], [1.5, 2.5], [1.625, 2.75], [1.75, 3.0]])
+
+
+def test_regression_patience_by_hand() -> None:
+    assert patience(SCORES, 1, tolerance=0.25).T.tolist() == [[False, True, False, True, True], [False] * 5]
+    assert patience(SCORES, 2, tolerance=0.25).T.tolist() == [[False, False, False, False, True], [False] * 5]
+    # a wider margin: row 1's steps of 0.25 now count as unchanged
+    assert patience(SCORES, 4, tolerance=0.5).T.tolist() == [[False, False, False, False, True]] * 2
+    records = ExitRecords(logits=SCORES[..., None])  # (L, N, 1): a regression head's logits
+    assert torch.equal(compute_measure("patience", records, patience=2, tolerance=0.25),
+                       patience(SCORES, 2, tolerance=0.25))
+    # without a tolerance patience compares the argmax, always 0 on one output: never what a regression wants
+    assert compute_measure("patience", records, patience=1)[1:].all()
+
+
+def test_regression_patience_rejects_bad_input() -> None:
+    for bad in (0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="tolerance must be a number > 0"):
+            patience(SCORES, 1, tolerance=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="tolerance must be a number > 0"):
+            ExitPolicy("patience", None, measure_kwargs={"patience": 1, "tolerance": bad})
+    with pytest.raises(ValueError, match=r"regression scores: \(L, N\) or \(L, N, 1\)"):
+        patience(torch.zeros(5, 2, 3), 1, tolerance=0.1)
+    with pytest.raises(ValueError, match=r"needs a regression head's scores: logits \(L, N, 1\)"):
+        compute_measure("patience", ExitRecords(logits=torch.zeros(5, 2, 3)), patience=1, tolerance=0.1)
 
 
 def _probs_from_top1(top1: list[list[float]]) -> torch.Tensor:

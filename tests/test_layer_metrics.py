@@ -16,3 +16,13 @@ def test_layer_stats_hand_checked():
     assert [r["agree"] for r in rows] == [0.25, 0.75, 1.0]
     assert [r["loss"] for r in rows] == [1.0, 0.5, 1.0]
     assert "agree_last" in format_table(rows)
+
+
+def test_layer_stats_of_regression_scores_hand_checked():
+    # scores (L = 2, N = 3) against labels 1, 2, 3: squared errors layer 1: 1, 0, 4; layer 2: 0, 0.25, 0
+    stats = LayerStats((1, 2))
+    labels = torch.tensor([1.0, 2.0, 3.0])
+    scores = torch.tensor([[2.0, 2.0, 1.0], [1.0, 2.5, 3.0]])
+    stats.update(scores, (scores - labels) ** 2, labels)
+    assert stats.compute() == [{"layer": 1, "loss": 5 / 3}, {"layer": 2, "loss": 0.25 / 3}]
+    assert format_table(stats.compute()).splitlines()[0].split() == ["layer", "mse"]

@@ -67,3 +67,22 @@ def test_exit_layer_subset_and_last():
         ExitCrossEntropy(layers=[1, 4]).resolve(3)
     with pytest.raises(ConfigError, match="allowed"):
         ExitCrossEntropy(layers="first")
+
+
+def test_regression_head_trains_every_exit_with_its_mse():
+    """num_labels=1 (STS-B): the same weighted sum over exits with each exit's mean squared error, as
+    transformers' MSE for one label, checked against the scores computed by hand."""
+    bb = make_backbone("bert", num_labels=1)
+    batch = bb.collate([{"source_ids": [5, 6, 7], "label": 4.2}, {"source_ids": [8, 9], "label": 0.5}])
+    assert batch["labels"].dtype == torch.float
+    states = bb(batch)
+    out = JointLoss({"ce": ExitCrossEntropy(weights="calm")})(states, bb)
+    mse = [float(((bb.exit_logits(h, i)[:, 0] - batch["labels"]) ** 2).mean())
+           for i, h in zip(states.layers, states.hidden, strict=True)]
+    assert [float(v) for v in out.layer_ce.values()] == pytest.approx(mse, rel=1e-5)
+    assert out.total.item() == pytest.approx(sum(w * m for w, m in zip([1 / 6, 2 / 6, 3 / 6], mse, strict=True)),
+                                                  rel=1e-5)
+    out.total.backward()
+    assert bb.head_weight.grad is not None and bb.head_weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=r"label_smoothing=0.1: smoothing applies to classes"):
+        JointLoss({"ce": ExitCrossEntropy(label_smoothing=0.1)})(states, bb)

@@ -156,6 +156,9 @@ def _check_export(path: str, key: str) -> None:
 
 def check_config(cfg: Any, backbone: Any) -> None:
     settings = analyze_settings(cfg)
+    if getattr(backbone, "regression", False):
+        raise ConfigError("analyze reads every layer's class predictions and probabilities, and this head is a "
+                          "regression (num_labels=1): stages=[classify] writes its per-layer scores (layer_scores.csv)")
     if settings.min_exit_layer > backbone.num_layers:
         raise ConfigError(f"analyze.min_exit_layer={settings.min_exit_layer}; allowed: 1..{backbone.num_layers}")
     if settings.target == "greedy" and backbone.head_kind != "token":

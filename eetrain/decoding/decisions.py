@@ -106,6 +106,12 @@ class LayerDecider:
         self.every_layer = self.name in _HISTORY_MEASURES or isinstance(
             self.classifier, ThreeStateMLP | LSTMClassifier
         )
+        # PABEE's regression patience: the history keeps each layer's score r_i, not an argmax
+        self.scores_history = self.name == "patience" and policy.measure_kwargs.get("tolerance") is not None
+        outputs = int(backbone.head_weight.shape[0]) if self.scores_history else 1  # type: ignore[attr-defined]
+        if outputs != 1:
+            raise ConfigError(f"policy {policy.label!r}: kwargs.tolerance compares a regression head's scores, and "
+                              f"this head has {outputs} outputs: drop the tolerance (patience then compares the argmax)")
         self.three_states = isinstance(self.classifier, ThreeStateMLP)
         self.keeps_states = self.three_states or self.name == "hidden_saturation"
         # the states classifiers / saturation read: final-normed ones for features=normed
@@ -254,14 +260,17 @@ class LayerDecider:
             if logits is None:
                 logits = self.backbone.exit_logits(h, layer)  # type: ignore[attr-defined]
             self.last_logits = logits
-            pred, top2, _ = summarize_logits(logits)
+            if self.scores_history:  # a regression head: (n, 1) scores, no distribution to summarise
+                pred, top2 = logits[:, 0].float(), logits.new_zeros((logits.shape[0], 2), dtype=torch.float32)
+            else:
+                pred, top2, _ = summarize_logits(logits)
             self.history.append((store(self._hist_fill(), pred), store(self._hist_fill(2), top2)))
             if check:
                 preds = torch.stack([p for p, _ in self.history])
                 tops = torch.stack([t for _, t in self.history])
                 if rows is not None:
                     preds, tops = preds[:, rows], tops[:, rows]
-                rec = ExitRecords(predictions=preds, top2=tops)
+                rec = ExitRecords(logits=preds[..., None]) if self.scores_history else ExitRecords(predictions=preds, top2=tops)
                 return compute_measure(name, rec, **self.policy.measure_kwargs)[-1]  # type: ignore[union-attr]
             return None
         elif self.candidates is not None and layer != self.first_check:
@@ -288,7 +297,8 @@ class LayerDecider:
             last = self.history[-1][0 if not trailing else 1]
             return last
         shape = (size, *trailing)
-        return torch.zeros(shape, dtype=torch.long if not trailing else torch.float32, device=self.prev.device)
+        integer = not trailing and not self.scores_history
+        return torch.zeros(shape, dtype=torch.long if integer else torch.float32, device=self.prev.device)
 
 
 def lstm_step(clf: LSTMClassifier, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

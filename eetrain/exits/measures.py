@@ -28,6 +28,7 @@ registered name        score                              range             thre
                                                                             H / log V <= S
 ``hidden_saturation``  cos(h_i, h_{i-1})                  [-1, 1]           exit iff cos >= lambda
 ``patience``           bool: PABEE counter >= P           --                no threshold
+                       (regression: ``tolerance`` tau)
 ``monotonic``          bool: MEE heuristic                --                no threshold
 =====================  =================================  ================  ===========================
 
@@ -400,26 +401,48 @@ def _check_patience(value: Any) -> int:
     return value
 
 
-def patience(preds: Tensor, P: int) -> Tensor:  # noqa: N803 - P as in PABEE
+def _check_tolerance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"tolerance must be a number > 0 (a regression score's unchanged margin), got {value!r}")
+    return float(value)
+
+
+def patience(preds: Tensor, P: int, tolerance: float | None = None) -> Tensor:  # noqa: N803 - P as in PABEE
     """PABEE patience rule: ``(L, N)`` bool, True where the exit rule fires.
 
     Follows PABEE's counter: at layer 1 the counter is 0; at layer ``i >= 2`` it is incremented if
-    ``argmax_i == argmax_{i-1}`` and reset to 0 otherwise.  The rule fires at layer ``i`` iff the
-    counter is ``>= P``, i.e. iff ``argmax_{i-P} == ... == argmax_{i-1} == argmax_i`` (``P`` unchanged
-    transitions, ``P + 1`` equal predictions).  The earliest possible exit is layer ``P + 1``.
-    (``>=`` rather than ``==`` so that a rule already satisfied below the minimum exit layer still
-    fires there while the prediction stays unchanged.)
+    the prediction is unchanged, ``argmax_i == argmax_{i-1}``, and reset to 0 otherwise.  The rule
+    fires at layer ``i`` iff the counter is ``>= P``, i.e. iff ``argmax_{i-P} == ... == argmax_i``
+    (``P`` unchanged transitions, ``P + 1`` equal predictions).  The earliest possible exit is layer
+    ``P + 1``.  (``>=`` rather than ``==`` so that a rule already satisfied below the minimum exit
+    layer still fires there while the prediction stays unchanged.)
+
+    A regression head (PABEE on STS-B) predicts a score ``r_i``; with ``tolerance`` tau "unchanged"
+    means ``|r_i - r_{i-1}| < tau``.
 
     Args:
-        preds: ``(L, N)`` integer argmax per layer, or ``(L, N, V)`` logits/probs (argmax taken).
+        preds: ``(L, N)`` integer argmax per layer, or ``(L, N, V)`` logits/probs (argmax taken);
+            with ``tolerance``: ``(L, N)`` float scores, or ``(L, N, 1)`` regression logits.
         P: patience, an integer ``>= 1``.
+        tolerance: ``None`` (classes) or tau ``> 0`` (regression scores).
     """
     _check_patience(P)
-    p = to_preds(preds)
-    same = torch.zeros(p.shape, dtype=torch.long, device=p.device)
-    counter = torch.zeros(p.shape[1], dtype=torch.long, device=p.device)
-    for i in range(1, p.shape[0]):
-        counter = torch.where(p[i] == p[i - 1], counter + 1, torch.zeros_like(counter))
+    if tolerance is None:
+        p = to_preds(preds)
+        unchanged = p[1:] == p[:-1]
+    else:
+        tau = _check_tolerance(tolerance)
+        if preds.dim() == 3:
+            if preds.shape[-1] != 1:
+                raise ValueError(f"patience with a tolerance compares regression scores: (L, N) or (L, N, 1), "
+                                 f"got {tuple(preds.shape)}")
+            preds = preds[..., 0]
+        r = preds.double()
+        unchanged = (r[1:] - r[:-1]).abs() < tau
+    same = torch.zeros(unchanged.shape[0] + 1, unchanged.shape[1], dtype=torch.long, device=preds.device)
+    counter = torch.zeros(unchanged.shape[1], dtype=torch.long, device=preds.device)
+    for i in range(1, same.shape[0]):
+        counter = torch.where(unchanged[i - 1], counter + 1, torch.zeros_like(counter))
         same[i] = counter
     return same >= P
 
@@ -490,6 +513,8 @@ class MeasureSpec:
             )
         if "patience" in kwargs:
             _check_patience(kwargs["patience"])
+        if kwargs.get("tolerance") is not None:
+            _check_tolerance(kwargs["tolerance"])
         if "min_confidence" in kwargs and not 0.0 <= float(kwargs["min_confidence"]) <= 1.0:
             raise ValueError(f"min_confidence must lie in [0, 1], got {kwargs['min_confidence']!r}")
 
@@ -555,8 +580,12 @@ def _m_hidden_saturation(records: ExitRecords) -> Tensor:
     return hidden_saturation(_need(records, "hidden"), records.h0)
 
 
-def _m_patience(records: ExitRecords, patience: int = 3) -> Tensor:
-    return _patience_rule(records.preds(), patience)
+def _m_patience(records: ExitRecords, patience: int = 3, tolerance: float | None = None) -> Tensor:
+    if tolerance is None:
+        return _patience_rule(records.preds(), patience)
+    if records.logits is None or records.logits.shape[-1] != 1:
+        raise ValueError("patience with a tolerance needs a regression head's scores: logits (L, N, 1) in the records")
+    return _patience_rule(records.logits, patience, tolerance)
 
 
 def _m_monotonic(records: ExitRecords, min_confidence: float = 0.9) -> Tensor:
@@ -590,9 +619,9 @@ MEASURES: dict[str, MeasureSpec] = {
             _m_patience,
             "bool",
             None,
-            params=("patience",),
+            params=("patience", "tolerance"),
             sweep_param="patience",
-            description="PABEE: argmax unchanged over `patience` consecutive layers",
+            description="PABEE: argmax (regression: score within `tolerance`) unchanged over `patience` layers",
         ),
         MeasureSpec(
             "monotonic",

@@ -16,11 +16,12 @@ field               shape / dtype     what
 ``saturation``      (L, N) f32        cos(h_i, h_{i-1}) in float32 and in the space ``features`` (so
                                       saturation works without ``hidden``)
 ``vocab_size``      int               V (for the normalised entropy)
-``labels``          (N,) long         gold tokens
+``labels``          (N,) long         gold tokens (a regression head's: float scores)
 ``positions``       (N,) long         1-based decoding position t of the token among its sequence's
                                       scored tokens (the t of CALM's decaying threshold)
 ``sequence_ids``    (N,) long         running index of the example in the loader (sequence-level risks)
-``logits``          (L, N, V)         only with ``keep_logits=True`` (small vocabularies, analyses)
+``logits``          (L, N, V)         only with ``keep_logits=True`` (small vocabularies, analyses); always
+                                      for a regression head (V = 1), which has no summaries
 ==================  ================  ====================================================================
 
 Why summaries and not logits: full logits cost ``L * N * V`` floats -- 24 layers x 100k tokens x 32k
@@ -163,6 +164,10 @@ def record_exits(
     backbone.eval()
     parts: dict[str, list[Tensor]] = {k: [] for k in RECORD_FIELDS}
     vocab_size: int | None = None
+    # one output: a regression head's score (BERT on STS-B) has no distribution to summarise; its
+    # (L, N, 1) logits are kept instead (the rules for it read the score itself)
+    regression = int(backbone.head_weight.shape[0]) == 1
+    keep_logits = keep_logits or regression
     total = 0
     example_offset = 0
     try:
@@ -196,16 +201,18 @@ def record_exits(
                     else:
                         z = backbone.exit_logits(chunk, layer)
                     z = z.float()
-                    p, t2, e = summarize_logits(z)
-                    p_parts.append(p.cpu())
-                    t_parts.append(t2.cpu())
-                    e_parts.append(e.cpu())
+                    if not regression:
+                        p, t2, e = summarize_logits(z)
+                        p_parts.append(p.cpu())
+                        t_parts.append(t2.cpu())
+                        e_parts.append(e.cpu())
                     if keep_logits:
                         z_parts.append(z.cpu())
                 vocab_size = int(backbone.head_weight.shape[0])
-                preds.append(torch.cat(p_parts) if p_parts else torch.empty(0, dtype=torch.long))
-                top2.append(torch.cat(t_parts) if t_parts else torch.empty(0, 2))
-                ents.append(torch.cat(e_parts) if e_parts else torch.empty(0))
+                if not regression:
+                    preds.append(torch.cat(p_parts) if p_parts else torch.empty(0, dtype=torch.long))
+                    top2.append(torch.cat(t_parts) if t_parts else torch.empty(0, 2))
+                    ents.append(torch.cat(e_parts) if e_parts else torch.empty(0))
                 if keep_logits:
                     logits.append(torch.cat(z_parts) if z_parts else torch.empty(0, vocab_size))
                 if previous is None:
@@ -213,9 +220,10 @@ def record_exits(
                 else:
                     sats.append(cosine(f.float(), previous.float()).cpu())
                 previous = f
-            parts["predictions"].append(torch.stack(preds))
-            parts["top2"].append(torch.stack(top2))
-            parts["entropies"].append(torch.stack(ents))
+            if not regression:
+                parts["predictions"].append(torch.stack(preds))
+                parts["top2"].append(torch.stack(top2))
+                parts["entropies"].append(torch.stack(ents))
             parts["saturation"].append(torch.stack(sats))
             if keep_logits:
                 parts["logits"].append(torch.stack(logits))
@@ -223,7 +231,7 @@ def record_exits(
                 parts["hidden"].append(torch.stack([f.to(hidden_dtype or f.dtype).cpu() for f in fs]))
                 if h0 is not None:
                     parts["h0"].append(h0.to(hidden_dtype or h0.dtype).cpu())
-            parts["labels"].append(labels.long().cpu())
+            parts["labels"].append((labels.float() if regression else labels.long()).cpu())
             parts["positions"].append(positions.long().cpu())
             parts["sequence_ids"].append((rows + example_offset).long().cpu())
             example_offset += batch_size

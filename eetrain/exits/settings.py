@@ -482,6 +482,12 @@ def check_config(cfg: Any, backbone: Any) -> None:
 
     Run before training so that a typo fails at once; every error names its config key.
     """
+    if getattr(backbone, "regression", False):
+        raise ConfigError(
+            "stages exit_classifiers and policies learn and score when a layer's class agrees with the last "
+            "layer's, and this head is a regression (num_labels=1): use stages=[classify] with "
+            "classify.policies=[patience_regression] (PABEE's rule on the score; exit.policies.<name>.kwargs.tolerance)"
+        )
     num_layers = int(backbone.num_layers)
     feature_space(cfg)
     specs = policy_specs(cfg, num_layers)

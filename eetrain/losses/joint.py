@@ -64,8 +64,24 @@ def token_rows(states: ExitStates, backbone: ExitBackbone, layers: Sequence[int]
     return feats, labels[keep]
 
 
+def multi_exit_mse(
+    feats: Sequence[Tensor], labels: Tensor, backbone: ExitBackbone, layers: Sequence[int], weights: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A regression head's (num_labels=1, GLUE STS-B) counterpart of `multi_exit_cross_entropy`:
+    `sum_i alpha_i * MSE_i`, MSE_i the mean squared error of exit `layers[i]`'s score `(N,)` (float32)
+    against the float `labels (N,)` -- transformers' loss for one label. feats: `(N, d)` per exit.
+    Returns the loss and the detached `(n,)` per-exit MSEs."""
+    per = []
+    for k, layer in enumerate(layers):
+        score = nn.functional.linear(feats[k], *backbone.head_params(layer)).float()[:, 0]
+        per.append(nn.functional.mse_loss(score, labels.float()))
+    per_layer = torch.stack(per)
+    return (weights.float() * per_layer).sum(), per_layer.detach()
+
+
 class ExitCrossEntropy(nn.Module):
-    """Weighted cross-entropy of the shared head at several exits (CALM when weights="calm").
+    """Weighted cross-entropy of the shared head at several exits (CALM when weights="calm"); on a
+    regression head (one output, float labels) each exit's mean squared error instead.
 
     layers: the exit points (`resolve_exit_points`: null/all, last, a list, {every: k}, {shallow: L_s});
     the shipped configs wire them to `exits.layers`, with `min_layer` / `train_below_min` from the same
@@ -135,7 +151,12 @@ class ExitCrossEntropy(nn.Module):
         feats, labels = token_rows(states, backbone, layers)
         weights = weights.to(feats[0].device)
         kw = dict(label_smoothing=self.label_smoothing, impl=self.impl, chunk_size=self.chunk_size)
-        if backbone.exit_heads is None:
+        if getattr(backbone, "regression", False):
+            if self.label_smoothing:
+                raise ConfigError(f"loss label_smoothing={self.label_smoothing}: smoothing applies to classes, and "
+                                  "this head is a regression (num_labels=1); set it to 0")
+            loss, per_layer = multi_exit_mse(feats, labels, backbone, layers, weights)
+        elif backbone.exit_heads is None:
             loss, per_layer = multi_exit_cross_entropy(
                 feats, backbone.head_weight, labels, weights, bias=backbone.head_bias, **kw
             )
