@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ def run(cfg: DictConfig) -> float:
 
         check_stages(cfg, backbone)  # a bad stage setting fails now, not after the fit
     data = instantiate(cfg.data, tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
+    if hasattr(data, "check_fits"):  # eetrain's data modules: classes for a BERT head, texts for T5 / LLaMA
+        data.check_fits(backbone)
     data.shuffle_seed = int(cfg.seed)  # the training order: one seeded permutation per epoch, resumable
     module = EarlyExitModule(
         backbone,
@@ -115,7 +118,17 @@ def run(cfg: DictConfig) -> float:
     try:
         if cfg.get("train", True):
             # ckpt_path, or for a requeued SLURM job its run's newest checkpoint
-            trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+            try:
+                trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+            except ValueError as e:  # Lightning checks the interval only once the data are loaded
+                if "`val_check_interval`" not in str(e):
+                    raise
+                batches = re.search(r"training batches \((\d+)\)", str(e))
+                raise ConfigError(
+                    f"trainer.val_check_interval={cfg.trainer.get('val_check_interval')}: more steps than an epoch "
+                    f"has training batches ({batches.group(1) if batches else 'fewer'}); set a smaller number, "
+                    "1.0 (once per epoch), or trainer.check_val_every_n_epoch=null to count steps across epochs"
+                ) from None
             backbone = full_backbone(cfg.model, module)  # after FSDP / ZeRO-3: gathered on rank 0
         else:
             # evaluation only (train=false): the weights are model.name_or_path's, or ckpt_path's

@@ -86,6 +86,20 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["data.source_column=article"], "no column data.source_column='article'"),
         (["model.tokenizer=null", "model.config=null", "model.name_or_path=./no/such/model"],
          "model.name_or_path='./no/such/model': no such file or directory"),
+        # model and data of different kinds stop before any data loads
+        (["model=bert_tiny"], "data (Text2TextDataModule) gives each example a target text, and the bert adapter "
+                              "classifies whole sequences: use a GLUE data config"),
+        (["data=demo_classification"], "data (DemoStoryClassification) labels each example with a class or a score, "
+                                       "and the t5 adapter has a token head"),
+        (["data=text"], "data (PackedTextDataModule) packs plain text for a decoder-only model (no source), and the "
+                        "t5 adapter is an encoder-decoder"),
+        (["model=bert_tiny", "data=demo_classification", "stages=[curve]"],
+         "stages=[curve] decodes text: it needs a token head (T5, LLaMA); the bert adapter predicts one label"),
+        (["model=bert_tiny", "data=demo_classification", "stages=[generate]"],
+         "stages=[generate] decodes text: it needs a token head"),
+        # an interval in steps that a small dataset's epoch does not reach (Lightning checks it once loaded)
+        (["trainer.val_check_interval=2000", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"],
+         "trainer.val_check_interval=2000: more steps than an epoch has training batches (2); set a smaller"),
     ],
 )
 def test_bad_input_one_clear_message(tmp_path, overrides, message):
@@ -93,6 +107,14 @@ def test_bad_input_one_clear_message(tmp_path, overrides, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("experiment", ["generate", "evaluate", "curve", "analyze"])
+def test_an_experiment_on_an_export_says_when_none_is_given(tmp_path, experiment):
+    # `name_or_path: ???` merged over the model group's null stays null: say the key is not set
+    r = in_process.cli(f"+experiment={experiment}", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "model.name_or_path is not set: point it at a run's export" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_calm_t5_offline_stops_at_once(tmp_path):

@@ -21,6 +21,9 @@ def load_backbone(name_or_path: str, **kwargs: object) -> ExitBackbone:
     from eetrain.errors import ConfigError
 
     kwargs.pop("config", None)
+    if name_or_path is None:  # an experiment's `???` merged over the model group's null stays null
+        raise ConfigError("model.name_or_path is not set: point it at a run's export (model.name_or_path="
+                          "outputs/<task>/<run>/export) or a local Hugging Face model directory")
     local = Path(str(name_or_path)).expanduser()
     family = "t5"
     if (local / "early_exit.json").is_file():

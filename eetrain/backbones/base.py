@@ -145,6 +145,8 @@ class ExitBackbone(nn.Module):
     config_class: ClassVar[type]
     #: "token" heads predict every position (LM), "sequence" heads one label per example.
     head_kind: ClassVar[str] = "token"
+    #: an encoder-decoder reads every example's source with its encoder: an empty one cannot run
+    needs_source: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from eetrain.backbones.kv import DecodeContext, Slots
 
 class T5Backbone(ExitBackbone):
     family = "t5"
+    needs_source = True
     model_class = T5ForConditionalGeneration
     config_class = T5Config
 

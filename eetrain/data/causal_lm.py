@@ -103,6 +103,7 @@ class PackedTextDataModule(SplitDataModule):
     the per-layer report and the generate stage's speed and consistency still apply."""
 
     formats = TEXT_FORMATS
+    has_source = False  # a decoder-only model's prompt is the text itself
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ class ClassificationDataModule(SplitDataModule):
     """text_columns: one column (a sentence) or two (a pair, encoded as a pair with token_type_ids).
     num_labels: the number of classes (labels 0..num_labels-1), or 1 for regression (float labels)."""
 
+    head_kind = "sequence"
+
     def __init__(
         self,
         tokenizer: Any,

@@ -194,6 +194,10 @@ class SplitDataModule(L.LightningDataModule):
     #: the seed of the training order (`ResumableSampler`: one permutation per epoch); train.py sets the
     #: run's `seed`
     shuffle_seed: int = 0
+    #: the head the examples are for: "token" (a target text) or "sequence" (a class or a score)
+    head_kind: str = "token"
+    #: whether each example has a source (an encoder-decoder needs one; packed plain text has none)
+    has_source: bool = True
 
     def __init__(
         self,
@@ -242,6 +246,22 @@ class SplitDataModule(L.LightningDataModule):
             self.datasets[role], self.truncation[role] = self.tokenize(rows)
         except DataError as e:
             raise DataError(f"{SPLIT_KEYS.get(role, 'split')}={split!r}: {e}") from None
+
+    def check_fits(self, backbone: Any) -> None:
+        """Stop at once (a ConfigError naming both sides) when `backbone` cannot learn from these
+        examples: classes or scores need a sequence head, target texts a token head, and an
+        encoder-decoder a source for its encoder."""
+        data, model = f"data ({type(self).__name__})", f"the {backbone.family} adapter"
+        if self.head_kind == "sequence" and backbone.head_kind != "sequence":
+            raise ConfigError(f"{data} labels each example with a class or a score, and {model} has a token head "
+                              "that learns a target text: use model=bert_tiny or bert_base, or a text-to-text data config")
+        if self.head_kind == "token" and backbone.head_kind == "sequence":
+            raise ConfigError(f"{data} gives each example a target text, and {model} classifies whole sequences: "
+                              "use a GLUE data config (data=glue_sst2, ...) or data=demo_classification")
+        if not self.has_source and backbone.needs_source:
+            raise ConfigError(f"{data} packs plain text for a decoder-only model (no source), and {model} is an "
+                              "encoder-decoder that reads a source: use model=llama_tiny or llama_1b_lora, or a "
+                              "text-to-text data config")
 
     def setup(self, stage: str | None = None) -> None:
         for role in ("train", "validation"):

@@ -39,7 +39,7 @@ from eetrain.layer_metrics import layer_predictions, oracle_exit_layers
 from eetrain.task_metrics import corpus_scores
 
 from .calibration import batches
-from .generate import GenerateOutput, generate
+from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
 from .settings import CLASSIFIER_FILE, check_schedule, decoding_settings, policy_fields
 
@@ -272,6 +272,7 @@ def format_rows(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
 
 def check_config(cfg: Any, backbone: Any) -> None:
     """Validate `curve` and `decoding` before any training."""
+    require_token_head(backbone, "stages=[curve] decodes text: it")
     settings = curve_settings(cfg)
     decoding_settings(cfg, backbone.name_or_path)
     names = [n for n in settings.policies if not n.startswith("classifier:")]

@@ -136,14 +136,18 @@ class GenerateOutput:
         return [self.exit_layers[r, : int(n)].tolist() for r, n in enumerate(self.lengths)]
 
 
+def require_token_head(backbone: Any, what: str = "decoding") -> None:
+    """Decoding writes text: a sequence classifier (BERT) has nothing to generate."""
+    if getattr(backbone, "head_kind", "token") != "token":
+        raise ConfigError(f"{what} needs a token head (T5, LLaMA); the {backbone.family} adapter predicts one label "
+                          "per sequence (its early exits: stages=[classify])")
+
+
 def _check(
     backbone: Any, batch: Mapping[str, Tensor], strategy: str, batch_mode: str, max_new_tokens: int,
     temperature: float, top_p: float,
 ) -> None:
-    if getattr(backbone, "head_kind", "token") != "token":
-        raise ConfigError(
-            f"decoding needs a token head (T5, LLaMA); the {backbone.family} adapter predicts one label per sequence"
-        )
+    require_token_head(backbone)
     if strategy not in STRATEGIES:
         raise ConfigError(f"decoding.strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if batch_mode not in BATCH_MODES:

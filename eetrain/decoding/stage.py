@@ -18,13 +18,14 @@ from eetrain.backbones.base import pad
 from eetrain.errors import ConfigError
 
 from .decisions import LayerDecider, check_policy, describe, with_check_every
-from .generate import GenerateOutput, generate
+from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
 from .settings import build_policy, check_schedule, decoding_settings, policy_fields, run_policy_fields
 
 
 def check_config(cfg: Any, backbone: Any) -> None:
     """Validate `decoding` before any training (and the policy against the model)."""
+    require_token_head(backbone, "stages=[generate] decodes text: it")
     settings = decoding_settings(cfg, backbone.name_or_path)
     E, L = settings.draft_layer, backbone.num_layers
     if settings.strategy == "self_speculative" and E is not None and not 1 <= E < L:
