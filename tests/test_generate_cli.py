@@ -107,6 +107,37 @@ def test_bad_policy_names_the_key(override, match):
         build_policy(policy_fields(cfg, None), make_backbone("t5"), None)
 
 
+def test_a_decaying_policy_threshold_takes_n_from_the_decoding_length():
+    bb = make_backbone("t5")
+    for decay in ("{tau: 2.0}", "{tau: 2.0, N: null}"):
+        cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.threshold=0.9",
+                       f"decoding.policy.decay={decay}", "decoding.max_new_tokens=12"])
+        thr = build_policy(policy_fields(cfg, None), bb, None, horizon=12).threshold
+        assert (thr.lam, thr.N, thr.tau, thr.form) == (0.9, 12, 2.0, "paper")
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.threshold=0.9",
+                   "decoding.policy.decay={N: 5, form: steep}"])
+    with pytest.raises(ConfigError, match=r"decoding.policy.decay.form='steep' is not a decaying-threshold form"):
+        build_policy(policy_fields(cfg, None), bb, None)
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.threshold=[0.9,0.8,0.7]",
+                   "decoding.policy.decay={N: 5}"])
+    with pytest.raises(ConfigError, match=r"decoding.policy.decay decays one base threshold, and "
+                                          r"decoding.policy.threshold=\[0.9, 0.8, 0.7\] is not a number"):
+        build_policy(policy_fields(cfg, None), bb, None)
+
+
+def test_a_per_layer_policy_threshold_needs_one_value_per_layer():
+    from eetrain.decoding.stage import check_config
+
+    bb = make_backbone("t5")  # 3 decoder layers
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.threshold=[0.9,0.8]",
+                   "decoding.policy.min_exit_layer=1"])
+    with pytest.raises(ConfigError, match=r"decoding.policy.threshold has 2 values, one per layer is needed: the "
+                                          r"model has 3 layers"):
+        check_config(cfg, bb)
+    check_config(compose(["+experiment=generate", "model.name_or_path=nowhere",
+                          "decoding.policy.threshold=[0.9,0.8,0.7]", "decoding.policy.min_exit_layer=1"]), bb)
+
+
 def test_bad_decoding_settings_name_the_key():
     cfg = compose(["decoding.max_new_tokens=0"])
     with pytest.raises(ConfigError, match=r"decoding.max_new_tokens=0; allowed: an integer >= 1"):

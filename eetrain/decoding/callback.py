@@ -73,7 +73,8 @@ class GenerationMetrics(L.Callback):
         prompts = batches(backbone, examples, self.batch_size)
         fields = dict(self.fields)
         fields["min_exit_layer"] = min(int(fields["min_exit_layer"]), backbone.num_layers)
-        policy = None if str(fields["measure"]).startswith("classifier:") else build_policy(fields, backbone, None)
+        classifier = str(fields["measure"]).startswith("classifier:")
+        policy = None if classifier else build_policy(fields, backbone, None, horizon=self.max_new_tokens)
         kwargs = dict(strategy=self.strategy, max_new_tokens=self.max_new_tokens, batch_mode="auto")
         with torch.no_grad():
             full = [s for b in prompts for s in generate(backbone, b, None, **kwargs).sequences()]

@@ -357,6 +357,12 @@ def check_policy(policy: ExitPolicy, num_layers: int, hidden_size: int | None) -
         raise ConfigError(
             f"decoding.policy.exit_points={list(policy.exit_points)} exceed the model's {num_layers} layers"
         )
+    values = getattr(policy.threshold, "values", None)  # a per-layer threshold: one value per layer
+    if values is not None and len(values) != num_layers:
+        raise ConfigError(
+            f"decoding.policy.threshold has {len(values)} values, one per layer is needed: the model has "
+            f"{num_layers} layers (the last one's value is never read: every token leaves there)"
+        )
     clf = policy.measure
     if isinstance(clf, ExitClassifier) and hidden_size is not None and clf.hidden_size != hidden_size:
         raise ConfigError(

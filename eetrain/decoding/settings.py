@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from eetrain.exits.measures import MEASURES
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import (
     classifier_settings,
+    decay_settings,
     exit_points,
     feature_space,
     min_exit_layer,
@@ -131,9 +132,12 @@ def check_schedule(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {"check_every": fields.get("check_every"), "candidates": fields.get("candidates")}
 
 
-def build_policy(fields: Mapping[str, Any], backbone: Any, model_dir: str | None) -> ExitPolicy | None:
+def build_policy(
+    fields: Mapping[str, Any], backbone: Any, model_dir: str | None, horizon: int | None = None
+) -> ExitPolicy | None:
     """An `ExitPolicy` from policy fields (None for `measure: full`); errors name `decoding.policy.*`.
-    The check schedule (`check_every`, `candidates`) goes to `generate` (see `check_schedule`)."""
+    The check schedule (`check_every`, `candidates`) goes to `generate` (see `check_schedule`).
+    horizon: the decay's N when `decay.N` is null (CALM's N: the most tokens generated)."""
     measure = fields.get("measure")
     if measure == "full":
         return None
@@ -165,9 +169,11 @@ def build_policy(fields: Mapping[str, Any], backbone: Any, model_dir: str | None
         threshold = None
     decay = fields.get("decay")
     if decay and threshold is not None:
-        threshold = DecayingThreshold(
-            lam=float(threshold), N=int(decay["N"]), tau=float(decay.get("tau", 4.0)), form=decay.get("form", "paper")
-        )
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ConfigError(f"decoding.policy.decay decays one base threshold, and decoding.policy.threshold="
+                              f"{threshold!r} is not a number")
+        shape = decay_settings(decay, "decoding.policy.decay", horizon or 64)
+        threshold = replace(shape, lam=float(threshold))
     points = fields.get("exit_points")
     features = fields.get("features")  # null: the classifier's own space, else raw
     if features is not None and features not in FEATURES:

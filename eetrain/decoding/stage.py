@@ -31,7 +31,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
     if settings.strategy == "self_speculative" and E is not None and not 1 <= E < L:
         raise ConfigError(f"decoding.draft_layer={E}; allowed: 1..{L - 1} (below the model's {L} layers)")
     fields = policy_fields(cfg, backbone.name_or_path)
-    policy = build_policy(fields, backbone, backbone.name_or_path)
+    policy = build_policy(fields, backbone, backbone.name_or_path, horizon=settings.max_new_tokens)
     if policy is not None:
         check_policy(policy, backbone.num_layers, backbone.hidden_size)
         LayerDecider(with_check_every(policy, fields.get("check_every"), backbone.num_layers), backbone,
@@ -109,7 +109,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         model_dir = str(Path(out_dir) / "export")  # this run's export (and the policy it stores)
     settings = decoding_settings(cfg, model_dir)
     fields, policy_dir = run_policy_fields(cfg, backbone, Path(out_dir), model_dir)
-    policy = build_policy(fields, backbone, policy_dir)
+    policy = build_policy(fields, backbone, policy_dir, horizon=settings.max_new_tokens)
     schedule = check_schedule(fields) if policy is not None else {}
     label = describe(policy) + "".join(f" {k}={v}" for k, v in schedule.items() if v is not None)
     examples = data.split_examples(settings.split)

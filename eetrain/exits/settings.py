@@ -166,7 +166,8 @@ class PolicySpec:
     values: tuple[Any, ...] = field(default_factory=tuple)
 
 
-def _decay(value: Any, key: str, horizon: int) -> DecayingThreshold:
+def decay_settings(value: Any, key: str, horizon: int) -> DecayingThreshold:
+    """A decaying threshold's shape from config (`{tau, form, N}`, N null: `horizon`), lam 1.0 as a placeholder."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key} must be a mapping with keys {list(_DECAY_KEYS)}, got {value!r}")
     unknown = sorted(set(value) - set(_DECAY_KEYS))
@@ -245,7 +246,7 @@ def policy_specs(cfg: Any, num_layers: int, horizon: int | None = None) -> list[
                 )
             if horizon is None:
                 horizon = 1  # only while validating before data exist: N is checked again at the stage
-            threshold = _decay(entry["decay"], f"{key}.decay", horizon)
+            threshold = decay_settings(entry["decay"], f"{key}.decay", horizon)
         template = _build(key, measure=measure, threshold=threshold, min_exit_layer=layer,
                           measure_kwargs=dict(kwargs), name=str(name), exit_points=points, features=features)
         values = entry.get("thresholds")
