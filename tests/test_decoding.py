@@ -307,9 +307,9 @@ def test_candidate_set_scores_later_checks_on_k_tokens(model):
     torch.testing.assert_close(decider.last_logits, expected)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 100000])
+@pytest.mark.parametrize("bad", [0, 1, -1, 100000])
 def test_candidates_out_of_range_is_refused(model, bad):
-    with pytest.raises(ConfigError, match=r"decoding.policy.candidates=.*allowed: an integer in 1\.\."):
+    with pytest.raises(ConfigError, match=r"decoding.policy.candidates=.*allowed: an integer in 2\.\."):
         generate(model, one(), ExitPolicy("softmax_gap", 0.5, min_exit_layer=1), max_new_tokens=2, candidates=bad)
 
 

@@ -87,9 +87,10 @@ class LayerDecider:
         self.name = None if self.classifier is not None else str(measure)
         if candidates is not None:
             vocab = backbone.head_weight.shape[0]  # type: ignore[attr-defined]
-            if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= vocab:
+            # one candidate has no runner-up and always all the probability: every check would pass
+            if isinstance(candidates, bool) or not isinstance(candidates, int) or not 2 <= candidates <= vocab:
                 raise ConfigError(
-                    f"decoding.policy.candidates={candidates!r}; allowed: an integer in 1..{vocab} (the vocabulary)"
+                    f"decoding.policy.candidates={candidates!r}; allowed: an integer in 2..{vocab} (the vocabulary)"
                 )
             if self.name not in _CANDIDATE_MEASURES:
                 raise ConfigError(
