@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -144,6 +145,12 @@ def test_bad_decoding_settings_name_the_key():
         decoding_settings(cfg)
     with pytest.raises(ConfigError, match=r"decoding.max_examples=0; allowed: null"):
         decoding_settings(compose(["decoding.max_examples=0"]))
+    for key, value, allowed in (("gather_min_batch", "abc", "null (the measured crossover) or an integer >= 1"),
+                                ("draft_layer", "0", "null (half the model's layers) or an integer >= 1"),
+                                ("temperature", "-1", "a number >= 0"), ("top_p", "0", "0 < top_p <= 1"),
+                                ("top_p", "high", "0 < top_p <= 1")):
+        with pytest.raises(ConfigError, match=rf"decoding.{key}=.*; allowed: {re.escape(allowed)}"):
+            decoding_settings(compose([f"decoding.{key}={value}"]))
     cfg = compose(["+decoding.speed=11"])
     with pytest.raises(ConfigError, match=r"decoding: unknown key\(s\) \['speed'\]"):
         decoding_settings(cfg)

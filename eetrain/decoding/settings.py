@@ -81,6 +81,13 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
     positive_int(node.get("max_examples"), "decoding.max_examples", null="the whole split")
     for key in ("max_new_tokens", "batch_size", "draft_tokens"):
         positive_int(node.get(key, 1), f"decoding.{key}")
+    positive_int(node.get("gather_min_batch"), "decoding.gather_min_batch", null="the measured crossover")
+    positive_int(node.get("draft_layer"), "decoding.draft_layer", null="half the model's layers")
+    temperature, top_p = node.get("temperature", 0.0), node.get("top_p", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
+        raise ConfigError(f"decoding.temperature={temperature!r}; allowed: a number >= 0 (0: greedy)")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ConfigError(f"decoding.top_p={top_p!r}; allowed: 0 < top_p <= 1")
     return DecodingSettings(
         strategy=node.get("strategy", "copy"),
         batch_mode=node.get("batch_mode", "auto"),
