@@ -14,7 +14,7 @@ from torch import nn
 
 from eetrain.__main__ import user_error
 from eetrain.backbones import BertBackbone
-from eetrain.classify import check_config, classify, classify_settings, run_stage
+from eetrain.classify import check_config, classify, classify_settings, classify_specs, run_stage
 from eetrain.config import compose
 from eetrain.data.make_demo import DEMO_DIR, STORY_LABELS, story_label
 from eetrain.decoding.decisions import ScheduledExits
@@ -459,6 +459,13 @@ def test_a_tolerance_on_a_token_head_is_refused():
     with pytest.raises(ConfigError, match=r"'patience': kwargs.tolerance compares a regression head's scores, and "
                                           r"this head has \d+ outputs"):
         LayerDecider(policy, make_backbone("t5"), 3)
+
+
+def test_classify_names_its_own_stage_for_a_missing_classifier(tmp_path):
+    with pytest.raises(ConfigError, match=r"classify.policies\[0\]='classifier:calm': no saved calm classifier at .*; "
+                                          r"train it with stages=\[exit_classifiers,classify\]"):
+        classify_specs(stage_cfg("classify.policies=[classifier:calm]"), make_backbone("bert", num_hidden_layers=4),
+                       ["classifier:calm"], tmp_path, None)
 
 
 def test_stages_that_read_classes_refuse_a_regression_head():

@@ -92,6 +92,12 @@ def test_the_export_s_feature_space_reaches_the_decoder(tmp_path):
     cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.features=both"])
     with pytest.raises(ConfigError, match=r"decoding.policy.features='both'; allowed: null, raw, normed"):
         build_policy(policy_fields(cfg, None), bb, None)
+    # the file must hold the kind the measure names (a calm.pt given for classifier:lstm is refused)
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.measure=classifier:lstm",
+                   f"decoding.policy.classifier={tmp_path / 'calm.pt'}"])
+    with pytest.raises(ConfigError, match=r"calm.pt' holds a calm classifier, and decoding.policy.measure="
+                                          r"'classifier:lstm' asks for lstm"):
+        build_policy(policy_fields(cfg, None), bb, None)
 
 
 @pytest.mark.parametrize(

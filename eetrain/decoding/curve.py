@@ -94,9 +94,10 @@ def curve_specs(
                 paths.append(Path(model_dir) / CLASSIFIER_FILE.format(kind=kind))
             path = next((p for p in paths if p.is_file()), None)
             if path is None:
+                stage = key.split(".", 1)[0]  # curve or classify
                 raise ConfigError(
                     f"{entry}={name!r}: no saved {kind} classifier at {' or '.join(map(str, paths))}; train it "
-                    "with stages=[exit_classifiers,curve] or set exit.classifiers.dir"
+                    f"with stages=[exit_classifiers,{stage}] or set exit.classifiers.dir"
                 )
             try:
                 clf = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()

@@ -166,6 +166,10 @@ def build_policy(
             clf: Any = load_classifier(path, expected_hidden_size=backbone.hidden_size).eval()
         except ValueError as e:
             raise ConfigError(f"decoding.policy.classifier: {e}") from e
+        if clf.kind != kind:
+            raise ConfigError(f"decoding.policy.classifier={str(path)!r} holds a {clf.kind} classifier, and "
+                              f"decoding.policy.measure={measure!r} asks for {kind}: point it at {kind}.pt or set "
+                              f"decoding.policy.measure=classifier:{clf.kind}")
         measure = clf
     elif measure not in MEASURES:
         raise ConfigError(
