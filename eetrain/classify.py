@@ -405,7 +405,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     metrics = list(data.metrics)
     regression = bool(getattr(backbone, "regression", False))
     num_classes = None if regression else int(backbone.head_weight.shape[0])
-    examples = data.split_examples(settings.split)
+    examples = data.split_examples(settings.split, "classify.split")
     if settings.max_examples is not None:
         examples = examples[: settings.max_examples]
     device = next(backbone.parameters()).device

@@ -220,3 +220,13 @@ def test_a_run_s_own_calibration_wins_over_the_loaded_export_s_policy(tmp_path):
     assert fields["threshold"] == 0.37 and fields["measure"] == "softmax_gap" and where == str(run)
     cfg = compose(["+experiment=generate", f"model.name_or_path={export}", "decoding.policy.threshold=0.5"])
     assert run_policy_fields(cfg, bb, run, str(export))[0]["threshold"] == 0.5  # the command line wins
+
+
+def test_an_unknown_split_names_the_setting_that_chose_it():
+    from hydra.utils import instantiate
+
+    cfg = compose(["+experiment=demo"])
+    bb = make_backbone("t5")
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    with pytest.raises(ConfigError, match=r"^decoding.split='nosuch': data.files.nosuch is not set"):
+        data.split_examples("nosuch", "decoding.split")

@@ -333,7 +333,7 @@ def _models(cfg: Any, settings: AnalyzeSettings, backbone: Any, data: Any, out_d
     if taken:
         raise ConfigError(f"analyze: two models are named {main_name!r}; set analyze.name or give the other "
                           "a name ({name: ..., path: ...})")
-    yield main_name, backbone, data.split_examples(settings.split), model_dir
+    yield main_name, backbone, data.split_examples(settings.split, "analyze.split"), model_dir
     device = next(backbone.parameters()).device
     for entry in settings.models:
         key = entry.key
@@ -345,13 +345,13 @@ def _models(cfg: Any, settings: AnalyzeSettings, backbone: Any, data: Any, out_d
             raise ConfigError(f"{key}={path!r} has a {other.head_kind} head, the model a {backbone.head_kind} head; "
                               "analyse models of one kind together")
         if _same_vocab(other.tokenizer, backbone.tokenizer):
-            examples = data.split_examples(settings.split)
+            examples = data.split_examples(settings.split, "analyze.split")
         elif settings.same_tokenizer:
             raise ConfigError(f"{key}={path!r} has another tokenizer than model.name_or_path; the shared-data "
                               "comparison (analyze.same_tokenizer=true: the same tokens for every model) needs one "
                               "tokenizer; set analyze.same_tokenizer=false to let each model read the data with its own")
         else:
-            examples = instantiate(cfg.data, tokenizer=other.tokenizer, collate_fn=other.collate).split_examples(settings.split)
+            examples = instantiate(cfg.data, tokenizer=other.tokenizer, collate_fn=other.collate).split_examples(settings.split, "analyze.split")
         yield entry.name, other, examples, path
 
 

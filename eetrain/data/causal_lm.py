@@ -197,10 +197,10 @@ class PackedTextDataModule(SplitDataModule):
             "(less than a block) dropped"
         )
 
-    def split_examples(self, split: str) -> list[dict[str, Any]]:
+    def split_examples(self, split: str, key: str | None = None) -> list[dict[str, Any]]:
         """Continuation prompts of a split (see `continuations`), not its training blocks."""
         if split not in self._prompts:
-            blocks = super().split_examples(split)
+            blocks = super().split_examples(split, key)
             examples = continuations(blocks, self.prompt_length, self.max_target_length)
             if not examples:
                 raise DataError(

@@ -269,13 +269,19 @@ class SplitDataModule(L.LightningDataModule):
                 self._load(role)
                 print(f"[data] {role}: {self.describe(self.truncation[role])}")
 
-    def split_examples(self, split: str) -> list[dict[str, Any]]:
+    def split_examples(self, split: str, key: str | None = None) -> list[dict[str, Any]]:
         """The tokenised examples of one split, loaded on first use: a role (`train`, `validation`,
         `test`: the split that `data.test_split` names), a configured split name, or another split
-        (`data.files.<split>` or the hub dataset's split)."""
+        (`data.files.<split>` or the hub dataset's split). key: the setting that chose `split` (e.g.
+        `decoding.split`), named first in a ConfigError."""
         role = split if split in self.splits else next((r for r, s in self.splits.items() if s == split), split)
         if role not in self.datasets:
-            self._load(role)
+            try:
+                self._load(role)
+            except ConfigError as e:
+                if key is None:
+                    raise
+                raise ConfigError(f"{key}={split!r}: {e}") from None
         return self.datasets[role]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:

@@ -300,7 +300,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
     metric = str(getattr(data, "metric", None) or "rougeL")
     metrics = list(getattr(data, "metrics", None) or [metric])
-    examples = data.split_examples(settings.split)
+    examples = data.split_examples(settings.split, "curve.split")
     if settings.max_examples is not None:
         examples = examples[: settings.max_examples]
     refs = references(backbone, examples)

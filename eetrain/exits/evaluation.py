@@ -309,7 +309,7 @@ def calibrate_online_stage(
 
     dec = decoding_settings(cfg)
     schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
-    examples = data.split_examples(settings.online_split)[: settings.online_examples]
+    examples = data.split_examples(settings.online_split, "exit.calibration.online_split")[: settings.online_examples]
     by_name = {s.name: s for s in specs}
     if settings.risk in ("consistency", "task"):
         what = "share of the full model's tokens not reproduced"
