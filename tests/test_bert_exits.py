@@ -468,6 +468,15 @@ def test_classify_names_its_own_stage_for_a_missing_classifier(tmp_path):
                        ["classifier:calm"], tmp_path, None)
 
 
+def test_online_calibration_on_a_classifier_names_its_key():
+    from eetrain.stages import check_stages
+
+    cfg = compose(["model=bert_tiny", "data=demo_classification", "stages=[policies]", "exit.calibration.online=true"])
+    with pytest.raises(ConfigError, match=r"exit.calibration.online=true calibrates on decoded text: it needs a "
+                                          r"token head \(T5, LLaMA\), and the bert adapter"):
+        check_stages(cfg, make_backbone("bert", num_hidden_layers=4))
+
+
 def test_stages_that_read_classes_refuse_a_regression_head():
     from eetrain.stages import check_stages
 

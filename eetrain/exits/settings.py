@@ -494,6 +494,9 @@ def check_config(cfg: Any, backbone: Any) -> None:
     specs = policy_specs(cfg, num_layers)
     classifiers = classifier_settings(cfg)
     calibration = calibration_settings(cfg)
+    if calibration.online and getattr(backbone, "head_kind", "token") != "token" and "policies" in (cfg.get("stages") or []):
+        raise ConfigError("exit.calibration.online=true calibrates on decoded text: it needs a token head (T5, LLaMA), "
+                          f"and the {backbone.family} adapter predicts one label per sequence; set it to false")
     record_settings(cfg)
     known = {s.name for s in specs} | {CLASSIFIER_LABEL.format(kind=k) for k in classifiers.kinds}
     by_name = {s.name: s for s in specs}
