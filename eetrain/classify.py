@@ -388,7 +388,7 @@ def format_speed(rows: Sequence[Mapping[str, Any]], metric: str, L: int) -> str:
 
 
 def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, Any]]:
-    from eetrain.decoding.curve import at_value, best_point, log_wandb, plot_quality_speed, write_csv
+    from eetrain.decoding.curve import best_point, log_wandb, plot_quality_speed, write_csv
     from eetrain.exits.settings import min_exit_layer
     from eetrain.layer_metrics import oracle_exit_layers
     from eetrain.progress import progress
@@ -441,7 +441,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         rows.append({"policy": "oracle", "threshold": None, "mean_exit_layer": oracle,
                      "expected_saving": 1.0 - oracle / L, "consistency": 1.0})
     for spec, value in progress(grid, "accuracy-vs-speed sweep", unit="point", disable=not grid):
-        policy = spec.policy if value is None else at_value(spec.policy, value)
+        policy = spec.policy if value is None else spec.policy.at_value(value)
         ee, paired = [], []
         for b in batches:
             ee_runs, full_runs = zip(*[

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from eetrain.config import compose
 from eetrain.decoding.calibration import calibrate_online, metric_risks
-from eetrain.decoding.curve import at_value, best_point, curve_row, curve_settings, curve_specs
+from eetrain.decoding.curve import best_point, curve_row, curve_settings, curve_specs
 from eetrain.errors import ConfigError
 from eetrain.exits.calibration import hoeffding_bentkus_pvalue
 from eetrain.exits.policy import ExitPolicy
@@ -65,9 +65,15 @@ def test_curve_row_hand_checked():
 
 
 def test_at_value_sets_the_threshold_or_the_boolean_parameter():
-    assert at_value(ExitPolicy("softmax_gap", 0.9, min_exit_layer=2), 0.3).threshold.value == 0.3
-    patience = at_value(ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 2}), 4)
+    assert ExitPolicy("softmax_gap", 0.9, min_exit_layer=2).at_value(0.3).threshold.value == 0.3
+    patience = ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 2}).at_value(4)
     assert patience.measure_kwargs["patience"] == 4
+    # calibration scans candidates as floats: an integral one is still a layer count
+    got = ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 2}).at_value(3.0)
+    assert got.measure_kwargs["patience"] == 3 and isinstance(got.measure_kwargs["patience"], int)
+    with pytest.raises(ValueError, match="patience must be an integer >= 1"):
+        ExitPolicy("patience", None, min_exit_layer=1).at_value(2.5)
+    assert ExitPolicy("monotonic", None, min_exit_layer=1).at_value(0.8).measure_kwargs == {"min_confidence": 0.8}
 
 
 def test_curve_settings_and_policies_name_the_key(tmp_path):

@@ -120,8 +120,8 @@ def test_bad_exit_settings_one_clear_message(tmp_path, saved_model, overrides, m
          "exit.min_exit_layer=3: min_exit_layer=3 leaves no layer below the last (3) for an exit classifier"),
         (["stages=[exit_classifiers]", "exits.layers={shallow: 1}", "exits.train_below_min=true"],
          "leaves no layer below the last (3) among the exit points [1, 3]"),
-        (["stages=[policies]", "exit.calibration.policies=[patience]"],
-         "exit.calibration.policies[0]='patience' is a boolean rule without a threshold to calibrate"),
+        (["stages=[policies]", "exit.calibration.policies=[patience]", "exit.calibration.candidates=[3,2.5]"],
+         "exit.calibration.candidates[1] for 'patience': patience must be an integer >= 1, got 2.5"),
         (["stages=[policies]", "exit.calibration.policies=[classifier:mlp]"],
          "exit.calibration.policies[0]='classifier:mlp' is not a configured policy"),
         (["stages=[policies]", "exit.policies.entropy.thresholds=[0.5]"],
@@ -175,6 +175,23 @@ def test_policy_table_helpers_on_a_hand_record():
     # risk 0.25 fails (min(exp(-4 KL(0.25||0.5)) = exp(-0.5232) = 0.593, e * 5/16 = 0.849) > 0.5)
     assert result["threshold"] == 0.95 and result["evaluated_on"] == "the calibration set"
     assert result["mean_exit_layer"] == 2.5 and result["empirical_risk"] == 0.0
+
+
+def test_calibrate_a_patience_policy_on_records_by_hand():
+    # 5 layers, 4 one-token sequences; the same case as tests/test_exits_calibration.py, through the stage's path
+    preds = torch.tensor([[7, 1, 3, 5], [7, 1, 3, 5], [7, 2, 3, 5], [7, 2, 4, 5], [7, 2, 4, 5]])
+    rec = ExitRecords(predictions=preds, sequence_ids=torch.arange(4), positions=torch.ones(4, dtype=torch.long))
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=1", "exit.policies.patience.thresholds=[1,2,3]",
+                   "exit.calibration.policies=[patience]", "exit.calibration.calibration_fraction=1.0",
+                   "exit.calibration.delta=0.5", "exit.calibration.epsilon=0.6"])
+    check_config(cfg, make_backbone("t5", num_layers=5, num_decoder_layers=5))
+    specs = [s for s in policy_specs(cfg, 5, horizon=4) if s.name == "patience"]
+    (result,) = calibrate(specs, rec, calibration_settings(cfg))
+    # the policy's grid from the most patient down: P=3 risk 0, P=2 0.25 (p 0.593 <= 0.6), P=1 0.5 (fails)
+    assert [(r["threshold"], r["risk_hat"], r["passed"]) for r in result["scan"]] == [
+        (3.0, 0.0, True), (2.0, 0.25, True), (1.0, 0.5, False)]
+    assert result["threshold"] == 2.0
+    assert result["mean_exit_layer"] == 3.5 and result["empirical_risk"] == 0.25  # exits 3, 5, 3, 3
 
 
 def test_check_config_accepts_every_shipped_experiment_with_a_deep_enough_model():

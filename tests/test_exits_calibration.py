@@ -244,15 +244,37 @@ def test_make_risk_fn_and_end_to_end_calibration() -> None:
     lam = calibrate_threshold(risk, CANDIDATES, epsilon=0.05, delta=0.1)
     assert lam is not None and lam < 1.0
     assert float(risk(lam).mean()) <= 0.1
-    # the task risk needs labels; boolean rules have no threshold to calibrate
+    # the task risk needs labels
     assert make_risk_fn(policy, rec, kind="task")(0.5).shape == (N,)
     with pytest.raises(ValueError, match="labels"):
         make_risk_fn(policy, ExitRecords(logits=logits), kind="task")
-    with pytest.raises(ValueError, match="boolean"):
-        make_risk_fn(ExitPolicy("patience", measure_kwargs={"patience": 2}), rec)
     # a decaying policy calibrates its base lam and uses the positions
     decay = ExitPolicy("softmax_max", {"lam": 0.9, "N": 20}, min_exit_layer=2)
     positions = torch.arange(N) % 20 + 1
     drisk = make_risk_fn(decay, rec, positions=positions)
     expected_ex = exit_layers(decay.with_threshold({"lam": 0.6, "N": 20}), rec, positions=positions)
     assert torch.equal(drisk(0.6), consistency_risk(expected_ex, logits))
+
+
+def test_a_boolean_rule_calibrates_its_parameter_by_hand() -> None:
+    # 5 layers, 4 one-token sequences (columns); PABEE fires once the argmax stayed unchanged P times
+    preds = torch.tensor([[7, 1, 3, 5], [7, 1, 3, 5], [7, 2, 3, 5], [7, 2, 4, 5], [7, 2, 4, 5]])
+    rec = ExitRecords(predictions=preds, sequence_ids=torch.arange(4))
+    risk = make_risk_fn(ExitPolicy("patience", min_exit_layer=1), rec, sequence_ids=rec.sequence_ids)
+    # P=3: exits 4, 5, 5, 4 (all agree with layer 5); P=2: exits 3, 5, 3 (pred 3 != 4), 3;
+    # P=1: exits 2, 2 (pred 1 != 2), 2 (3 != 4), 2
+    assert risk(3.0).tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert risk(2.0).tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert risk(1.0).tolist() == [0.0, 1.0, 1.0, 0.0]
+    # n = 4, delta = 0.5: risk 0 -> p 0.0625, 0.25 -> min(exp(-4 KL(0.25||0.5)), e * 5/16) = 0.593, 0.5 -> 1
+    assert calibrate_threshold(risk, [1, 2, 3], epsilon=0.6, delta=0.5) == 2.0
+    assert calibrate_threshold(risk, [1, 2, 3], epsilon=0.5, delta=0.5) == 3.0
+    # MEE's monotonic rule: min_confidence from the largest down
+    top1 = torch.tensor([[0.2, 0.2], [0.5, 0.3], [0.7, 0.4], [0.9, 0.5]])
+    rec = ExitRecords(predictions=torch.tensor([[1, 1], [1, 1], [1, 2], [1, 3]]),
+                      top2=torch.stack([top1, torch.zeros_like(top1)], -1))
+    risk = make_risk_fn(ExitPolicy("monotonic", min_exit_layer=1), rec)
+    assert risk(0.95).tolist() == [0.0, 0.0]  # fires nowhere: both leave at layer 4
+    assert risk(0.6).tolist() == [0.0, 0.0]  # token 0 at 3 (0.2 < 0.5 < 0.7 >= 0.6), agreeing with layer 4
+    assert risk(0.35).tolist() == [0.0, 1.0]  # token 1 at 3 too (0.2 < 0.3 < 0.4), where it predicts 2, not 3
+    assert calibrate_threshold(risk, [0.95, 0.6, 0.35], epsilon=0.5, delta=0.4) == 0.6

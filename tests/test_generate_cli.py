@@ -203,6 +203,25 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
     assert r.returncode == 2 and "decoding.draft_layer=4; allowed: 1..3" in r.stderr
 
 
+@pytest.mark.slow
+def test_train_calibrate_patience_then_generate_with_it(tmp_path):
+    out = tmp_path / "train"
+    r = cli(
+        "+experiment=demo", f"hydra.run.dir={out}", *SHORT, "stages=[policies,generate]", "exit.min_exit_layer=2",
+        "exit.calibration.policies=[patience]", "exit.policies.patience.thresholds=[1,2,3]",
+        "exit.calibration.delta=0.1", "decoding.max_examples=4", "decoding.max_new_tokens=8",
+        cwd=tmp_path, timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (calibration,) = json.loads((out / "calibration.json").read_text())
+    # the most patient first: P=3 never fires on 4 layers from layer 2, P=2 keeps ~98 % of the tokens, P=1 ~75 %
+    assert [(row["threshold"], row["passed"]) for row in calibration["scan"]] == [(3.0, True), (2.0, True), (1.0, False)]
+    policy = json.loads((out / "export" / "early_exit.json").read_text())["policy"]
+    assert policy["measure"] == "patience" and policy["calibrated"] is True and policy["kwargs"] == {"patience": 2}
+    summary = json.loads((out / "generation_summary.json").read_text())
+    assert summary["policy"] == "patience(patience=2)"  # the generate stage decoded with the calibrated P
+
+
 def test_a_run_s_own_calibration_wins_over_the_loaded_export_s_policy(tmp_path):
     from eetrain.decoding.settings import run_policy_fields
 
@@ -220,6 +239,24 @@ def test_a_run_s_own_calibration_wins_over_the_loaded_export_s_policy(tmp_path):
     assert fields["threshold"] == 0.37 and fields["measure"] == "softmax_gap" and where == str(run)
     cfg = compose(["+experiment=generate", f"model.name_or_path={export}", "decoding.policy.threshold=0.5"])
     assert run_policy_fields(cfg, bb, run, str(export))[0]["threshold"] == 0.5  # the command line wins
+
+
+def test_a_calibrated_patience_is_exported_as_the_rule_s_parameter(tmp_path):
+    from eetrain.decoding.settings import export_policy, run_policy_fields
+
+    run, export = tmp_path / "run", tmp_path / "export"
+    run.mkdir(), export.mkdir()
+    (export / "early_exit.json").write_text(json.dumps({"family": "t5"}))
+    (run / "calibration.json").write_text(json.dumps([{"policy": "patience", "threshold": 2.0}]))
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2"])
+    bb = make_backbone("t5")
+    stored = export_policy(cfg, bb, run, export)
+    assert stored["measure"] == "patience" and stored["kwargs"] == {"patience": 2} and stored["threshold"] is None
+    assert json.loads((export / "early_exit.json").read_text())["policy"]["kwargs"] == {"patience": 2}
+    cfg = compose(["+experiment=generate", f"model.name_or_path={export}", "exit.min_exit_layer=2"])
+    fields, _ = run_policy_fields(cfg, bb, run, str(export))
+    policy = build_policy(fields, bb, str(export))
+    assert policy.measure == "patience" and policy.measure_kwargs == {"patience": 2} and policy.min_exit_layer == 2
 
 
 def test_an_unknown_split_names_the_setting_that_chose_it():

@@ -52,6 +52,25 @@ def test_online_calibration_picks_what_a_hand_run_of_the_decoder_confirms():
     assert len(consistency) > 1 and min(consistency) < 1.0  # the scan really went down the grid
 
 
+def test_online_calibration_of_patience_scans_p_from_the_most_patient_down():
+    model, examples, _, _ = calibration_case()
+    template = ExitPolicy("patience", min_exit_layer=1, measure_kwargs={"patience": 1})
+    got = calibrate_online(model, examples, template, [1, 2, 3], epsilon=0.1, delta=0.3, pvalue="hoeffding_bentkus",
+                           batch_size=8, strategy="copy", max_new_tokens=6)
+    prompts = batches(model, examples, 8)
+    full = [s for b in prompts for s in generate(model, b, None, max_new_tokens=6).sequences()]
+    chosen = None
+    for p in (3, 2, 1):
+        policy = ExitPolicy("patience", min_exit_layer=1, measure_kwargs={"patience": p})
+        seqs = [s for b in prompts for s in generate(model, b, policy, max_new_tokens=6).sequences()]
+        risk = sum(1 - token_consistency([s], [f]) for s, f in zip(seqs, full, strict=True)) / len(full)
+        assert got["decoded"][str(float(p))]["consistency"] == pytest.approx(token_consistency(seqs, full))
+        if hoeffding_bentkus_pvalue(risk, 0.3, len(full)) > 0.1:
+            break
+        chosen = p
+    assert got["threshold"] == chosen and [r["threshold"] for r in got["scan"]] == [3.0, 2.0, 1.0]
+
+
 def test_collect_on_policy_records_of_a_batch():
     from eetrain.decoding.onpolicy import collect
 

@@ -51,7 +51,6 @@ def gating_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows per (policy, value) and one summary row per policy (``best_threshold`` at consistency >= c,
     its mean exit, ``gating_efficiency``, and the shares too early / exact / too late there)."""
-    from eetrain.decoding.curve import at_value
 
     L = records.num_layers
     preds = records.preds()
@@ -60,7 +59,7 @@ def gating_rows(
     for spec in specs:
         mine = []
         for value in spec.values or (None,):
-            policy = spec.policy if value is None else at_value(spec.policy, value)
+            policy = spec.policy if value is None else spec.policy.at_value(value)
             # a policy as configured reports its own threshold (so a qualifying one is named as best)
             shown = describe_threshold(policy.threshold) if value is None else value
             row = {"policy": spec.name, "threshold": shown, **gate_row(exit_layers(policy, records), oracle, preds)}

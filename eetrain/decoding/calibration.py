@@ -88,7 +88,7 @@ def calibrate_online(
     **decode: Any,
 ) -> dict[str, Any]:
     """Learn-then-Test over `thresholds` (descending, stopping at the first failure) with risks measured
-    on real decoding of `examples` with `template.with_base_threshold(t)`.
+    on real decoding of `examples` with `template.at_value(t)` (a boolean rule: its parameter).
 
     risk: `consistency` (tokens) or a text metric (see `metric_risks`; `references` given: against them).
     decode: `generate`'s keyword arguments (strategy, max_new_tokens, batch_mode, check_every, ...).
@@ -103,7 +103,7 @@ def calibrate_online(
     decoded: dict[float, dict[str, float]] = {}
 
     def risk_at(threshold: float) -> torch.Tensor:
-        outs = decode_all(backbone, prompts, template.with_base_threshold(threshold), **decode)
+        outs = decode_all(backbone, prompts, template.at_value(threshold), **decode)
         seqs = sequences(outs)
         layers = torch.cat([o.exit_layers[o.exit_layers > 0] for o in outs]).double()
         decoded[threshold] = {

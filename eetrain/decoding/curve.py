@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,17 +110,6 @@ def curve_specs(
         else:
             raise ConfigError(f"{entry}={name!r}; allowed: {allowed}")
     return specs
-
-
-def at_value(policy: ExitPolicy, value: Any) -> ExitPolicy:
-    """The policy at one swept value: the threshold of a score measure (the base of a decaying one),
-    the parameter of a boolean measure (patience P, monotonic min_confidence)."""
-    if policy.is_boolean:
-        from eetrain.exits.measures import get_measure
-
-        param = get_measure(policy.measure).sweep_param  # type: ignore[arg-type]
-        return replace(policy, measure_kwargs={**policy.measure_kwargs, param: value})
-    return policy.with_base_threshold(value)
 
 
 def references(backbone: Any, examples: Sequence[Mapping[str, Any]]) -> list[Any]:
@@ -326,7 +315,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         mean = oracle_mean_exit_layer(backbone, examples, full_seqs, max(dec.batch_size, 16))
         rows.append({"policy": "oracle", "threshold": None, "mean_exit_layer": mean, "consistency": 1.0})
     for spec, value in progress(grid, "quality-vs-speed sweep", unit="point"):
-        policy = spec.policy if value is None else at_value(spec.policy, value)
+        policy = spec.policy if value is None else spec.policy.at_value(value)
         ee, paired = [], []
         for b in prompts:
             ee.append(generate(backbone, b, policy, **kwargs, **schedule))

@@ -295,8 +295,12 @@ def _calibrated(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> dic
         decay = None
         if isinstance(thr, DecayingThreshold):
             decay = {"N": thr.N, "tau": thr.tau, "form": thr.form}
+        kwargs = dict(spec.policy.measure_kwargs)
+        if spec.policy.is_boolean:  # the calibrated value is the rule's parameter (patience P, min_confidence)
+            kwargs = dict(spec.policy.at_value(threshold).measure_kwargs)
+            base["threshold"] = None
         return {**base, "measure": str(spec.policy.measure), "min_exit_layer": spec.policy.min_exit_layer,
-                "kwargs": dict(spec.policy.measure_kwargs), "decay": decay,
+                "kwargs": kwargs, "decay": decay,
                 "exit_points": list(points) if points else None, "classifier": None,
                 "features": spec.policy.features}
     return None

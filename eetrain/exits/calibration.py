@@ -348,7 +348,10 @@ def make_risk_fn(
     """A callable ``threshold -> per-example risk`` for :func:`calibrate_threshold`.
 
     For a threshold ``lam`` the policy is evaluated with ``policy.with_threshold(lam)`` (a float,
-    or -- if the policy holds a decaying threshold -- the same decay with base ``lam``).
+    or -- if the policy holds a decaying threshold -- the same decay with base ``lam``). A boolean
+    rule is evaluated at ``policy.at_value(value)``: its parameter (``patience`` -> P,
+    ``monotonic`` -> ``min_confidence``), larger values being the more conservative, so the
+    fixed-sequence scan from the largest down is Learn-then-Test for them too.
     ``kind="task"`` needs ``records.labels``.  ``positions`` defaults to ``records.positions``;
     ``sequence_ids`` is *not* taken from the records (``None`` = token-level risk): pass
     ``records.sequence_ids`` for a sequence-level risk.
@@ -357,18 +360,20 @@ def make_risk_fn(
         raise ValueError(f"unknown risk kind {kind!r}; allowed: ['consistency', 'task']")
     if kind == "task" and records.labels is None:
         raise ValueError("kind='task' needs labels in the records")
-    if policy.is_boolean:
-        raise ValueError(f"policy {policy.label!r} is a boolean rule without a threshold to calibrate")
     rec = records.with_probs()
     preds = rec.preds()
     if positions is None:
         positions = rec.positions
     _check_min_exit_layer(policy, rec.num_layers)
-    scores = policy_scores(policy, rec)  # computed once; only the threshold varies
+    # a score measure is computed once (only the threshold varies); a boolean rule fires per parameter
+    scores = None if policy.is_boolean else policy_scores(policy, rec)
 
     def risk(threshold: float) -> Tensor:
-        variant = policy.with_base_threshold(float(threshold))
-        fires = _fires(variant, scores, rec.num_layers, rec.num_tokens, positions)
+        variant = policy.at_value(float(threshold))
+        if scores is None:
+            fires = policy_scores(variant, rec)
+        else:
+            fires = _fires(variant, scores, rec.num_layers, rec.num_tokens, positions)
         ex = policy_first_exit(variant, fires)
         if kind == "consistency":
             return consistency_risk(

@@ -145,7 +145,7 @@ def calibrate(
         target = test if test is not None else cal
         result["evaluated_on"] = "held-out validation sequences" if test is not None else "the calibration set"
         if chosen is not None and target.num_tokens:
-            policy = spec.policy.with_base_threshold(chosen)
+            policy = spec.policy.at_value(chosen)
             ex = exit_layers(policy, target)
             stats = evaluate_policy(ex, target.preds(), target.labels, target.num_layers)
             tseq = target.sequence_ids if settings.per_sequence else None

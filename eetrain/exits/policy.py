@@ -167,6 +167,17 @@ class ExitPolicy:
             return self.with_threshold(replace(self.threshold, lam=float(value)))
         return self.with_threshold(value)
 
+    def at_value(self, value: Any) -> ExitPolicy:
+        """A copy at one swept or calibrated value: the threshold of a score measure (the base ``lam``
+        of a decaying one, see :meth:`with_base_threshold`), the parameter of a boolean rule
+        (``patience`` -> P, an integer; ``monotonic`` -> ``min_confidence``), validated."""
+        if not self.is_boolean:
+            return self.with_base_threshold(value)
+        param = get_measure(self.measure).sweep_param  # type: ignore[arg-type]
+        if param == "patience" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # calibration scans numbers as floats; P counts layers
+        return replace(self, measure_kwargs={**self.measure_kwargs, param: value})
+
 
 def _as_records(
     records: ExitRecords | None,
@@ -387,9 +398,7 @@ def sweep(
         values = list(values) if values else []
         if policy.is_boolean:
             param = get_measure(policy.measure).sweep_param  # type: ignore[arg-type]
-            variants = [
-                (v, replace(policy, measure_kwargs={**policy.measure_kwargs, param: v})) for v in values
-            ]
+            variants = [(v, policy.at_value(v)) for v in values]
             if not variants:
                 variants = [(policy.measure_kwargs.get(param), policy)]
             for value, variant in variants:

@@ -505,16 +505,12 @@ def check_config(cfg: Any, backbone: Any) -> None:
             raise ConfigError(
                 f"exit.calibration.policies[{i}]={name!r} is not a configured policy; allowed: {sorted(known)}"
             )
-        if name in by_name and by_name[name].policy.is_boolean:
-            raise ConfigError(
-                f"exit.calibration.policies[{i}]={name!r} is a boolean rule without a threshold to calibrate"
-            )
     if calibration.candidates is not None:
         for name in calibration.policies:
             spec = by_name.get(name)
             for j, c in enumerate(calibration.candidates):
                 try:
-                    (spec.policy.with_base_threshold(c) if spec else ExitPolicy("softmax_max", c))
+                    (spec.policy.at_value(c) if spec else ExitPolicy("softmax_max", c))
                 except ValueError as e:
                     raise ConfigError(f"exit.calibration.candidates[{j}] for {name!r}: {e}") from e
     stages = list(cfg.get("stages") or [])
