@@ -100,7 +100,7 @@ REGRESSION_RULES = "patience with kwargs.tolerance (PABEE's regression rule: |r_
 def head_mismatch(policy: ExitPolicy, backbone: Any) -> str | None:
     """Why `policy` cannot decide on this head (a regression head has no class probabilities; a
     tolerance compares regression scores), or None."""
-    regression = bool(getattr(backbone, "regression", False))
+    regression = backbone.regression
     tolerance = policy.measure_kwargs.get("tolerance") is not None
     if regression and not (policy.measure == "hidden_saturation" or (policy.measure == "patience" and tolerance)):
         needs = "class predictions (argmax)" if policy.measure == "patience" else "class probabilities"
@@ -207,7 +207,7 @@ def _classify(backbone: Any, batch: Mapping[str, Tensor], policy: Any, batch_mod
         else:
             live = (torch.arange(h.shape[0], device=device) if live is None else live)[~fires]
     assert out is not None  # every row exits by layer L
-    preds = out[:, 0] if getattr(backbone, "regression", False) else out.argmax(-1)
+    preds = out[:, 0] if backbone.regression else out.argmax(-1)
     _sync(device)
     seconds = time.perf_counter() - start
     return ClassifyOutput(out, preds, exit_at, L, seconds, layer_s, decision_s, batch_mode, row_layers)
@@ -261,7 +261,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
     """Validate `classify` and the policies it names before any training."""
     settings = classify_settings(cfg)
     _check(backbone, None, settings.batch_mode)
-    regression = bool(getattr(backbone, "regression", False))
+    regression = backbone.regression
     measures = [n for n in settings.policies if not n.startswith("classifier:")]
     specs = dict(zip(measures, classify_specs(cfg, backbone, measures, Path("."), None), strict=True))
     from eetrain.exits.classifiers import CLASSIFIERS
@@ -303,7 +303,7 @@ def exit_layer_predictions(backbone: Any, batches: Sequence[Mapping[str, Tensor]
             states = backbone(dict(batch))
             z = [backbone.exit_logits(h, layer).float() for layer, h in zip(states.layers, states.hidden, strict=True)]
             stacked = torch.stack(z)  # (L, B, C)
-            preds.append(stacked[..., 0] if getattr(backbone, "regression", False) else stacked.argmax(-1))
+            preds.append(stacked[..., 0] if backbone.regression else stacked.argmax(-1))
             labels.append(batch["labels"])
     finally:
         backbone.train(was_training)
@@ -403,7 +403,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     specs = classify_specs(cfg, backbone, settings.policies, out_dir, model_dir)
     metric = str(data.metric)
     metrics = list(data.metrics)
-    regression = bool(getattr(backbone, "regression", False))
+    regression = backbone.regression
     num_classes = None if regression else int(backbone.head_weight.shape[0])
     examples = data.split_examples(settings.split, "classify.split")
     if settings.max_examples is not None:

@@ -19,7 +19,7 @@ def layer_predictions(states: ExitStates, backbone: ExitBackbone) -> tuple[Tenso
     """
     labels = states.labels
     keep = labels != -100
-    regression = bool(getattr(backbone, "regression", False))
+    regression = backbone.regression
     preds, ces = [], []
     for layer, h in zip(states.layers, states.hidden, strict=True):
         if backbone.head_kind == "sequence":

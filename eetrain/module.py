@@ -66,7 +66,7 @@ class EarlyExitModule(L.LightningModule):
         self.log(f"{stage}/loss", out.total.detach(), prog_bar=True, sync_dist=on_step, **kw)
         for name, value in out.logs.items():
             self.log(f"{stage}/{name}", value, **kw)
-        kind = "mse" if getattr(self.backbone, "regression", False) else "ce"  # a regression head's loss is MSE
+        kind = "mse" if self.backbone.regression else "ce"  # a regression head's loss is MSE
         for layer, value in out.layer_ce.items():
             self.log(f"{stage}/layer_{layer:02d}/{kind}", value, **kw)
 

@@ -156,7 +156,7 @@ def _check_export(path: str, key: str) -> None:
 
 def check_config(cfg: Any, backbone: Any) -> None:
     settings = analyze_settings(cfg)
-    if getattr(backbone, "regression", False):
+    if backbone.regression:
         raise ConfigError("analyze reads every layer's class predictions and probabilities, and this head is a "
                           "regression (num_labels=1): stages=[classify] writes its per-layer scores (layer_scores.csv)")
     if settings.min_exit_layer > backbone.num_layers:

@@ -148,6 +148,11 @@ class ExitBackbone(nn.Module):
     #: an encoder-decoder reads every example's source with its encoder: an empty one cannot run
     needs_source: ClassVar[bool] = False
 
+    @property
+    def regression(self) -> bool:
+        """A one-score regression head (float labels, MSE, PABEE's tolerance rule); LM heads never are."""
+        return False
+
     def __init__(
         self,
         name_or_path: str | None = None,

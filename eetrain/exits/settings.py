@@ -483,7 +483,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
 
     Run before training so that a typo fails at once; every error names its config key.
     """
-    if getattr(backbone, "regression", False):
+    if backbone.regression:
         raise ConfigError(
             "stages exit_classifiers and policies learn and score when a layer's class agrees with the last "
             "layer's, and this head is a regression (num_labels=1): use stages=[classify] with "

@@ -151,7 +151,7 @@ class ExitCrossEntropy(nn.Module):
         feats, labels = token_rows(states, backbone, layers)
         weights = weights.to(feats[0].device)
         kw = dict(label_smoothing=self.label_smoothing, impl=self.impl, chunk_size=self.chunk_size)
-        if getattr(backbone, "regression", False):
+        if backbone.regression:
             if self.label_smoothing:
                 raise ConfigError(f"loss label_smoothing={self.label_smoothing}: smoothing applies to classes, and "
                                   "this head is a regression (num_labels=1); set it to 0")
