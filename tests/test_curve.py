@@ -76,6 +76,15 @@ def test_at_value_sets_the_threshold_or_the_boolean_parameter():
     assert ExitPolicy("monotonic", None, min_exit_layer=1).at_value(0.8).measure_kwargs == {"min_confidence": 0.8}
 
 
+def test_candidates_go_to_the_softmax_type_policies_of_a_sweep():
+    from eetrain.decoding.decisions import schedule_for
+
+    schedule = {"candidates": 8, "check_every": 2}
+    assert schedule_for(ExitPolicy("softmax_gap", 0.9), schedule) == schedule
+    assert schedule_for(ExitPolicy("hidden_saturation", 0.9), schedule) == {"check_every": 2}
+    assert schedule_for(ExitPolicy("patience", measure_kwargs={"patience": 2}), schedule) == {"check_every": 2}
+
+
 def test_curve_settings_and_policies_name_the_key(tmp_path):
     bb = make_backbone("t5")
     cfg = compose(["curve.policies=[softmax_gap,patience]", "exit.min_exit_layer=2"])
@@ -154,10 +163,12 @@ def test_train_then_curve_then_curve_on_the_export(tmp_path):
         "exit.classifiers.epochs=1", "curve.policies=[softmax_gap,classifier:calm]",
         "exit.policies.softmax_gap.thresholds=[0.2,0.9]", "exit.classifiers.thresholds=[0.5]", "curve.max_examples=6",
         "decoding.max_new_tokens=10", "exit.calibration.risk=rougeL", "exit.calibration.online=true",
-        "exit.calibration.online_examples=8", "exit.calibration.delta=0.5",
+        "exit.calibration.online_examples=8", "exit.calibration.delta=0.5", "decoding.policy.candidates=4",
         "stages=[exit_classifiers,policies,curve]", cwd=tmp_path, timeout=400,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # top-k candidates speed up the softmax checks; the classifier's points decode without them
+    assert "classifier:calm decode(s) without it" in r.stdout
     # the task metric during training, for the last layer and the configured exit policy
     metrics = pd.read_csv(out / "csv" / "metrics.csv")
     for col in ("val/rougeL", "val/rouge1", "val/rougeL_early_exit", "val/early_exit_mean_layer"):

@@ -137,6 +137,9 @@ def test_export_keeps_the_heads_and_loads_in_plain_transformers(tmp_path, family
     h = bb(batch).hidden[0]
     assert torch.allclose(back.exit_logits(h, 1), bb.exit_logits(h, 1), atol=1e-6)
     assert load_backbone(str(where), exit_head="shared").exit_heads is None
+    with pytest.raises(ConfigError, match=r"model.exit_head_layers \(by default exits.layers\): the heads in .* are "
+                       r"for layers \[1, 2\], not \[1\]; set exits.layers \(or model.exit_head_layers\) to \[1, 2\]"):
+        load_backbone(str(where), exit_head_layers=[1])
     plain = bb.model_class.from_pretrained(str(where))  # full depth, the extra file is ignored
     assert plain.config.model_type == bb.model.config.model_type
 

@@ -225,9 +225,11 @@ class ExitBackbone(nn.Module):
         if stored is not None:
             missing, unexpected = heads.load_state_dict(stored, strict=False)
             if missing or unexpected:
+                have = sorted({int(k.split(".", 1)[0]) for k in stored})
                 raise ConfigError(
-                    f"model.exit_head_layers: the heads in {name_or_path}/{HEADS_FILE} are for layers "
-                    f"{sorted({int(k.split('.', 1)[0]) for k in stored})}, not {chosen}"
+                    f"model.exit_head_layers (by default exits.layers): the heads in {name_or_path}/{HEADS_FILE} "
+                    f"are for layers {have}, not {chosen}; set exits.layers (or model.exit_head_layers) to "
+                    f"{have}, or model.exit_head=shared to decide with the model's own head"
                 )
         return heads
 

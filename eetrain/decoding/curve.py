@@ -39,6 +39,7 @@ from eetrain.layer_metrics import layer_predictions, oracle_exit_layers
 from eetrain.task_metrics import corpus_scores
 
 from .calibration import batches
+from .decisions import CANDIDATE_MEASURES, schedule_for
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
 from .settings import CLASSIFIER_FILE, check_schedule, decoding_settings, policy_fields
@@ -301,6 +302,11 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     print(f"\n[curve] {len(examples)} examples of split {settings.split!r}, {len(grid)} (policy, threshold) "
           f"points, strategy {dec.strategy}, batch {dec.batch_size}; each early-exit batch is timed against "
           f"the full model on the same batch")
+    if schedule.get("candidates") is not None:
+        without = [s.name for s in specs if "candidates" not in schedule_for(s.policy, schedule)]
+        if without:
+            print(f"[curve] decoding.policy.candidates={schedule['candidates']} scores {', '.join(CANDIDATE_MEASURES)} "
+                  f"checks on top-k tokens; {', '.join(without)} decode(s) without it")
     generate(backbone, prompts[0], None, **kwargs)  # warm-up: first-call costs stay out of the table
     full = [generate(backbone, b, None, **kwargs) for b in progress(prompts, "full-model decoding", unit="batch")]
     full_seqs = [s for o in full for s in o.sequences()]
@@ -318,7 +324,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         policy = spec.policy if value is None else spec.policy.at_value(value)
         ee, paired = [], []
         for b in prompts:
-            ee.append(generate(backbone, b, policy, **kwargs, **schedule))
+            ee.append(generate(backbone, b, policy, **kwargs, **schedule_for(policy, schedule)))
             paired.append(generate(backbone, b, None, **kwargs))
         seqs = [s for o in ee for s in o.sequences()]
         scores = corpus_scores(metrics, texts(backbone, seqs), refs)

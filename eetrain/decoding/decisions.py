@@ -16,7 +16,9 @@ it is (`raw`) or through the family's final norm (`normed`), as `record_exits` r
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +51,16 @@ _MEASURE_FNS = {
     "entropy": entropy_score,
     "normalized_entropy": normalized_entropy_score,
 }
-_CANDIDATE_MEASURES = tuple(_MEASURE_FNS)
+CANDIDATE_MEASURES = tuple(_MEASURE_FNS)
+
+
+def schedule_for(policy: ExitPolicy | None, schedule: Mapping[str, Any]) -> dict[str, Any]:
+    """`generate`'s check-schedule keywords for one of several swept policies: `candidates` (top-k scoring
+    of softmax-type checks) only for the measures it applies to, so a curve or an online calibration over
+    softmax measures and classifiers alike uses it where it can (a single decoding policy is checked)."""
+    if policy is not None and isinstance(policy.measure, str) and policy.measure in CANDIDATE_MEASURES:
+        return dict(schedule)
+    return {k: v for k, v in schedule.items() if k != "candidates"}
 
 
 class LayerDecider:
@@ -92,9 +103,9 @@ class LayerDecider:
                 raise ConfigError(
                     f"decoding.policy.candidates={candidates!r}; allowed: an integer in 2..{vocab} (the vocabulary)"
                 )
-            if self.name not in _CANDIDATE_MEASURES:
+            if self.name not in CANDIDATE_MEASURES:
                 raise ConfigError(
-                    f"decoding.policy.candidates applies to {', '.join(_CANDIDATE_MEASURES)}, not {policy.label!r}"
+                    f"decoding.policy.candidates applies to {', '.join(CANDIDATE_MEASURES)}, not {policy.label!r}"
                 )
             self.candidates = candidates
         if self.classifier is not None:

@@ -305,6 +305,7 @@ def calibrate_online_stage(
     """LTT again, on real early-exit decoding (eetrain.decoding.calibration): adds ``online`` to each
     calibration result and ``online_consistency`` / ``online_mean_exit_layer`` to the decoded rows."""
     from eetrain.decoding.calibration import calibrate_online
+    from eetrain.decoding.decisions import schedule_for
     from eetrain.decoding.settings import check_schedule, decoding_settings, policy_fields
 
     dec = decoding_settings(cfg)
@@ -331,7 +332,8 @@ def calibrate_online_stage(
             backbone, examples, spec.policy, grid, epsilon=settings.epsilon, delta=settings.delta,
             pvalue=settings.pvalue, reduction=settings.reduction, batch_size=max(dec.batch_size, 16),
             risk="consistency" if settings.risk == "task" else settings.risk, references=refs,
-            strategy=dec.strategy, max_new_tokens=dec.max_new_tokens, batch_mode=dec.batch_mode, **schedule,
+            strategy=dec.strategy, max_new_tokens=dec.max_new_tokens, batch_mode=dec.batch_mode,
+            **schedule_for(spec.policy, schedule),
         )
         result["online"] = online
         table = []
