@@ -46,6 +46,43 @@ def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):
     assert build_policy(policy_fields(cfg, str(tmp_path)), make_backbone("t5"), str(tmp_path)) is None
 
 
+def test_load_export_policy_decodes_from_python_as_the_cli_would(tmp_path):
+    import torch
+
+    from eetrain.backbones import load_backbone
+    from eetrain.checkpointing import export_pretrained
+    from eetrain.decoding import generate, load_export_policy
+    from eetrain.exits.classifiers import save_classifier
+    from eetrain.exits.policy import ExitPolicy
+    from eetrain.exits.training import make_classifier
+
+    export = export_pretrained(make_backbone("t5"), tmp_path / "export", {"family": "t5", "num_layers": 3})
+    settings = json.loads((export / "early_exit.json").read_text())
+    settings["policy"] = {"measure": "softmax_gap", "threshold": 0.37, "min_exit_layer": 2, "check_every": 1,
+                          "strategy": "parallel", "calibrated": True, "calibration": {"delta": 0.1}}
+    (export / "early_exit.json").write_text(json.dumps(settings))
+    bb = load_backbone(str(export)).eval()
+    policy, kw = load_export_policy(export, bb)
+    assert (policy.measure, policy.threshold.value, policy.min_exit_layer) == ("softmax_gap", 0.37, 2)
+    assert kw == {"strategy": "parallel", "check_every": 1}
+    batch = bb.collate([{"source_ids": [5, 17, 33, 1], "target_ids": [1]}, {"source_ids": [40, 1], "target_ids": [1]}])
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    got = generate(bb, batch, policy, max_new_tokens=6, **kw)
+    want = generate(bb, batch, ExitPolicy("softmax_gap", 0.37, min_exit_layer=2), max_new_tokens=6, strategy="parallel")
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.exit_layers, want.exit_layers)
+    # a classifier policy reads its weights beside the model; "full" means no policy
+    save_classifier(make_classifier("calm", bb.hidden_size), export / "exit_classifier_calm.pt")
+    settings["policy"] = {"measure": "classifier:calm", "threshold": 0.8, "min_exit_layer": 1}
+    (export / "early_exit.json").write_text(json.dumps(settings))
+    policy, kw = load_export_policy(export, bb)
+    assert policy.label == "classifier:calm" and kw == {"strategy": "copy"}
+    settings["policy"] = {"measure": "full"}
+    (export / "early_exit.json").write_text(json.dumps(settings))
+    assert load_export_policy(export, bb)[0] is None
+    with pytest.raises(ConfigError, match=r"no exit policy \(early_exit.json with a 'policy'\)"):
+        load_export_policy(tmp_path, bb)
+
+
 def test_the_export_s_strategy_is_the_default(tmp_path):
     (tmp_path / "early_exit.json").write_text(json.dumps(
         {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.3, "strategy": "parallel"}}

@@ -114,6 +114,30 @@ def stored_policy(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | 
     return json.loads(path.read_text()).get("policy")
 
 
+def load_export_policy(
+    model_dir: str | os.PathLike[str], backbone: Any, max_new_tokens: int = 64
+) -> tuple[ExitPolicy | None, dict[str, Any]]:
+    """The exit policy an export carries, for `generate` from Python: `(policy, keywords)`.
+
+    `policy` is built from the export's `early_exit.json` (a classifier from its weights beside the model;
+    None when it says `full`); `keywords` are `generate`'s arguments it was chosen with: `strategy` and
+    the check schedule (`check_every`, `candidates`) when set. `max_new_tokens` is the decay's N when the
+    stored decaying threshold leaves it null (CALM's N: the most tokens generated). Use::
+
+        policy, kw = load_export_policy(path, backbone, max_new_tokens=64)
+        out = generate(backbone, batch, policy, max_new_tokens=64, **kw)
+    """
+    stored = stored_policy(model_dir)
+    if stored is None:
+        raise ConfigError(f"{model_dir}: no exit policy ({SETTINGS_FILE} with a 'policy'); it is written by "
+                          "training's export (export=true): pass an ExitPolicy to generate instead")
+    fields = {**FALLBACK_POLICY, **{k: v for k, v in stored.items() if k not in STORED_ONLY}}
+    policy = build_policy(fields, backbone, str(model_dir), horizon=max_new_tokens)
+    keywords = {"strategy": stored.get("strategy") or "copy"}
+    keywords.update({k: v for k, v in check_schedule(fields).items() if v is not None})
+    return policy, keywords
+
+
 def policy_fields(cfg: Any, model_dir: str | None) -> dict[str, Any]:
     """`decoding.policy` with its null fields filled from the export's policy, then the fallback."""
     node = _plain((cfg.get("decoding") or {}).get("policy")) or {}
