@@ -15,6 +15,9 @@ Rows per batch size (``--batches``, default 1,8,64): ``hf`` and ``full`` always;
 and ``random:4`` x ``copy`` / ``parallel``; batches 2..63: ``random:4`` with ``ride_along`` x
 ``copy`` / ``parallel`` and ``gather`` + ``copy``; batches >= 64: ``random:3`` / ``random:4`` /
 ``random:6`` x ``gather`` / ``ride_along`` with ``copy``. Schedules deeper than the model are left out.
+At every batch size also ``self_speculative`` (``draft:ExK``: drafts from layer E = L / 2, K per round,
+every row at once): lossless, so it has no ``static`` ceiling; with random weights its acceptance (and
+so its speed-up) says little about a trained model's.
 Each ``eetrain`` row gets a ``static`` model at the depth its batch mode can reach: the rounded mean
 exit layer (batch 1, ``gather``) or the rounded mean of the per-step deepest exit (``ride_along``);
 ``ceiling_fraction = t_static / t_eetrain`` (1.0: the exits cost nothing beyond the layers run).
@@ -61,6 +64,7 @@ REQUIRED_KEYS = (
 DEFAULT_BATCHES = (1, 8, 64)
 CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 LARGE_BATCH = 64  # from here on the rows compare mean exits and gather vs ride_along
+DRAFT_TOKENS = 4  # self_speculative rows: k drafts per round, from the middle layer (LayerSkip's E = L / 2)
 TARGET_FULL_VS_HF = 1.10  # eetrain's decoder without exits may cost at most this x HF generate
 
 
@@ -181,7 +185,10 @@ def plan(batch: int, num_layers: int, crossover: bool = False) -> list[Spec]:
         else:
             specs += [Spec("eetrain", f"random:{m}", "copy", mode)
                       for m in (4, 3, 6) for mode in ("gather", "ride_along")]
-    return [s for s in specs if s.impl != "eetrain" or float(s.exits.split(":")[1]) <= num_layers]
+        specs = [s for s in specs if s.impl != "eetrain" or float(s.exits.split(":")[1]) <= num_layers]
+        # LayerSkip's draft-and-verify, every row at once: lossless, so no ceiling (its cost follows acceptance)
+        specs.append(Spec("eetrain", f"draft:{num_layers // 2}x{DRAFT_TOKENS}", "self_speculative", "batched"))
+    return specs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +302,10 @@ def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int) -> _Run:
 
     if spec.impl == "hf":
         return _Run(spec, lambda: hf_generate(backbone, batch, new_tokens))
+    if spec.strategy == "self_speculative":
+        layer, k = (int(v) for v in spec.exits.split(":")[1].split("x"))
+        return _Run(spec, lambda: generate(backbone, batch, strategy="self_speculative", draft_layer=layer,
+                                           draft_tokens=k, max_new_tokens=new_tokens, stop_at_eos=False))
     policy = (spec.policy or spec.exits) if spec.impl == "eetrain" else None
     return _Run(spec, lambda: generate(backbone, batch, policy, strategy=spec.strategy, batch_mode=spec.batch_mode,
                                        max_new_tokens=new_tokens, stop_at_eos=False, candidates=spec.candidates))
@@ -355,7 +366,7 @@ def bench_batch(
     full = next(r for r in runs if r.spec.impl == "full")
     ceiling: dict[int, _Run] = {L: full}  # depth -> static run (the full depth is `full` itself)
     if not crossover:
-        for run in [r for r in runs if r.spec.impl == "eetrain"]:
+        for run in [r for r in runs if r.spec.impl == "eetrain" and r.spec.strategy != "self_speculative"]:
             depth = ceiling_depth(run.first, batch_size, run.spec.batch_mode)
             if depth not in ceiling:
                 if depth not in statics:
@@ -402,7 +413,7 @@ def bench_batch(
             "times": [round(s, 4) for s in run.seconds],
             "load_avg": load,
         }
-        if spec.impl == "eetrain" and not crossover:
+        if spec.impl == "eetrain" and not crossover and spec.strategy != "self_speculative":
             d = ceiling_depth(out, batch_size, spec.batch_mode)
             rec["ceiling_depth"] = d
             rec["ceiling_fraction"] = paired_ratio(ceiling[d], run)

@@ -45,9 +45,11 @@ def test_rows_and_keys(bench, records):
     for b in (1, 2):
         assert len(_rows(records, batch=b, impl="hf")) == 1 and len(_rows(records, batch=b, impl="full")) == 1
         assert _rows(records, batch=b, impl="static")
+    draft = ("draft:2x4", "self_speculative", "batched")
     expected = {
-        1: {(e, s, "ride_along") for e in ("fixed:4", "random:4") for s in ("copy", "parallel")},
-        2: {("random:4", "copy", "ride_along"), ("random:4", "parallel", "ride_along"), ("random:4", "copy", "gather")},
+        1: {(e, s, "ride_along") for e in ("fixed:4", "random:4") for s in ("copy", "parallel")} | {draft},
+        2: {("random:4", "copy", "ride_along"), ("random:4", "parallel", "ride_along"), ("random:4", "copy", "gather"),
+            draft},
     }
     for b, rows in expected.items():
         got = {(r["exits"], r["strategy"], r["batch_mode"]) for r in _rows(records, batch=b, impl="eetrain")}
@@ -59,7 +61,10 @@ def test_rows_and_keys(bench, records):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         if r["impl"] != "hf":
             assert math.isfinite(r["decision_fraction"]) and 0 <= r["decision_fraction"] < 1
-        if r["impl"] == "eetrain":
+        if r["strategy"] == "self_speculative":  # lossless: the full model's tokens, no static ceiling
+            assert r["ceiling_fraction"] is None and r["agreement_with_full"] == 1.0
+            assert 2.0 <= r["mean_exit_layer"] <= 4.0  # drafts leave at E = 2, corrections at L = 4
+        elif r["impl"] == "eetrain":
             assert math.isfinite(r["ceiling_fraction"]) and r["ceiling_fraction"] > 0
             assert 1 <= r["ceiling_depth"] <= r["num_layers"] == 4
         else:
@@ -74,6 +79,8 @@ def test_same_model(bench, records):
         assert r["agreement_with_full"] == 1.0
     # The ceiling depth follows the batch mode: ride-along rows at batch 2 need the batch's deepest exit.
     for r in _rows(records, impl="eetrain"):
+        if r["strategy"] == "self_speculative":
+            continue
         ref = r["mean_batch_max_exit_layer"] if r["batch"] > 1 and r["batch_mode"] == "ride_along" else r["mean_exit_layer"]
         assert r["ceiling_depth"] == min(4, math.floor(ref + 0.5))
         assert _rows(records, batch=r["batch"], impl="static", num_layers=r["ceiling_depth"]) or r["ceiling_depth"] == 4
@@ -96,7 +103,7 @@ def test_truncated_model_is_the_fixed_exit(bench):
 def test_plan_and_crossover(bench):
     large = bench.plan(64, 12)
     assert {(s.exits, s.batch_mode) for s in large if s.impl == "eetrain"} == {
-        (f"random:{m}", mode) for m in (3, 4, 6) for mode in ("gather", "ride_along")}
+        (f"random:{m}", mode) for m in (3, 4, 6) for mode in ("gather", "ride_along")} | {("draft:6x4", "batched")}
     assert all(s.exits != "random:6" for s in bench.plan(64, 4))  # deeper than the model: left out
     assert [s.impl for s in bench.plan(8, 12, crossover=True)] == ["full", "eetrain", "eetrain"]
     rec = dict(impl="eetrain", exits="random:4", strategy="copy")

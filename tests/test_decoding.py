@@ -176,12 +176,20 @@ def test_self_speculative_is_lossless(model, draft_layer, draft_tokens):
     assert set(out.row_exit_layers()[0]) <= {draft_layer, L}
 
 
-def test_self_speculative_batch_equals_full(model):
+@pytest.mark.parametrize("draft_layer,draft_tokens", [(2, 3), (1, 1), (3, 4)])
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_self_speculative_batch_equals_full(model, draft_layer, draft_tokens, stop_at_eos):
+    # every row at once, padded, each row accepting its own prefix (its own cache slots) = full greedy
     batch = padded_batch(model)
-    full = generate(model, batch, None, max_new_tokens=8, stop_at_eos=False)
-    spec = generate(model, batch, strategy="self_speculative", draft_layer=2, draft_tokens=3, max_new_tokens=8,
-                    stop_at_eos=False)
-    assert spec.tokens.tolist() == full.tokens.tolist()
+    full = generate(model, batch, None, max_new_tokens=NEW, stop_at_eos=stop_at_eos)
+    spec = generate(model, batch, strategy="self_speculative", draft_layer=draft_layer, draft_tokens=draft_tokens,
+                    max_new_tokens=NEW, stop_at_eos=stop_at_eos)
+    assert spec.sequences() == full.sequences()
+    assert spec.lengths.tolist() == full.lengths.tolist()
+    layers = spec.row_exit_layers()
+    assert all(set(row) <= {draft_layer, L} for row in layers)
+    if draft_layer == L - 1:  # rows accept different numbers of drafts, so they sit at different slots
+        assert len({row.count(draft_layer) for row in layers}) > 1
 
 
 # --- per-sample exits at batch > 1 = each row alone ----------------------------------------------------

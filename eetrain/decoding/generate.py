@@ -28,7 +28,8 @@ Batches with per-sample exits (`batch_mode`):
   follows the batch's *mean* exit layer. Pays once the step is compute-bound (large batches).
 * ``auto``: ``gather`` from ``gather_min_batch`` rows on (the measured crossover), else ``ride_along``.
 
-``copy`` and ``parallel`` support both modes; ``self_speculative`` decodes each row alone.
+``copy`` and ``parallel`` support both modes; ``self_speculative`` runs every row at once, each row
+accepting its own drafts and moving on at its own cache slots (LayerSkip decodes one row at a time).
 """
 
 from __future__ import annotations
@@ -552,7 +553,13 @@ def _self_speculative(
     temperature: float,
     stop_at_eos: bool,
 ) -> GenerateOutput:
-    """LayerSkip's self-speculative decoding, one row at a time (rows accept different prefixes)."""
+    """LayerSkip's self-speculative decoding, every row at once.
+
+    Each round, every unfinished row drafts k tokens with layers 1..E and the head at E (one batched
+    call per layer and draft step) and verifies them with layers E+1..L in one batched call over its k
+    positions; each row keeps its own accepted prefix and the correction, so rows move on by different
+    amounts and sit at their own cache slots (per-row slots). Lossless: a row's output is full greedy.
+    """
     L = backbone.num_layers
     E = L // 2 if draft_layer is None else draft_layer
     if isinstance(E, bool) or not isinstance(E, int) or not 1 <= E < L:
@@ -564,67 +571,83 @@ def _self_speculative(
     if temperature > 0:
         raise ConfigError("decoding.strategy=self_speculative is greedy (lossless); set decoding.temperature=0")
     k = draft_tokens
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    dev = ids.device
+    dev = batch["input_ids"].device
     pad = backbone.pad_token_id
     eos = backbone.eos_token_id if stop_at_eos else None
-    B = ids.shape[0]
-    tokens = torch.full((B, max_new), pad, dtype=torch.long)
-    exits = torch.zeros((B, max_new), dtype=torch.long)
     _sync(dev)
     start = time.perf_counter()
-    for r in range(B):
-        keep = mask[r].bool()
-        row = {"input_ids": ids[r : r + 1, keep], "attention_mask": mask[r : r + 1, keep]}
-        ctx = backbone.decode_init(row, max_new + k)
-        out: list[int] = []
-        layer_of: list[int] = []
-        if ctx.prefill_states is not None:
-            first = int(backbone.exit_logits(ctx.prefill_states[-1]).argmax(dim=-1))
-            out.append(first)
-            layer_of.append(L)
-            slot, nxt = ctx.first_slot, first
-        else:
-            slot, nxt = ctx.first_slot, int(ctx.start_ids[0])
-        while len(out) < max_new and not (eos is not None and out and out[-1] == eos):
-            drafts, states = [], []
-            x = nxt
-            for i in range(k):  # draft with layers 1..E
-                h = backbone.decode_embed(torch.tensor([[x]], device=dev))
-                for layer in range(1, E + 1):
-                    h = backbone.decode_layer(ctx, layer, h, None, slot + i)
-                states.append(h)
-                x = int(backbone.exit_logits(h[:, 0], E).argmax(dim=-1))
-                drafts.append(x)
-            h = torch.cat(states, dim=1)  # (1, k, d): layer-E states of the inputs at slot..slot+k-1
-            for layer in range(E + 1, L + 1):  # verify all drafts with the deep layers in one pass
-                h = backbone.decode_layer(ctx, layer, h, None, slot)
-            full = backbone.exit_logits(h[0]).argmax(dim=-1).tolist()
-            m = 0
-            while m < k and drafts[m] == full[m]:
-                m += 1
-            accepted = drafts[:m] + ([full[m]] if m < k else [])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ctx = backbone.decode_init(inputs, max_new + k)  # drafts may run k - 1 slots past the last kept token
+    B = ctx.batch_size
+    # Rows sit at different slots, so a row's attention spans slots that only rows ahead of it have
+    # written: masked, but a masked weight (0) times uninitialised memory (NaN, inf) is still NaN.
+    for cache in (*ctx.k, *ctx.v):
+        cache[:, :, ctx.first_slot :].zero_()
+    out: list[list[int]] = [[] for _ in range(B)]
+    layer_of: list[list[int]] = [[] for _ in range(B)]
+    if ctx.prefill_states is not None:  # LLaMA: the prompt's prefill gave the first token at full depth
+        nxt = backbone.exit_logits(ctx.prefill_states[-1]).argmax(dim=-1)
+        for r, tok in enumerate(nxt.tolist()):
+            out[r].append(tok)
+            layer_of[r].append(L)
+    else:
+        nxt = ctx.start_ids.clone()
+    slot = torch.full((B,), ctx.first_slot, dtype=torch.long, device=dev)
+
+    def finished(r: int) -> bool:
+        return len(out[r]) >= max_new or (eos is not None and bool(out[r]) and out[r][-1] == eos)
+
+    offsets = torch.arange(k, device=dev)
+    while True:
+        rows = [r for r in range(B) if not finished(r)]
+        if not rows:
+            break
+        idx = torch.tensor(rows, device=dev)
+        sub = None if len(rows) == B else idx
+        base, x = slot[idx], nxt[idx]
+        drafts, states = [], []
+        for i in range(k):  # draft with layers 1..E
+            h = backbone.decode_embed(x[:, None])
+            for layer in range(1, E + 1):
+                h = backbone.decode_layer(ctx, layer, h, sub, (base + i)[:, None])
+            states.append(h)
+            x = backbone.exit_logits(h[:, 0], E).argmax(dim=-1)
+            drafts.append(x)
+        h = torch.cat(states, dim=1)  # (n, k, d): layer-E states of the inputs at base..base+k-1
+        for layer in range(E + 1, L + 1):  # verify every row's drafts with the deep layers in one pass
+            h = backbone.decode_layer(ctx, layer, h, sub, base[:, None] + offsets)
+        full = backbone.exit_logits(h.reshape(-1, h.shape[-1])).argmax(dim=-1).view(len(rows), k)
+        draft = torch.stack(drafts, dim=1)
+        agreed = (draft == full).long().cumprod(dim=1).sum(dim=1).tolist()  # each row's accepted prefix
+        draft_l, full_l = draft.tolist(), full.tolist()
+        for j, r in enumerate(rows):
+            m = agreed[j]
+            accepted = draft_l[j][:m] + ([full_l[j][m]] if m < k else [])
             layers = [E] * m + ([L] if m < k else [])
-            for tok, lay in zip(accepted, layers, strict=False):
-                if len(out) >= max_new or (eos is not None and out and out[-1] == eos):
+            for tok, lay in zip(accepted, layers, strict=True):
+                if finished(r):
                     break
-                out.append(tok)
-                layer_of.append(lay)
-            slot += len(accepted)
-            nxt = accepted[-1]
-        tokens[r, : len(out)] = torch.tensor(out, dtype=torch.long)
-        exits[r, : len(out)] = torch.tensor(layer_of, dtype=torch.long)
+                out[r].append(tok)
+                layer_of[r].append(lay)
+            slot[r] += len(accepted)
+            nxt[r] = accepted[-1]
+    width = max(1, max(len(o) for o in out))
+    tokens = torch.full((B, width), pad, dtype=torch.long)
+    exits = torch.zeros((B, width), dtype=torch.long)
+    for r in range(B):
+        tokens[r, : len(out[r])] = torch.tensor(out[r], dtype=torch.long)
+        exits[r, : len(out[r])] = torch.tensor(layer_of[r], dtype=torch.long)
     _sync(dev)
     seconds = time.perf_counter() - start
-    width = int((exits > 0).sum(dim=1).max()) if B else 0
     return GenerateOutput(
-        tokens=tokens[:, : max(width, 1)],
-        exit_layers=exits[:, : max(width, 1)],
+        tokens=tokens,
+        exit_layers=exits,
         lengths=(exits > 0).sum(dim=1),
         num_layers=L,
         seconds=seconds,
         decision_seconds=0.0,
         policy=f"draft:{E}x{k}",
         strategy="self_speculative",
-        batch_mode="per_row",
+        batch_mode="batched",  # every row at once, each at its own slots
+        batch_max_exit_layers=exits.max(dim=0).values.tolist(),  # per token position, over the rows
     )
