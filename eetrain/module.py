@@ -106,8 +106,9 @@ class EarlyExitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_rows = self.val_stats.compute()
         for r in self.val_rows:
-            for metric in ("loss", "acc", "agree")[: len(r) - 1]:  # a regression head's rows: loss alone
-                self.log(f"val/layer_{r['layer']:02d}/{metric}", r[metric])
+            for metric in ("loss", "acc", "agree"):
+                if metric in r:  # a regression head's rows have the loss (MSE) alone
+                    self.log(f"val/layer_{r['layer']:02d}/{metric}", r[metric])
         self.log("val/full/loss", self.val_rows[-1]["loss"])
 
     # --- exact resume: RNG states travel in the checkpoint -----------------------------------------
