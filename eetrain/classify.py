@@ -47,6 +47,7 @@ from eetrain.decoding.decisions import LayerDecider, ScheduledExits
 from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import PolicySpec
+from eetrain.exits.thresholds import value_label
 
 BATCH_MODES = ("gather", "ride_along")
 #: the output files of the stage
@@ -451,7 +452,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
             # the fastest run of each: other processes on the machine only ever add time
             ee.append(min(ee_runs, key=lambda o: o.seconds))
             paired.append(min(full_runs, key=lambda o: o.seconds))
-        rows.append(speed_row(spec.name, value, ee, paired, full_preds, labels, metrics, metric, full_scores,
+        rows.append(speed_row(spec.name, value_label(value), ee, paired, full_preds, labels, metrics, metric, full_scores,
                               num_classes))
     csv_path = write_csv(rows, out_dir / TABLE_FILE)
     floor = min_exit_layer(cfg, L)

@@ -211,6 +211,22 @@ def test_train_then_curve_then_curve_on_the_export(tmp_path):
         assert policy["calibration"]["risk"] == "online rougeL vs full model"
 
 
+def test_a_curve_over_per_layer_thresholds(tmp_path):
+    from eetrain.decoding.curve import run_stage
+
+    bb = make_backbone("t5").eval()
+    cfg = compose(["+experiment=curve", "model.name_or_path=unused", "exit.min_exit_layer=2", "curve.max_examples=2",
+                   "curve.policies=[softmax_gap]", "exit.policies.softmax_gap.thresholds=[0.5,[1,0,1]]",
+                   "curve.oracle=false", "decoding.max_new_tokens=4"])
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    data.setup("validate")
+    rows = run_stage(cfg, bb, data, tmp_path)
+    assert [r["threshold"] for r in rows] == [None, 0.5, "per-layer[1,0,1]"]
+    assert rows[2]["mean_exit_layer"] == 2.0  # threshold 0 at layer 2: every token leaves there
+    text = (tmp_path / "quality_speed.csv").read_text()
+    assert "per-layer[1,0,1]" in text and (tmp_path / "quality_speed.png").is_file()
+
+
 @pytest.mark.parametrize("override,message", [
     ("exit.policies.softmax_gap.thresholds=[1.5]", "exit.policies.softmax_gap.thresholds[0]"),
     ("curve.split=nope", "data.files.nope is not set"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from eetrain.config import compose
 from eetrain.errors import ConfigError
 from eetrain.exits.classifiers import save_classifier
-from eetrain.exits.evaluation import best_rows, calibrate, evaluate_records, format_policy_table
+from eetrain.exits.evaluation import _candidates, best_rows, calibrate, evaluate_records, format_policy_table
 from eetrain.exits.measures import ExitRecords
 from eetrain.exits.settings import calibration_settings, check_config, policy_specs
 from eetrain.exits.training import make_classifier
@@ -175,6 +176,43 @@ def test_policy_table_helpers_on_a_hand_record():
     # risk 0.25 fails (min(exp(-4 KL(0.25||0.5)) = exp(-0.5232) = 0.593, e * 5/16 = 0.849) > 0.5)
     assert result["threshold"] == 0.95 and result["evaluated_on"] == "the calibration set"
     assert result["mean_exit_layer"] == 2.5 and result["empirical_risk"] == 0.0
+
+
+def test_a_grid_can_hold_per_layer_thresholds():
+    preds = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4], [1, 2, 9, 9]])
+    top1 = torch.tensor([[0.2] * 4, [0.99, 0.97, 0.6, 0.5], [0.9] * 4])
+    rec = ExitRecords(
+        predictions=preds, top2=torch.stack([top1, torch.zeros_like(top1)], -1), entropies=torch.zeros(3, 4),
+        vocab_size=10, labels=torch.tensor([1, 2, 3, 9]), positions=torch.ones(4, dtype=torch.long),
+        sequence_ids=torch.arange(4),
+    )
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "exit.policies.softmax_max.thresholds=[0.95,[1,0.98,0.5]]"])
+    (spec,) = [s for s in policy_specs(cfg, 3, horizon=4) if s.name == "softmax_max"]
+    assert spec.values == (0.95, (1.0, 0.98, 0.5))
+    rows = evaluate_records([spec], rec)
+    # layer 2 needs 0.98 now: only token 0 (0.99) leaves there, the others at 3
+    assert [(r["threshold"], r["mean_exit_layer"], r["consistency"], r["accuracy"]) for r in rows] == [
+        (0.95, 2.5, 1.0, 0.75), ("per-layer[1,0.98,0.5]", 2.75, 1.0, 0.75)]
+    for grid, message in (
+        ("[[0.9,0.8]]", "exit.policies.softmax_max.thresholds[0] has 2 values; a per-layer threshold needs one per layer (3)"),
+        ("[[0.9,0.8,x]]", "exit.policies.softmax_max.thresholds[0][2]='x' must be a number"),
+        ("[[0.9,0.8,1.5]]", "exit.policies.softmax_max.thresholds[0]: threshold[2] must lie in [0.0, 1.0]"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            policy_specs(compose(["+experiment=demo", "exit.min_exit_layer=2", f"exit.policies.softmax_max.thresholds={grid}"]), 3)
+    for name in ("patience", "softmax_gap_decaying"):
+        with pytest.raises(ConfigError, match=rf"exit.policies.{name}.thresholds\[0\]=\[1, 2, 3\]: a per-layer threshold"):
+            policy_specs(compose(["+experiment=demo", "exit.min_exit_layer=2", f"exit.policies.{name}.thresholds=[[1,2,3]]"]), 3)
+    # Learn-then-Test scans numbers: a grid of per-layer thresholds alone cannot be calibrated
+    only = ["+experiment=demo", "exit.min_exit_layer=2", "exit.policies.hidden_saturation.thresholds=[[0.9,0.9,0.9]]",
+            "exit.calibration.policies=[hidden_saturation]"]
+    with pytest.raises(ConfigError, match=r"exit.calibration.policies\[0\]='hidden_saturation': exit.policies.hidden_sat"):
+        check_config(compose(only), make_backbone("t5"))
+    check_config(compose(only + ["exit.calibration.candidates=[0.99,0.9]"]), make_backbone("t5"))
+    mixed = compose(only[:2] + ["exit.policies.hidden_saturation.thresholds=[[0.9,0.9,0.9],0.95]", only[3]])
+    check_config(mixed, make_backbone("t5"))
+    (spec,) = [s for s in policy_specs(mixed, 3) if s.name == "hidden_saturation"]
+    assert _candidates(spec, calibration_settings(mixed)) == [0.95]
 
 
 def test_calibrate_a_patience_policy_on_records_by_hand():

@@ -23,7 +23,7 @@ from torch import Tensor
 from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import evaluate_policy, exit_layers
 from eetrain.exits.settings import PolicySpec
-from eetrain.exits.thresholds import describe_threshold
+from eetrain.exits.thresholds import describe_threshold, value_label
 
 from .plots import by_model, figure, save
 
@@ -61,7 +61,7 @@ def gating_rows(
         for value in spec.values or (None,):
             policy = spec.policy if value is None else spec.policy.at_value(value)
             # a policy as configured reports its own threshold (so a qualifying one is named as best)
-            shown = describe_threshold(policy.threshold) if value is None else value
+            shown = describe_threshold(policy.threshold) if value is None else value_label(value)
             row = {"policy": spec.name, "threshold": shown, **gate_row(exit_layers(policy, records), oracle, preds)}
             row["skip_ratio"] = 1.0 - row["mean_exit_layer"] / L
             mine.append(row)

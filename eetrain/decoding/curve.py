@@ -34,6 +34,7 @@ from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import PolicySpec, classifier_settings, exit_points, min_exit_layer, policy_specs
+from eetrain.exits.thresholds import value_label
 from eetrain.files import atomic_file
 from eetrain.layer_metrics import layer_predictions, oracle_exit_layers
 from eetrain.task_metrics import corpus_scores
@@ -328,7 +329,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
             paired.append(generate(backbone, b, None, **kwargs))
         seqs = [s for o in ee for s in o.sequences()]
         scores = corpus_scores(metrics, texts(backbone, seqs), refs)
-        rows.append(curve_row(spec.name, value, ee, paired, full_seqs, scores, full_scores, metric))
+        rows.append(curve_row(spec.name, value_label(value), ee, paired, full_seqs, scores, full_scores, metric))
     csv_path = write_csv(rows, out_dir / "quality_speed.csv")
     floor = min_exit_layer(cfg, L)
     png = plot_quality_speed(rows, out_dir / "quality_speed.png", metric,

@@ -46,6 +46,7 @@ from .settings import (
     min_exit_layer,
     policy_specs,
     record_settings,
+    scalar_values,
 )
 
 __all__ = [
@@ -90,7 +91,7 @@ def _candidates(spec: PolicySpec, settings: CalibrationSettings) -> list[float]:
     probability = not isinstance(measure, str) or get_measure(measure).is_probability
     if probability:
         return [round(1.0 - i / 100, 2) for i in range(101)]
-    return sorted({float(v) for v in spec.values}, reverse=True)
+    return sorted(set(scalar_values(spec.values)), reverse=True)
 
 
 def _split_sequences(records: ExitRecords, fraction: float, seed: int) -> tuple[ExitRecords, ExitRecords | None]:
@@ -327,7 +328,7 @@ def calibrate_online_stage(
           f"threshold with strategy {dec.strategy} (risk: {what})")
     for result in calibration:
         spec = by_name[result["policy"]]
-        grid = list(spec.values) or _candidates(spec, settings)
+        grid = scalar_values(spec.values) or _candidates(spec, settings)
         online = calibrate_online(
             backbone, examples, spec.policy, grid, epsilon=settings.epsilon, delta=settings.delta,
             pvalue=settings.pvalue, reduction=settings.reduction, batch_size=max(dec.batch_size, 16),

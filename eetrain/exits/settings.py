@@ -53,6 +53,7 @@ __all__ = [
     "training_layers",
     "load_classifiers",
     "CLASSIFIER_LABEL",
+    "scalar_values",
 ]
 
 CLASSIFIER_LABEL = "classifier:{kind}"
@@ -98,6 +99,30 @@ def _number_list(value: Any, key: str) -> list[float]:
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         raise ConfigError(f"{key}={value!r} must be a non-empty list of numbers")
     return [_float(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _grid(value: Any, key: str, per_layer: int | None) -> list[Any]:
+    """A sweep grid: numbers, and with `per_layer` = L also per-layer thresholds (lists of L numbers)."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise ConfigError(f"{key}={value!r} must be a non-empty list of numbers")
+    out: list[Any] = []
+    for i, v in enumerate(value):
+        if isinstance(v, Sequence) and not isinstance(v, str):
+            if per_layer is None:
+                raise ConfigError(f"{key}[{i}]={v!r}: a per-layer threshold (a list) needs a score measure "
+                                  "without decay; here the grid holds numbers")
+            if len(v) != per_layer:
+                raise ConfigError(f"{key}[{i}] has {len(v)} values; a per-layer threshold needs one per layer "
+                                  f"({per_layer})")
+            out.append(tuple(_float(x, f"{key}[{i}][{j}]") for j, x in enumerate(v)))
+        else:
+            out.append(_float(v, f"{key}[{i}]"))
+    return out
+
+
+def scalar_values(values: Sequence[Any]) -> list[float]:
+    """The numbers of a grid (per-layer thresholds left out: Learn-then-Test needs an order)."""
+    return [float(v) for v in values if not (isinstance(v, Sequence) and not isinstance(v, str))]
 
 
 def feature_space(cfg: Any) -> str:
@@ -258,7 +283,8 @@ def policy_specs(cfg: Any, num_layers: int, horizon: int | None = None) -> list[
                     f"{list(spec.score_range or ())}; exit.thresholds is for probability-type scores)"
                 )
         else:
-            values = _number_list(values, f"{key}.thresholds")
+            per_layer = num_layers if spec.kind == "score" and entry.get("decay") is None else None
+            values = _grid(values, f"{key}.thresholds", per_layer)
         # validate every value of the grid now, not when the sweep reaches it
         for i, v in enumerate(values):
             if spec.kind == "bool":
@@ -504,6 +530,14 @@ def check_config(cfg: Any, backbone: Any) -> None:
         if name not in known:
             raise ConfigError(
                 f"exit.calibration.policies[{i}]={name!r} is not a configured policy; allowed: {sorted(known)}"
+            )
+        spec = by_name.get(name)
+        if (spec is not None and calibration.candidates is None and not scalar_values(spec.values)
+                and not (spec.policy.measure in MEASURES and MEASURES[spec.policy.measure].is_probability)):
+            raise ConfigError(
+                f"exit.calibration.policies[{i}]={name!r}: exit.policies.{name}.thresholds holds per-layer thresholds "
+                "only, which Learn-then-Test cannot order from safe to fast; add numbers to it or set "
+                "exit.calibration.candidates"
             )
     if calibration.candidates is not None:
         for name in calibration.policies:

@@ -255,3 +255,10 @@ def describe_threshold(spec: ThresholdSpec | None) -> float | str | None:
     if isinstance(spec, PerLayerThreshold):
         return "per-layer[" + ",".join(f"{v:g}" for v in spec.values) + "]"
     return f"decaying(lam={spec.lam:g},N={spec.N},tau={spec.tau:g},form={spec.form})"
+
+
+def value_label(value: Any) -> Any:
+    """A swept grid value as tables show it: a number as it is, a per-layer list as ``per-layer[...]``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return describe_threshold(make_threshold(list(value)))
+    return value
