@@ -145,16 +145,21 @@ def test_stage_checks_before_training(overrides, message):
     assert message in str(info.value)
 
 
-def test_policy_table_helpers_on_a_hand_record():
-    # L = 3, four tokens whose layer-2 prediction agrees with layer 3 for tokens 0 and 1 only;
-    # layer 2's top-1 probabilities: 0.99, 0.97, 0.6, 0.5 -> softmax_max >= 0.95 exits tokens 0, 1 at 2
+def hand_record() -> ExitRecords:
+    """L = 3, four tokens whose layer-2 prediction agrees with layer 3 for tokens 0 and 1 only; layer 2's
+    top-1 probabilities 0.99, 0.97, 0.6, 0.5; labels 1, 2, 3, 9 (layer 3 right for tokens 0, 1, 3)."""
     preds = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4], [1, 2, 9, 9]])
     top1 = torch.tensor([[0.2] * 4, [0.99, 0.97, 0.6, 0.5], [0.9] * 4])
-    rec = ExitRecords(
+    return ExitRecords(
         predictions=preds, top2=torch.stack([top1, torch.zeros_like(top1)], -1), entropies=torch.zeros(3, 4),
         vocab_size=10, labels=torch.tensor([1, 2, 3, 9]), positions=torch.ones(4, dtype=torch.long),
         sequence_ids=torch.arange(4),
     )
+
+
+def test_policy_table_helpers_on_a_hand_record():
+    # softmax_max >= 0.95 exits tokens 0, 1 at layer 2
+    rec = hand_record()
     cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "exit.policies.softmax_max.thresholds=[0.95,0.55]"])
     specs = [s for s in policy_specs(cfg, 3, horizon=4) if s.name == "softmax_max"]
     rows = evaluate_records(specs, rec)
@@ -179,13 +184,7 @@ def test_policy_table_helpers_on_a_hand_record():
 
 
 def test_a_grid_can_hold_per_layer_thresholds():
-    preds = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4], [1, 2, 9, 9]])
-    top1 = torch.tensor([[0.2] * 4, [0.99, 0.97, 0.6, 0.5], [0.9] * 4])
-    rec = ExitRecords(
-        predictions=preds, top2=torch.stack([top1, torch.zeros_like(top1)], -1), entropies=torch.zeros(3, 4),
-        vocab_size=10, labels=torch.tensor([1, 2, 3, 9]), positions=torch.ones(4, dtype=torch.long),
-        sequence_ids=torch.arange(4),
-    )
+    rec = hand_record()
     cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "exit.policies.softmax_max.thresholds=[0.95,[1,0.98,0.5]]"])
     (spec,) = [s for s in policy_specs(cfg, 3, horizon=4) if s.name == "softmax_max"]
     assert spec.values == (0.95, (1.0, 0.98, 0.5))
