@@ -8,18 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from eetrain.config import CONF_DIR, register_resolvers
-from eetrain.errors import EetrainError
-
-
-def user_error(exc: BaseException) -> EetrainError | None:
-    """The EetrainError behind `exc`, if any (Hydra wraps errors raised inside `instantiate`)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, EetrainError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+from eetrain.errors import EetrainError, user_error  # user_error: also imported from here by callers
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -152,6 +152,29 @@ def check_learning_rate(optimizer: Mapping[str, Any] | None, key: str = "optimiz
         raise ConfigError(f"{key}={lr!r}; allowed: a finite number > 0 (e.g. 1e-4)")
 
 
+def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | None) -> None:
+    """The optimizer built once on a stand-in parameter (its own argument checks, now rather than when
+    fitting starts), and `scheduler.name` / `warmup_ratio` / `warmup_steps`."""
+    if factory is not None:
+        try:
+            factory([torch.nn.Parameter(torch.zeros(1))])
+        except Exception as e:  # noqa: BLE001 - built on a stand-in, only its settings can be wrong
+            raise ConfigError(f"optimizer: {str(e).splitlines()[0]}") from e
+    if not scheduler:
+        return
+    from transformers import SchedulerType
+
+    name, names = scheduler.get("name"), [t.value for t in SchedulerType]
+    if name is not None and name not in names:
+        raise ConfigError(f"scheduler.name={name!r}; allowed: {', '.join(names)}")
+    ratio = scheduler.get("warmup_ratio", 0.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ConfigError(f"scheduler.warmup_ratio={ratio!r}; allowed: a number in [0, 1) (share of the steps)")
+    steps = scheduler.get("warmup_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ConfigError(f"scheduler.warmup_steps={steps!r}; allowed: null (warmup_ratio) or an integer >= 0")
+
+
 #: `ckpt_path` values Lightning resolves itself (no file to check here)
 LIGHTNING_CKPT_NAMES = ("last", "hpc", "best")
 
@@ -169,6 +192,7 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     """Before any training or evaluation: `optimizer.lr`, and `ckpt_path` (when it names a checkpoint
     file) against `module`."""
     check_learning_rate(cfg.get("optimizer"))
+    check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
     path = cfg.get("ckpt_path")
     if path is not None and checkable_checkpoint(path):
         check_checkpoint(path, module)

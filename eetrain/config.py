@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,3 +54,38 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, **kwargs)` for the config node at `key` (model, loss, data, ...),
+    its argument errors as one ConfigError naming the full key: a mandatory value (`???`) left unset, a
+    key the target does not take (with the ones it does), a value its constructor rejects."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class, instantiate
+    from omegaconf.errors import MissingMandatoryValue
+
+    from eetrain.errors import ConfigError, user_error
+
+    try:
+        return instantiate(node, **kwargs)
+    except MissingMandatoryValue as e:
+        full = getattr(e, "full_key", None) or key
+        raise ConfigError(f"{full} is not set (??? in the config): give it a value, e.g. {full}=...") from None
+    except InstantiationException as e:
+        if user_error(e) is not None:
+            raise
+        cause = e.__cause__
+        found = re.search(r"full_key: (\S+)", str(e))
+        full = found.group(1) if found else key
+        target = re.search(r"call to target '([\w.]+)'", str(e))
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if unexpected and target:
+            try:
+                params = [p for p in inspect.signature(get_class(target.group(1))).parameters if p not in ("self",)]
+            except Exception:  # noqa: BLE001 - the allowed list is a courtesy
+                params = []
+            allowed = f"; allowed: {', '.join(params)}" if params else ""
+            raise ConfigError(f"{full}.{unexpected.group(1)} is not a setting of {target.group(1)}{allowed}") from None
+        if isinstance(cause, ValueError | TypeError):
+            raise ConfigError(f"{full}: {cause}") from cause
+        raise

@@ -5,6 +5,17 @@ class EetrainError(Exception):
     """A problem with the user's input (config, data, paths), explained in the message."""
 
 
+def user_error(exc: BaseException | None) -> "EetrainError | None":
+    """The EetrainError behind `exc`, if any (Hydra wraps errors raised inside `instantiate`)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, EetrainError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class ConfigError(EetrainError, ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from eetrain.backbones.base import ExitBackbone
 from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained
+from eetrain.config import build
 from eetrain.distributed import full_backbone, training_strategy
 from eetrain.errors import ConfigError
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
@@ -82,8 +82,8 @@ def run(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    backbone: ExitBackbone = instantiate(cfg.model)
-    loss: JointLoss = instantiate(cfg.loss)
+    backbone: ExitBackbone = build(cfg.model, "model")
+    loss: JointLoss = build(cfg.loss, "loss")
     for term in loss.terms.values():
         if hasattr(term, "resolve"):
             term.resolve(backbone.num_layers)  # bad exit layers or weights fail before any data loads
@@ -91,26 +91,26 @@ def run(cfg: DictConfig) -> float:
         from eetrain.stages import check_stages
 
         check_stages(cfg, backbone)  # a bad stage setting fails now, not after the fit
-    data = instantiate(cfg.data, tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
+    data = build(cfg.data, "data", tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
     if hasattr(data, "check_fits"):  # eetrain's data modules: classes for a BERT head, texts for T5 / LLaMA
         data.check_fits(backbone)
     data.shuffle_seed = int(cfg.seed)  # the training order: one seeded permutation per epoch, resumable
     module = EarlyExitModule(
         backbone,
         loss,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=build(cfg.optimizer, "optimizer"),
         scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.get("scheduler") else None,
     )
     check_run_inputs(cfg, module)  # optimizer.lr, and ckpt_path against this model (fit and train=false alike)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [build(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items()]
+    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None]
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     # the strategy gets what its config cannot know from the model (FSDP's block classes, DDP's unused
     # parameters); under SLURM, Lightning's environment with our requeue settings
     strategy = training_strategy(cfg.trainer.get("strategy"), backbone, loss)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)],
+    trainer: L.Trainer = build(
+        cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO(), *slurm_plugins(cfg)],
         **({} if strategy is None else {"strategy": strategy}),
     )
     for lg in loggers:

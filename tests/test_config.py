@@ -80,8 +80,8 @@ def test_cfg_job_prints_composed_config(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["loss.terms.ce.weights=[0.5,0.5]"], "loss.ce.weights has 2 values but there are 4 exit layers"),
-        (["loss.terms.ce.weights=[1,-1,1,1]"], "loss.ce.weights=[1.0, -1.0, 1.0, 1.0]: weights must be >= 0"),
+        (["loss.terms.ce.weights=[0.5,0.5]"], "loss.terms.ce.weights has 2 values but there are 4 exit layers"),
+        (["loss.terms.ce.weights=[1,-1,1,1]"], "loss.terms.ce.weights=[1.0, -1.0, 1.0, 1.0]: weights must be >= 0"),
         (["exits.layers=[2,9]"], "exits.layers=[2, 9]: [9] outside 1..4"),
         (["data.source_column=article"], "no column data.source_column='article'"),
         (["model.tokenizer=null", "model.config=null", "model.name_or_path=./no/such/model"],
@@ -97,6 +97,16 @@ def test_cfg_job_prints_composed_config(tmp_path):
          "stages=[curve] decodes text: it needs a token head (T5, LLaMA); the bert adapter predicts one label"),
         (["model=bert_tiny", "data=demo_classification", "stages=[generate]"],
          "stages=[generate] decodes text: it needs a token head"),
+        # what the targets' constructors take and reject, named by the full key
+        (["+loss.terms.ce.bogus_key=1"], "loss.terms.ce.bogus_key is not a setting of eetrain.losses.joint."
+                                          "ExitCrossEntropy; allowed: weights, layers, min_layer"),
+        (["+loss/terms@loss.terms.kd=kd"], "loss.terms.kd.shallow_layer is not set (??? in the config)"),
+        (["loss.terms.ce.label_smoothing=1.5"], "loss.terms.ce.label_smoothing=1.5; allowed: a number in [0, 1)"),
+        (["loss=layerskip", "loss.layer_dropout.seed=abc"], "loss.layer_dropout.seed='abc' must be an integer"),
+        (["+optimizer.betas=[0.9]"], "optimizer: "),
+        (["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
+        (["scheduler.name=zigzag"], "scheduler.name='zigzag'; allowed: linear, cosine"),
+        (["scheduler.warmup_ratio=1.5"], "scheduler.warmup_ratio=1.5; allowed: a number in [0, 1)"),
         # an interval in steps that a small dataset's epoch does not reach (Lightning checks it once loaded)
         (["trainer.val_check_interval=2000", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"],
          "trainer.val_check_interval=2000: more steps than an epoch has training batches (2); set a smaller"),

@@ -41,11 +41,11 @@ def test_gradual_by_hand():
 def test_curriculum_object_and_errors():
     assert Curriculum("rotational", every=2).active((1, 2, 3), 0, 0) == (2, 3)
     assert Curriculum("gradual").active((1, 2, 3, 4), 2, 8) == (3, 4)
-    with pytest.raises(ConfigError, match=r"loss.ce.curriculum.every=0 must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"loss.terms.ce.curriculum.every=0 must be an integer >= 1"):
         Curriculum("rotational", every=0)
-    with pytest.raises(ConfigError, match=r"loss.ce.curriculum.every=-1 must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"loss.terms.ce.curriculum.every=-1 must be an integer >= 1"):
         Curriculum("rotational", every=-1)
-    with pytest.raises(ConfigError, match=r"loss.ce.curriculum.kind='cyclic' is unknown; allowed: rotational, gradual"):
+    with pytest.raises(ConfigError, match=r"loss.terms.ce.curriculum.kind='cyclic' is unknown; allowed: rotational, gradual"):
         Curriculum("cyclic")
     with pytest.raises(ValueError, match="needs the number of training steps"):
         Curriculum("gradual").active((1, 2), 0, 0)

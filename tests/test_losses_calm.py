@@ -25,7 +25,33 @@ def test_calm_weights_by_hand():
 def test_bad_weights_name_the_key(weights, match):
     with pytest.raises(ConfigError, match=match) as e:
         layer_weights(weights, [1, 2, 3])
-    assert "loss.ce.weights" in str(e.value)
+    assert "loss.terms.ce.weights" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weights=["a", "b"]), "loss.terms.ce.weights=['a', 'b']; allowed: calm, uniform, geometric, sum_l or a list"),
+    (dict(weights=5), "loss.terms.ce.weights=5; allowed"),
+    (dict(weights="geometric", ratio="abc"), "loss.terms.ce.ratio='abc': the geometric weights' ratio must be a number > 0"),
+    (dict(label_smoothing=1.5), "loss.terms.ce.label_smoothing=1.5; allowed: a number in [0, 1)"),
+    (dict(label_smoothing="abc"), "loss.terms.ce.label_smoothing='abc'; allowed"),
+    (dict(impl="bogus"), "loss.terms.ce.impl='bogus'; allowed: auto, chunked, naive, liger, cce"),
+    (dict(chunk_size=0), "loss.terms.ce.chunk_size=0; allowed: null (~256 MiB of logits per chunk) or an integer >= 1"),
+    (dict(curriculum={"kind": "rotational", "foo": 1}), "loss.terms.ce.curriculum: unknown key(s) ['foo']"),
+])
+def test_bad_ce_settings_name_the_key_at_construction(kwargs, message):
+    from eetrain.losses import ExitCrossEntropy
+
+    with pytest.raises(ConfigError) as e:
+        ExitCrossEntropy(**kwargs)
+    assert message in str(e.value)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusal")
+def test_a_gpu_kernel_on_a_cpu_machine_is_refused_before_training():
+    from eetrain.losses import ExitCrossEntropy
+
+    with pytest.raises(ConfigError, match=r"loss.terms.ce.impl='liger' is a CUDA kernel and there is no GPU"):
+        ExitCrossEntropy(impl="liger")
 
 
 def test_calm_loss_hand_computed():

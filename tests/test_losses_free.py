@@ -66,7 +66,7 @@ def test_sum_l_weights_by_hand():
     torch.testing.assert_close(
         layer_weights("sum_l", [1, 2, 3], e_scale=0.5, last_layer=4), torch.tensor([1, 3, 6]) / 10.0
     )
-    with pytest.raises(ConfigError, match="loss.ce.weights: sum_l needs e_scale > 0"):
+    with pytest.raises(ConfigError, match="loss.terms.ce.weights: sum_l needs e_scale > 0"):
         layer_weights("sum_l", [1, 2], e_scale=0.0)
     with pytest.raises(ConfigError, match="allowed: calm, uniform, geometric, sum_l"):
         layer_weights("steep", [1, 2])

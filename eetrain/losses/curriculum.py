@@ -49,7 +49,7 @@ class Curriculum:
     deepest exit downward, all on by half of training). `every` is R, used by "rotational" only.
     """
 
-    def __init__(self, kind: str = "rotational", every: int = 2, key: str = "loss.ce.curriculum"):
+    def __init__(self, kind: str = "rotational", every: int = 2, key: str = "loss.terms.ce.curriculum"):
         if kind not in CURRICULA:
             raise ConfigError(f"{key}.kind={kind!r} is unknown; allowed: {', '.join(CURRICULA)}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -105,8 +105,10 @@ class LayerDropout:
     def __init__(self, p_max: float = 0.2, seed: int = 0, key: str = "loss.layer_dropout"):
         if not (isinstance(p_max, (int, float)) and math.isfinite(p_max) and 0.0 <= p_max <= 1.0):
             raise ConfigError(f"{key}.p_max={p_max!r} must be within [0, 1] (0 disables layer dropout)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"{key}.seed={seed!r} must be an integer (the layer-dropout draws' seed)")
         self.p_max = float(p_max)
-        self.seed = int(seed)
+        self.seed = seed
 
     def dropped(self, step: int, num_layers: int) -> frozenset[int]:
         return dropped_layers(self.seed, step, num_layers, self.p_max)

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from eetrain.backbones.base import ExitBackbone, ExitStates
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, check_keys, positive_int
 from eetrain.losses.curriculum import Curriculum, LayerDropout
 from eetrain.losses.exit_points import resolve_exit_points
-from eetrain.losses.fused_ce import multi_exit_cross_entropy
-from eetrain.losses.weights import layer_weights, renormalise
+from eetrain.losses.fused_ce import IMPLS, _load_cce, _load_liger, multi_exit_cross_entropy
+from eetrain.losses.weights import SCHEMES, layer_weights, renormalise
 
 
 @dataclass
@@ -108,6 +108,32 @@ class ExitCrossEntropy(nn.Module):
         chunk_size: int | None = None,  # None: fused_ce sizes chunks to ~256 MiB of logits
     ):
         super().__init__()
+        key = "loss.terms.ce"
+        if not isinstance(weights, str) and (
+            not isinstance(weights, Sequence) or any(isinstance(w, bool) or not isinstance(w, int | float) for w in weights)
+        ):
+            raise ConfigError(f"{key}.weights={weights!r}; allowed: {', '.join(SCHEMES)} or a list of numbers, one per "
+                              "exit layer")
+        if weights == "geometric" and (isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio > 0):
+            raise ConfigError(f"{key}.ratio={ratio!r}: the geometric weights' ratio must be a number > 0")
+        if weights == "sum_l" and (isinstance(e_scale, bool) or not isinstance(e_scale, int | float) or not e_scale > 0):
+            raise ConfigError(f"{key}.e_scale={e_scale!r}: the sum_l weights' e_scale must be a number > 0")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float) or not 0 <= label_smoothing < 1:
+            raise ConfigError(f"{key}.label_smoothing={label_smoothing!r}; allowed: a number in [0, 1)")
+        if impl not in IMPLS:
+            raise ConfigError(f"{key}.impl={impl!r}; allowed: {', '.join(IMPLS)}")
+        positive_int(chunk_size, f"{key}.chunk_size", null="~256 MiB of logits per chunk")
+        if impl in ("liger", "cce"):  # GPU kernels: say so now, not at the first training step
+            package = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}[impl]
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{key}.impl={impl!r} is a CUDA kernel and there is no GPU; use auto (chunked on "
+                                  "the CPU) or chunked")
+            if (_load_liger() if impl == "liger" else _load_cce()) is None:
+                raise ConfigError(f"{key}.impl={impl!r} needs the {package} package (pip install {package}); or use auto")
+            if impl == "cce" and label_smoothing:
+                raise ConfigError(f"{key}.impl='cce' does not support label_smoothing; use liger, chunked or auto")
+        if isinstance(curriculum, Mapping):
+            check_keys(curriculum, ("kind", "every"), f"{key}.curriculum")
         self.weights = weights if isinstance(weights, str) else [float(w) for w in weights]
         if isinstance(layers, Mapping):
             layers = dict(layers)

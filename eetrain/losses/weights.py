@@ -16,7 +16,7 @@ def layer_weights(
     scheme: str | Sequence[float],
     layers: Sequence[int],
     ratio: float = 0.5,
-    key: str = "loss.ce.weights",
+    key: str = "loss.terms.ce.weights",
     e_scale: float = 1.0,
     last_layer: int | None = None,
 ) -> Tensor:
@@ -40,11 +40,11 @@ def layer_weights(
         elif scheme == "uniform":
             w = torch.ones(n)
         elif scheme == "geometric":
-            if not 0 < ratio:
+            if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio:
                 raise ConfigError(f"{key}: geometric ratio must be > 0, got {ratio}")
             w = torch.tensor([ratio ** (layers[-1] - i) for i in layers], dtype=torch.float64).float()
         elif scheme == "sum_l":
-            if not e_scale > 0:
+            if isinstance(e_scale, bool) or not isinstance(e_scale, int | float) or not e_scale > 0:
                 raise ConfigError(f"{key}: sum_l needs e_scale > 0, got {e_scale}")
             last = layers[-1] if last_layer is None else last_layer
             w = torch.tensor(
@@ -53,6 +53,8 @@ def layer_weights(
         else:
             raise ConfigError(f"{key}={scheme!r} is unknown; allowed: {', '.join(SCHEMES)} or a list of {n} numbers")
         return w / w.sum()
+    if not isinstance(scheme, Sequence) or any(isinstance(v, bool) or not isinstance(v, int | float) for v in scheme):
+        raise ConfigError(f"{key}={scheme!r}; allowed: {', '.join(SCHEMES)} or a list of {n} numbers (one per exit layer)")
     values = [float(v) for v in scheme]
     if len(values) != n:
         raise ConfigError(f"{key} has {len(values)} values but there are {n} exit layers {list(layers)}")
