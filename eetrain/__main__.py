@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import hydra
@@ -27,8 +28,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def check_overrides(args: list[str]) -> None:
     """Overrides Hydra would reject with an OmegaConf merge error, as one ConfigError naming the key:
-    a list for `exits.layers` where the composed config has a mapping (FREE's `{shallow: L_s}`)."""
-    lists = [a for a in args if a.lstrip("+").startswith("exits.layers=") and a.split("=", 1)[1].lstrip().startswith("[")]
+    a list, or a mapping with other keys, for `exits.layers` where the composed config has a mapping
+    (FREE's `{shallow: L_s}`)."""
+    lists = [a for a in args if a.lstrip("+").startswith("exits.layers=") and a.split("=", 1)[1].lstrip()[:1] in ("[", "{")]
     if not lists:
         return
     from omegaconf import OmegaConf
@@ -45,6 +47,8 @@ def check_overrides(args: list[str]) -> None:
         return
     value = lists[-1].split("=", 1)[1]
     current = OmegaConf.to_container(layers, resolve=False)
+    if value.lstrip().startswith("{") and set(re.findall(r"(\w+)\s*:", value)) <= set(layers):
+        return  # the same mapping's keys: Hydra merges it
     if "shallow" in layers:
         raise ConfigError(
             f"exits.layers={value}: the free loss needs exits.layers={{shallow: L_s}} (its shallow exit; the last "
@@ -52,8 +56,8 @@ def check_overrides(args: list[str]) -> None:
             "'exits.layers={shallow: 2}' (a list of exits needs another loss, e.g. loss=calm)"
         )
     raise ConfigError(
-        f"exits.layers={value}: this config sets exits.layers to the mapping {current}, which a list cannot "
-        f"replace on the command line; use the mapping form or '~exits.layers' '+exits.layers={value}'"
+        f"exits.layers={value}: this config sets exits.layers to the mapping {current}, which another form cannot "
+        f"replace on the command line; use '~exits.layers' '+exits.layers={value}'"
     )
 
 

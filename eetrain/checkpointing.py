@@ -14,7 +14,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from eetrain.backbones.base import ExitBackbone
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, check_keys
 from eetrain.files import atomic_directory, atomic_file
 
 EXIT_SETTINGS_FILE = "early_exit.json"
@@ -191,6 +191,8 @@ def checkable_checkpoint(path: Any) -> bool:
 def check_run_inputs(cfg: Any, module: Any) -> None:
     """Before any training or evaluation: `optimizer.lr`, and `ckpt_path` (when it names a checkpoint
     file) against `module`."""
+    if cfg.get("exits") is not None:
+        check_keys(cfg.exits, ("layers", "min_layer", "train_below_min"), "exits")
     check_learning_rate(cfg.get("optimizer"))
     check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
     path = cfg.get("ckpt_path")

@@ -107,6 +107,8 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
         (["scheduler.name=zigzag"], "scheduler.name='zigzag'; allowed: linear, cosine"),
         (["scheduler.warmup_ratio=1.5"], "scheduler.warmup_ratio=1.5; allowed: a number in [0, 1)"),
+        (["exits.train_below_min=maybe"], "exits.train_below_min='maybe'; allowed: true or false"),
+        (["+exits.foo=1"], "exits: unknown key(s) ['foo']; allowed: ['layers', 'min_layer', 'train_below_min']"),
         # an interval in steps that a small dataset's epoch does not reach (Lightning checks it once loaded)
         (["trainer.val_check_interval=2000", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"],
          "trainer.val_check_interval=2000: more steps than an epoch has training batches (2); set a smaller"),

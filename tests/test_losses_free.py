@@ -210,6 +210,7 @@ def test_free_loss_with_another_exits_form_is_one_config_error():
     [
         ["+experiment=free_demo", "exits.layers=[2,4]"],  # Hydra cannot merge a list into {shallow: 2}
         ["+experiment=demo", "loss=free", "exits.layers=[2,4]"],  # the kd term's interpolation
+        ["+experiment=free_demo", "exits.layers={every:2}"],  # a mapping with other keys cannot merge either
     ],
 )
 def test_cli_free_loss_with_a_list_of_exits(tmp_path, args):
@@ -220,5 +221,5 @@ def test_cli_free_loss_with_a_list_of_exits(tmp_path, args):
     assert "Traceback" not in r.stderr and "TypeError" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("eetrain: error:")]
     assert len(errors) == 1
-    assert errors[0].startswith("eetrain: error: exits.layers=[2")
+    assert errors[0].startswith("eetrain: error: exits.layers=" + args[-1].split("=", 1)[1][:2])
     assert "the free loss needs exits.layers={shallow: L_s}" in errors[0] and "{shallow: N}" in errors[0]

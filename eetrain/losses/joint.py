@@ -118,6 +118,8 @@ class ExitCrossEntropy(nn.Module):
             raise ConfigError(f"{key}.ratio={ratio!r}: the geometric weights' ratio must be a number > 0")
         if weights == "sum_l" and (isinstance(e_scale, bool) or not isinstance(e_scale, int | float) or not e_scale > 0):
             raise ConfigError(f"{key}.e_scale={e_scale!r}: the sum_l weights' e_scale must be a number > 0")
+        if not isinstance(train_below_min, bool):
+            raise ConfigError(f"exits.train_below_min={train_below_min!r}; allowed: true or false")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float) or not 0 <= label_smoothing < 1:
             raise ConfigError(f"{key}.label_smoothing={label_smoothing!r}; allowed: a number in [0, 1)")
         if impl not in IMPLS:
