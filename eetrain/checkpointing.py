@@ -162,6 +162,7 @@ def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | No
             raise ConfigError(f"optimizer: {str(e).splitlines()[0]}") from e
     if not scheduler:
         return
+    check_keys(scheduler, ("name", "warmup_ratio", "warmup_steps"), "scheduler")
     from transformers import SchedulerType
 
     name, names = scheduler.get("name"), [t.value for t in SchedulerType]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -149,6 +149,11 @@ class ExitBackbone(nn.Module):
     needs_source: ClassVar[bool] = False
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest input the model can embed (learned absolute positions), or None (relative / rotary)."""
+        return None
+
+    @property
     def regression(self) -> bool:
         """A one-score regression head (float labels, MSE, PABEE's tolerance rule); LM heads never are."""
         return False
@@ -191,13 +196,21 @@ class ExitBackbone(nn.Module):
                 cfg = self.config_class(**values)
             except Exception as e:  # transformers 5 raises its own validation errors
                 raise ConfigError(f"model.config is not a valid {self.config_class.__name__}: {e}") from e
+            heads, groups = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+            if heads and groups and heads % groups:  # grouped-query attention shares each key/value head
+                raise ConfigError(f"model.config.num_key_value_heads={groups} must divide num_attention_heads={heads}")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.model = self.model_class(cfg)
         self.num_layers: int = self._num_layers()
+        if self.num_layers < 1:
+            raise ConfigError(f"model.config: the {self.family} model has {self.num_layers} exit layers; it needs at least 1")
         self.hidden_size: int = self.model.config.hidden_size
         self.exit_heads: nn.ModuleDict | None = self._exit_heads(exit_head, exit_head_layers, name_or_path)
         if lora:
+            if not isinstance(lora, Mapping):
+                raise ConfigError(f"model.lora={lora!r} must be a mapping of peft LoraConfig arguments, e.g. "
+                                  "{r: 8, lora_alpha: 16, target_modules: [q, v]}")
             self._add_lora(dict(lora))
 
     def _exit_heads(self, kind: str | None, layers: Any, name_or_path: str | None) -> nn.ModuleDict | None:

@@ -110,6 +110,10 @@ class BertBackbone(ExitBackbone):
         return create_bidirectional_mask(config=self.model.config, inputs_embeds=h, attention_mask=mask)
 
     @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
     def regression(self) -> bool:
         """Float labels: `transformers`' rule (problem_type "regression", or num_labels == 1 when unset)."""
         cfg = self.model.config

@@ -60,6 +60,13 @@ class ClassificationDataModule(SplitDataModule):
         self.fields[label_column] = f"data.label_column={label_column!r}"
         self.column_keys = f"data.text_columns={columns} and data.label_column={label_column!r}"
 
+    def check_fits(self, backbone: Any) -> None:
+        super().check_fits(backbone)
+        limit = getattr(backbone, "max_positions", None)
+        if limit is not None and self.max_length > limit:
+            raise ConfigError(f"data.max_length={self.max_length} is longer than the {backbone.family} model's "
+                              f"{limit} positions (model.config.max_position_embeddings); lower data.max_length")
+
     def label(self, value: Any, i: int) -> int | float:
         if self.num_labels == 1:
             try:
