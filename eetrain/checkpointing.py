@@ -152,6 +152,21 @@ def check_learning_rate(optimizer: Mapping[str, Any] | None, key: str = "optimiz
         raise ConfigError(f"{key}={lr!r}; allowed: a finite number > 0 (e.g. 1e-4)")
 
 
+def check_trainer_counts(trainer: Mapping[str, Any]) -> None:
+    """Trainer settings that Lightning accepts and then divides by once fitting runs."""
+    interval = trainer.get("val_check_interval")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0):
+        raise ConfigError(f"trainer.val_check_interval={interval!r}; allowed: a fraction of an epoch in (0, 1] or a "
+                          "number of training steps >= 1")
+    every = trainer.get("check_val_every_n_epoch")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"trainer.check_val_every_n_epoch={every!r}; allowed: null (count steps across epochs) "
+                          "or an integer >= 1")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r}; allowed: an integer >= 1")
+
+
 def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | None) -> None:
     """The optimizer built once on a stand-in parameter (its own argument checks, now rather than when
     fitting starts), and `scheduler.name` / `warmup_ratio` / `warmup_steps`."""
@@ -194,6 +209,7 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     file) against `module`."""
     if cfg.get("exits") is not None:
         check_keys(cfg.exits, ("layers", "min_layer", "train_below_min"), "exits")
+    check_trainer_counts(cfg.get("trainer") or {})
     check_learning_rate(cfg.get("optimizer"))
     check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
     path = cfg.get("ckpt_path")

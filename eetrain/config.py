@@ -86,7 +86,7 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
                 params = []
             allowed = f"; allowed: {', '.join(params)}" if params else ""
             raise ConfigError(f"{full}.{unexpected.group(1)} is not a setting of {target.group(1)}{allowed}") from None
-        if isinstance(cause, ValueError | TypeError):
+        if isinstance(cause, ValueError | TypeError) or type(cause).__name__ == "MisconfigurationException":
             raise ConfigError(f"{full}: {cause}") from cause
         if isinstance(cause, LookupError | ArithmeticError):  # e.g. an unknown activation name, a zero size
             raise ConfigError(f"{full}: {type(cause).__name__}: {cause} (check the settings under {full})") from cause

@@ -149,4 +149,7 @@ class EarlyExitModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.scheduler.get("warmup_steps") or int(self.scheduler.get("warmup_ratio", 0.0) * total)
         sched = get_scheduler(self.scheduler["name"], optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        if self.scheduler["name"] == "reduce_lr_on_plateau":  # steps on a metric: the last exit's validation loss
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": sched, "monitor": "val/full/loss", "interval": "epoch"}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -108,6 +108,12 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["scheduler.name=zigzag"], "scheduler.name='zigzag'; allowed: linear, cosine"),
         (["scheduler.warmup_ratio=1.5"], "scheduler.warmup_ratio=1.5; allowed: a number in [0, 1)"),
         (["exits.train_below_min=maybe"], "exits.train_below_min='maybe'; allowed: true or false"),
+        (["trainer.max_epochs=-5"], "trainer: `max_epochs` must be a non-negative integer or -1"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval=0; allowed: a fraction of an epoch in (0, 1]"),
+        (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0; allowed: null"),
+        (["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0; allowed: an integer >= 1"),
+        (["data.num_workers=abc"], "data.num_workers='abc'; allowed: an integer >= 0"),
+        (["data.eval_batch_size=0"], "data.eval_batch_size=0; allowed: null (data.batch_size) or an integer >= 1"),
         (["+scheduler.bogus=1"], "scheduler: unknown key(s) ['bogus']; allowed: ['name', 'warmup_ratio', 'warmup_steps']"),
         (["model.lora=[q,v]"], "model.lora=['q', 'v'] must be a mapping of peft LoraConfig arguments"),
         (["model.config.num_decoder_layers=0"], "model.config: the t5 model has 0 exit layers; it needs at least 1"),
@@ -127,6 +133,13 @@ def test_bad_input_one_clear_message(tmp_path, overrides, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_reduce_lr_on_plateau_steps_on_the_validation_loss(tmp_path):
+    r = in_process.cli("+experiment=demo", "logger=none", "scheduler.name=reduce_lr_on_plateau", "export=false",
+                       "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("experiment", ["generate", "evaluate", "curve", "analyze"])

@@ -76,6 +76,16 @@ def test_empty_dataset(tmp_path):
         dm.setup("fit")
 
 
+def test_a_malformed_file_names_the_key(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"document": "a", "summary": "b"}\nnot json at all\n')
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(tmp_path / "bad.jsonl"),
+                             "validation": str(tmp_path / "bad.jsonl")}, source_column="document",
+                             target_column="summary")
+    with pytest.raises(DataError, match=r"data.files.train='.*bad.jsonl' is not readable as json: "):
+        dm.setup("fit")
+
+
 def test_missing_file_and_split(tmp_path):
     bb = make_backbone("t5")
     dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(tmp_path / "nope.jsonl")})

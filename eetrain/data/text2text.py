@@ -17,7 +17,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from eetrain.data.sampler import ResumableDataLoader, ResumableSampler
-from eetrain.errors import ConfigError, DataError
+from eetrain.errors import ConfigError, DataError, positive_int
 from eetrain.hub import check_dataset_reachable
 from eetrain.task_metrics import check_metrics
 
@@ -125,6 +125,9 @@ def load_rows(
         except ValueError as e:
             # datasets reports a header-only file as "Instruction ... corresponds to no data"
             raise DataError(f"{where} is empty or unreadable as {fmt}: {e}") from e
+        except datasets.exceptions.DatasetGenerationError as e:  # a malformed line, a broken file
+            cause = e.__cause__ or e
+            raise DataError(f"{where} is not readable as {fmt}: {str(cause).splitlines()[0][:300]}") from e
     # a nested field is read from its top-level column (translation.en -> translation)
     top = {f: f if f in ds.column_names else f.split(".")[0] for f in columns}
     missing = [f for f in columns if top[f] not in ds.column_names]
@@ -214,8 +217,10 @@ class SplitDataModule(L.LightningDataModule):
         super().__init__()
         if hf_name is None and not any(v is not None for v in (files or {}).values()):
             raise ConfigError("set data.hf_name (a hub dataset) or data.files (local train/validation files)")
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        positive_int(batch_size, "data.batch_size")
+        positive_int(eval_batch_size, "data.eval_batch_size", null="data.batch_size")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r}; allowed: an integer >= 0 (0: load in the main process)")
         self.tokenizer = tokenizer
         self.collate_fn = collate_fn
         self.source = dict(hf_name=hf_name, hf_config=hf_config, files=dict(files) if files else None)
@@ -418,7 +423,7 @@ class Text2TextDataModule(SplitDataModule):
             sources = {source_column: f"data.source_column={source_column!r}"}
             self.column_keys = f"data.source_column={source_column!r} and data.target_column={target_column!r}"
         self.fields = {**sources, target_column: f"data.target_column={target_column!r}"}
-        self.prefix = prefix
+        self.prefix = prefix or ""  # null: no prefix
         self.max_lengths = (int(max_source_length), int(max_target_length))
 
     def sources(self, rows: list[dict[str, Any]]) -> list[str]:
