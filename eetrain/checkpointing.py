@@ -215,3 +215,13 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     path = cfg.get("ckpt_path")
     if path is not None and checkable_checkpoint(path):
         check_checkpoint(path, module)
+    elif path is not None and Path(str(path)).expanduser().is_dir() and not is_sharded_checkpoint(path):
+        raise ConfigError(f"ckpt_path={str(path)!r} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint; "
+                          "point it at a .ckpt file, e.g. <run>/checkpoints/last.ckpt")
+
+
+def is_sharded_checkpoint(path: Any) -> bool:
+    """A checkpoint directory DeepSpeed (`latest`, `checkpoint/`) or FSDP / torch.distributed.checkpoint
+    (`meta.pt`, `.metadata`) wrote."""
+    root = Path(str(path)).expanduser()
+    return any((root / name).exists() for name in ("latest", "checkpoint", "meta.pt", ".metadata"))

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from eetrain.backbones.base import ExitBackbone
@@ -78,7 +79,10 @@ def load_module_weights(module: EarlyExitModule, ckpt_path: str | None) -> None:
 
 def run(cfg: DictConfig) -> float:
     """Train with `cfg`; returns the last layer's validation loss (for sweeps)."""
-    L.seed_everything(cfg.seed, workers=True)
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r}; allowed: an integer in 0..{2**32 - 1}")
+    L.seed_everything(seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -114,12 +118,23 @@ def run(cfg: DictConfig) -> float:
         **({} if strategy is None else {"strategy": strategy}),
     )
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        except Exception as e:
+            if type(e).__module__.startswith("wandb") and type(e).__name__ == "UsageError":  # W&B's first call: login
+                raise ConfigError(f"logger=wandb: {str(e).splitlines()[0]} Or log offline: WANDB_MODE=offline "
+                                  "(then `wandb sync <run dir>/wandb/offline-run-*`), or logger=csv") from e
+            raise
     try:
         if cfg.get("train", True):
             # ckpt_path, or for a requeued SLURM job its run's newest checkpoint
             try:
                 trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+            except MisconfigurationException as e:  # found once metrics exist: a monitor nothing logs
+                if "monitor" not in str(e):
+                    raise
+                key = "callbacks.model_checkpoint.monitor" if "ModelCheckpoint(" in str(e) else "callbacks (a monitor)"
+                raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from e
             except ValueError as e:  # Lightning checks the interval only once the data are loaded
                 if "`val_check_interval`" not in str(e):
                     raise

@@ -114,6 +114,12 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0; allowed: an integer >= 1"),
         (["data.num_workers=abc"], "data.num_workers='abc'; allowed: an integer >= 0"),
         (["data.eval_batch_size=0"], "data.eval_batch_size=0; allowed: null (data.batch_size) or an integer >= 1"),
+        (["seed=-1"], "seed=-1; allowed: an integer in 0..4294967295"),
+        (["seed=abc"], "seed='abc'; allowed: an integer in 0..4294967295"),
+        ([f"ckpt_path={Path(__file__).parent}"], "is a directory but not a sharded (DeepSpeed / FSDP) checkpoint"),
+        (["callbacks.model_checkpoint.monitor=val/nonexistent", "trainer.limit_train_batches=2",
+          "trainer.limit_val_batches=1", "trainer.max_epochs=1", "callbacks.generation_metrics=null"],
+         "callbacks.model_checkpoint.monitor: `ModelCheckpoint(monitor='val/nonexistent')` could not find the monitored key"),
         (["+scheduler.bogus=1"], "scheduler: unknown key(s) ['bogus']; allowed: ['name', 'warmup_ratio', 'warmup_steps']"),
         (["model.lora=[q,v]"], "model.lora=['q', 'v'] must be a mapping of peft LoraConfig arguments"),
         (["model.config.num_decoder_layers=0"], "model.config: the t5 model has 0 exit layers; it needs at least 1"),
@@ -132,6 +138,18 @@ def test_bad_input_one_clear_message(tmp_path, overrides, message):
     r = in_process.cli("+experiment=demo", "logger=none", *overrides, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_wandb_without_a_key_says_how_to_log_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no stored login
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    r = in_process.cli("+experiment=demo", "logger=wandb", "export=false", f"hydra.run.dir={tmp_path / 'run'}",
+                       cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "logger=wandb: " in r.stderr and "Or log offline: WANDB_MODE=offline" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -218,10 +218,11 @@ def test_t5_final_norm_has_no_rescale():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(mapping="nearest", shallow_layer=2), r"loss.kd.mapping='nearest' is unknown; allowed: last, uniform, uniform_deep, closest"),
-        (dict(shallow_layer=2, alpha=-0.5), r"loss.kd.alpha=-0.5 must be a finite number >= 0"),
-        (dict(shallow_layer=None), r"loss.kd.shallow_layer is not set.*exits.layers=\{shallow: L_s\}"),
-        (dict(shallow_layer=0), r"loss.kd.shallow_layer=0 must be an integer >= 1"),
+        (dict(mapping="nearest", shallow_layer=2), r"loss.terms.kd.mapping='nearest' is unknown; allowed: last, uniform, uniform_deep, closest"),
+        (dict(shallow_layer=2, alpha=-0.5), r"loss.terms.kd.alpha=-0.5 must be a finite number >= 0"),
+        (dict(shallow_layer=None), r"loss.terms.kd.shallow_layer is not set.*exits.layers=\{shallow: L_s\}"),
+        (dict(shallow_layer=0), r"loss.terms.kd.shallow_layer=0 must be an integer >= 1"),
+        (dict(shallow_layer=2, student_projection="maybe"), r"loss.terms.kd.student_projection='maybe'; allowed: true or false"),
     ],
 )
 def test_bad_term_config(kwargs, match):
@@ -232,7 +233,7 @@ def test_bad_term_config(kwargs, match):
 def test_shallow_layer_must_be_below_the_depth():
     bb = make_backbone("t5")
     for shallow in (3, 5):
-        with pytest.raises(ConfigError, match=rf"loss.kd.shallow_layer={shallow} must be within 1..2"):
+        with pytest.raises(ConfigError, match=rf"loss.terms.kd.shallow_layer={shallow} must be within 1..2"):
             LayerwiseDistillation(shallow_layer=shallow).setup(bb)
     with pytest.raises(ConfigError, match="must be within 1..23"):
         uniform_teachers(24, 24)

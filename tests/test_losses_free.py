@@ -140,7 +140,7 @@ def test_loss_terms_with_parameters_are_trained_and_checkpointed():
 
 def test_bad_terms_fail_when_the_module_is_built():
     bb = make_backbone("t5")  # 3 layers
-    with pytest.raises(ConfigError, match=r"loss.kd.shallow_layer=3 must be within 1..2"):
+    with pytest.raises(ConfigError, match=r"loss.terms.kd.shallow_layer=3 must be within 1..2"):
         EarlyExitModule(bb, JointLoss({"kd": LayerwiseDistillation(shallow_layer=3)}), optimizer=None)
     with pytest.raises(ConfigError, match=r"exits.layers.shallow=3 must be within 1..2"):
         EarlyExitModule(bb, JointLoss({"ce": ExitCrossEntropy(layers={"shallow": 3})}), optimizer=None)
@@ -183,7 +183,7 @@ def test_exits_node_drives_the_losses():
     assert instantiate(cfg.loss).terms["ce"].resolve(24)[1].tolist() == pytest.approx([0.2, 0.8])
     assert cfg.model.name_or_path == "google-t5/t5-large" and cfg.data.max_target_length == 128
     # loss=free without a shallow exit says where to set it
-    with pytest.raises(InstantiationException, match=r"loss.kd.shallow_layer is not set: set exits.layers=\{shallow: L_s\}"):
+    with pytest.raises(InstantiationException, match=r"loss.terms.kd.shallow_layer is not set: set exits.layers=\{shallow: L_s\}"):
         instantiate(compose(["loss=free"]).loss)
     # a kd term added to calm without L_s is a missing mandatory value
     with pytest.raises(MissingMandatoryValue, match="loss.terms.kd.shallow_layer"):

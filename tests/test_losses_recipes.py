@@ -38,13 +38,13 @@ def test_layerskip_recipe_runs(tmp_path):
     "overrides, message",
     [
         (["+experiment=free_demo", "exits.layers={shallow:4}"], "exits.layers.shallow=4 must be within 1..3"),
-        (["+experiment=free_demo", "loss.terms.kd.shallow_layer=4"], "loss.kd.shallow_layer=4 must be within 1..3"),
-        (["+experiment=free_demo", "loss.terms.kd.alpha=-0.5"], "loss.kd.alpha=-0.5 must be a finite number >= 0"),
+        (["+experiment=free_demo", "loss.terms.kd.shallow_layer=4"], "loss.terms.kd.shallow_layer=4 must be within 1..3"),
+        (["+experiment=free_demo", "loss.terms.kd.alpha=-0.5"], "loss.terms.kd.alpha=-0.5 must be a finite number >= 0"),
         (["+experiment=free_demo", "loss.terms.kd.mapping=nearest"], "allowed: last, uniform, uniform_deep, closest"),
         (["loss=layerskip", "loss.terms.ce.curriculum.every=0"], "loss.terms.ce.curriculum.every=0 must be an integer >= 1"),
         (["exits.layers=[1,2]", "exits.min_layer=3"], "exits.min_layer=3 is above every exit layer [1, 2]"),
         (["exits.layers={every:0}"], "exits.layers.every=0 must be >= 1"),
-        (["loss=free"], "loss.kd.shallow_layer is not set: set exits.layers={shallow: L_s}"),
+        (["loss=free"], "loss.terms.kd.shallow_layer is not set: set exits.layers={shallow: L_s}"),
     ],
 )
 def test_bad_loss_config_one_clear_message(tmp_path, overrides, message):

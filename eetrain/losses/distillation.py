@@ -41,7 +41,7 @@ from eetrain.losses.joint import LossOutput, TrainStep
 MAPPINGS = ("last", "uniform", "uniform_deep", "closest")
 
 
-def check_shallow_layer(shallow_layer: int, num_layers: int, key: str = "loss.kd.shallow_layer") -> int:
+def check_shallow_layer(shallow_layer: int, num_layers: int, key: str = "loss.terms.kd.shallow_layer") -> int:
     """Validate L_s against the depth: 1 <= L_s < L, so that there is a deep module to learn from."""
     if isinstance(shallow_layer, bool) or not isinstance(shallow_layer, int):
         raise ConfigError(f"{key}={shallow_layer!r} must be an integer layer (L_s)")
@@ -126,7 +126,7 @@ def distillation_pairs(
         if mse is None or tuple(mse.shape) != (len(teachers), shallow_layer):
             raise ValueError(f"closest mapping needs a ({len(teachers)}, {shallow_layer}) MSE matrix")
         return tuple((s + 1, t) for s, t in zip(closest_alignment(mse), teachers, strict=True))
-    raise ConfigError(f"loss.kd.mapping={mapping!r} is unknown; allowed: {', '.join(MAPPINGS)}")
+    raise ConfigError(f"loss.terms.kd.mapping={mapping!r} is unknown; allowed: {', '.join(MAPPINGS)}")
 
 
 def teacher_layers(mapping: str, num_layers: int, shallow_layer: int) -> tuple[int, ...]:
@@ -187,16 +187,18 @@ class LayerwiseDistillation(nn.Module):
     ):
         super().__init__()
         if mapping not in MAPPINGS:
-            raise ConfigError(f"loss.kd.mapping={mapping!r} is unknown; allowed: {', '.join(MAPPINGS)}")
+            raise ConfigError(f"loss.terms.kd.mapping={mapping!r} is unknown; allowed: {', '.join(MAPPINGS)}")
         if shallow_layer is None:
             raise ConfigError(
-                "loss.kd.shallow_layer is not set: set exits.layers={shallow: L_s} (loss=free reads it from "
+                "loss.terms.kd.shallow_layer is not set: set exits.layers={shallow: L_s} (loss=free reads it from "
                 "there) or loss.terms.kd.shallow_layer=L_s"
             )
         if isinstance(shallow_layer, bool) or not isinstance(shallow_layer, int) or shallow_layer < 1:
-            raise ConfigError(f"loss.kd.shallow_layer={shallow_layer!r} must be an integer >= 1")
+            raise ConfigError(f"loss.terms.kd.shallow_layer={shallow_layer!r} must be an integer >= 1")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ConfigError(f"loss.kd.alpha={alpha!r} must be a finite number >= 0")
+            raise ConfigError(f"loss.terms.kd.alpha={alpha!r} must be a finite number >= 0")
+        if not isinstance(student_projection, bool):
+            raise ConfigError(f"loss.terms.kd.student_projection={student_projection!r}; allowed: true or false")
         self.mapping = mapping
         self.shallow_layer = shallow_layer
         self.alpha = float(alpha)
