@@ -152,6 +152,24 @@ def check_learning_rate(optimizer: Mapping[str, Any] | None, key: str = "optimiz
         raise ConfigError(f"{key}={lr!r}; allowed: a finite number > 0 (e.g. 1e-4)")
 
 
+def check_optimizer_state(ckpt: Mapping[str, Any], factory: Any, shown: str) -> None:
+    """Resuming restores the optimizer's state: the checkpoint's must be of the optimizer configured now
+    (its parameter groups carry the same settings), or Lightning fails inside the optimizer's step."""
+    states = ckpt.get("optimizer_states") or []
+    if not states or factory is None:
+        return
+    groups = (states[0] or {}).get("param_groups") or []
+    if not groups:
+        return
+    theirs = set(groups[0]) - {"params"}
+    ours = set(factory([torch.nn.Parameter(torch.zeros(1))]).defaults)
+    if not ours <= theirs:
+        raise ConfigError(
+            f"ckpt_path={shown!r} was trained with another optimizer (its settings: {sorted(theirs)}; the configured "
+            f"one needs {sorted(ours - theirs)}): resume with the optimizer it was trained with (optimizer=...)"
+        )
+
+
 def check_trainer_counts(trainer: Mapping[str, Any]) -> None:
     """Trainer settings that Lightning accepts and then divides by once fitting runs."""
     interval = trainer.get("val_check_interval")
@@ -162,6 +180,9 @@ def check_trainer_counts(trainer: Mapping[str, Any]) -> None:
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ConfigError(f"trainer.check_val_every_n_epoch={every!r}; allowed: null (count steps across epochs) "
                           "or an integer >= 1")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r}; allowed: null or 0 (no clipping) or a number > 0")
     accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r}; allowed: an integer >= 1")
@@ -174,7 +195,10 @@ def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | No
         try:
             factory([torch.nn.Parameter(torch.zeros(1))])
         except Exception as e:  # noqa: BLE001 - built on a stand-in, only its settings can be wrong
-            raise ConfigError(f"optimizer: {str(e).splitlines()[0]}") from e
+            given = getattr(factory, "keywords", {}) or {}
+            texts = [f"optimizer.{k}={v!r}" for k, v in given.items() if isinstance(v, str)]
+            hint = f" (text where a number may be expected: {', '.join(texts)})" if texts else ""
+            raise ConfigError(f"optimizer: {str(e).splitlines()[0]}{hint}") from e
     if not scheduler:
         return
     check_keys(scheduler, ("name", "warmup_ratio", "warmup_steps"), "scheduler")
@@ -214,7 +238,9 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
     path = cfg.get("ckpt_path")
     if path is not None and checkable_checkpoint(path):
-        check_checkpoint(path, module)
+        ckpt = check_checkpoint(path, module)
+        if cfg.get("train", True):
+            check_optimizer_state(ckpt, module.optimizer_factory, str(path))
     elif path is not None and Path(str(path)).expanduser().is_dir() and not is_sharded_checkpoint(path):
         raise ConfigError(f"ckpt_path={str(path)!r} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint; "
                           "point it at a .ckpt file, e.g. <run>/checkpoints/last.ckpt")

@@ -113,8 +113,10 @@ def test_exactly_one_source_required():
 
     with pytest.raises(ConfigError, match="exactly one of model.name_or_path"):
         T5Backbone(tokenizer=TOKENIZER)
-    with pytest.raises(ConfigError, match="not a valid T5Config"):
+    with pytest.raises(ConfigError, match=r"model.config.num_heads='x' must be an integer >= 1"):
         T5Backbone(config={"d_model": 32, "num_heads": "x"}, tokenizer=TOKENIZER)
+    with pytest.raises(ConfigError, match="not a valid T5Config"):
+        T5Backbone(config={"d_model": 32, "dropout_rate": "x"}, tokenizer=TOKENIZER)
 
 
 @pytest.mark.parametrize("family, targets", [("t5", ["q", "v"]), ("llama", ["q_proj", "v_proj"])])

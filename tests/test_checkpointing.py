@@ -95,6 +95,7 @@ def test_run_inputs_leave_lightning_s_names_and_sharded_directories_to_lightning
     from eetrain.checkpointing import check_run_inputs, checkable_checkpoint
 
     (tmp_path / "last.ckpt").mkdir()  # DeepSpeed / sharded FSDP: a directory
+    (tmp_path / "last.ckpt" / "latest").write_text("global_step2")  # DeepSpeed's marker
     for name in ("last", "hpc", "best", "registry:model:latest", "s3://bucket/last.ckpt", str(tmp_path / "last.ckpt")):
         assert not checkable_checkpoint(name)
         check_run_inputs(OmegaConf.create({"optimizer": {"lr": 1e-3}, "ckpt_path": name}), _module())
@@ -103,6 +104,32 @@ def test_run_inputs_leave_lightning_s_names_and_sharded_directories_to_lightning
         check_run_inputs(OmegaConf.create({"optimizer": {"lr": 1e-3}, "ckpt_path": str(tmp_path / "x.ckpt")}), _module())
     with pytest.raises(ConfigError, match="optimizer.lr=nan"):
         check_run_inputs(OmegaConf.create({"optimizer": {"lr": float("nan")}, "ckpt_path": None}), _module())
+    (tmp_path / "plain_dir").mkdir()  # a directory with no sharded checkpoint in it
+    with pytest.raises(ConfigError, match=r"is a directory but not a sharded \(DeepSpeed / FSDP\) checkpoint"):
+        check_run_inputs(OmegaConf.create({"optimizer": {"lr": 1e-3}, "ckpt_path": str(tmp_path / "plain_dir")}),
+                         _module())
+
+
+def test_resuming_with_another_optimizer_is_refused_before_fitting(tmp_path):
+    from functools import partial
+
+    from omegaconf import OmegaConf
+    from transformers.optimization import Adafactor
+
+    from eetrain.checkpointing import check_run_inputs
+
+    module = _module()
+    adamw = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    torch.save({"state_dict": module.state_dict(), "optimizer_states": [adamw.state_dict()]}, tmp_path / "a.ckpt")
+    cfg = {"optimizer": {"lr": 1e-3}, "ckpt_path": str(tmp_path / "a.ckpt")}
+    same = EarlyExitModule(make_backbone("t5"), JointLoss({"ce": ExitCrossEntropy()}),
+                           optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    check_run_inputs(OmegaConf.create(cfg), same)
+    other = EarlyExitModule(make_backbone("t5"), JointLoss({"ce": ExitCrossEntropy()}),
+                            optimizer=partial(Adafactor, lr=1e-3, relative_step=False, scale_parameter=False))
+    with pytest.raises(ConfigError, match=r"ckpt_path='.*a.ckpt' was trained with another optimizer \(its settings: "):
+        check_run_inputs(OmegaConf.create(cfg), other)
+    check_run_inputs(OmegaConf.create({**cfg, "train": False}), other)  # evaluation reads the weights alone
 
 
 @pytest.mark.parametrize("lr", [math.nan, math.inf, -1e-3, 0.0, "fast", True])

@@ -137,6 +137,11 @@ class ExitHead(nn.Module):
             p.requires_grad_(True)  # trainable even when the model's own head is frozen (LoRA)
 
 
+#: config sizes that must be positive integers when given (Hugging Face's names across the families)
+SIZES = ("num_layers", "num_decoder_layers", "num_hidden_layers", "d_model", "hidden_size", "d_ff",
+         "intermediate_size", "d_kv", "num_heads", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
 class ExitBackbone(nn.Module):
     """Base class of the family adapters. Subclasses set `family`, `model_class`, `config_class`."""
 
@@ -192,6 +197,10 @@ class ExitBackbone(nn.Module):
         else:
             values = dict(self.config_defaults(self.tokenizer))
             values.update(config or {})
+            for name in SIZES:  # counts and widths that transformers takes as given (0 layers: an empty stack)
+                v = (config or {}).get(name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ConfigError(f"model.config.{name}={v!r} must be an integer >= 1")
             try:
                 cfg = self.config_class(**values)
             except Exception as e:  # transformers 5 raises its own validation errors
@@ -201,10 +210,12 @@ class ExitBackbone(nn.Module):
                 raise ConfigError(f"model.config.num_key_value_heads={groups} must divide num_attention_heads={heads}")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.model = self.model_class(cfg)
+                try:
+                    self.model = self.model_class(cfg)
+                except (KeyError, ValueError, ArithmeticError) as e:  # e.g. an unknown activation name
+                    raise ConfigError(f"model.config: a {self.config_class.__name__} with these settings does not "
+                                      f"build ({type(e).__name__}: {e}); check model.config.*") from e
         self.num_layers: int = self._num_layers()
-        if self.num_layers < 1:
-            raise ConfigError(f"model.config: the {self.family} model has {self.num_layers} exit layers; it needs at least 1")
         self.hidden_size: int = self.model.config.hidden_size
         self.exit_heads: nn.ModuleDict | None = self._exit_heads(exit_head, exit_head_layers, name_or_path)
         if lora:

@@ -409,8 +409,8 @@ class Text2TextDataModule(SplitDataModule):
         metrics: Sequence[str] = ROUGE,
     ):
         for key, v in (("data.max_source_length", max_source_length), ("data.max_target_length", max_target_length)):
-            if int(v) < 1:
-                raise ConfigError(f"{key}={v} must be >= 1")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key}={v!r} must be an integer >= 1 (tokens)")
         super().__init__(tokenizer, collate_fn, hf_name, hf_config, files, batch_size, eval_batch_size, num_workers,
                          {"train": train_split, "validation": val_split, "test": test_split})
         self.metric, self.metrics = check_headline_metric(metric, metrics, "text")
