@@ -151,8 +151,8 @@ def test_wandb_without_a_key_says_how_to_log_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no stored login
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    r = in_process.cli("+experiment=demo", "logger=wandb", "export=false", f"hydra.run.dir={tmp_path / 'run'}",
-                       cwd=tmp_path)
+    # a process of its own: W&B keeps its settings (offline, from other tests) for the life of a process
+    r = cli("+experiment=demo", "logger=wandb", "export=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "logger=wandb: " in r.stderr and "Or log offline: WANDB_MODE=offline" in r.stderr
     assert "Traceback" not in r.stderr
