@@ -152,6 +152,10 @@ def check_learning_rate(optimizer: Mapping[str, Any] | None, key: str = "optimiz
         raise ConfigError(f"{key}={lr!r}; allowed: a finite number > 0 (e.g. 1e-4)")
 
 
+#: flags of torch's optimizers that are not settings of the algorithm (added over torch releases)
+TORCH_OPTIMIZER_SWITCHES = {"foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay"}
+
+
 def check_optimizer_state(ckpt: Mapping[str, Any], factory: Any, shown: str) -> None:
     """Resuming restores the optimizer's state: the checkpoint's must be of the optimizer configured now
     (its parameter groups carry the same settings), or Lightning fails inside the optimizer's step."""
@@ -162,7 +166,9 @@ def check_optimizer_state(ckpt: Mapping[str, Any], factory: Any, shown: str) -> 
     if not groups:
         return
     theirs = set(groups[0]) - {"params"}
-    ours = set(factory([torch.nn.Parameter(torch.zeros(1))]).defaults)
+    # torch adds implementation switches to its optimizers' defaults over releases, and fills them in when a
+    # state from an older release loads: only the optimizer's own settings tell two optimizers apart
+    ours = set(factory([torch.nn.Parameter(torch.zeros(1))]).defaults) - TORCH_OPTIMIZER_SWITCHES
     if not ours <= theirs:
         raise ConfigError(
             f"ckpt_path={shown!r} was trained with another optimizer (its settings: {sorted(theirs)}; the configured "
@@ -204,7 +210,9 @@ def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | No
     check_keys(scheduler, ("name", "warmup_ratio", "warmup_steps"), "scheduler")
     from transformers import SchedulerType
 
-    name, names = scheduler.get("name"), [t.value for t in SchedulerType]
+    # the schedules transformers builds from warmup and total steps alone (min_lr / decay-step ones need more)
+    needs_more = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+    name, names = scheduler.get("name"), [t.value for t in SchedulerType if t.value not in needs_more]
     if name is not None and name not in names:
         raise ConfigError(f"scheduler.name={name!r}; allowed: {', '.join(names)}")
     ratio = scheduler.get("warmup_ratio", 0.0)
@@ -229,8 +237,10 @@ def checkable_checkpoint(path: Any) -> bool:
 
 
 def check_run_inputs(cfg: Any, module: Any) -> None:
-    """Before any training or evaluation: `optimizer.lr`, and `ckpt_path` (when it names a checkpoint
-    file) against `module`."""
+    """Before any training or evaluation: unknown `exits` keys, trainer counts Lightning divides by,
+    `optimizer.lr`, the optimizer and scheduler settings, and `ckpt_path` (a checkpoint file against
+    `module` and, when fitting, its optimizer state against the configured optimizer; a directory only
+    when it holds a sharded checkpoint)."""
     if cfg.get("exits") is not None:
         check_keys(cfg.exits, ("layers", "min_layer", "train_below_min"), "exits")
     check_trainer_counts(cfg.get("trainer") or {})

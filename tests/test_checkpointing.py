@@ -125,6 +125,11 @@ def test_resuming_with_another_optimizer_is_refused_before_fitting(tmp_path):
     same = EarlyExitModule(make_backbone("t5"), JointLoss({"ce": ExitCrossEntropy()}),
                            optimizer=partial(torch.optim.AdamW, lr=1e-3))
     check_run_inputs(OmegaConf.create(cfg), same)
+    state = adamw.state_dict()  # a state from an older torch: fewer implementation switches, still AdamW
+    state["param_groups"][0].pop("decoupled_weight_decay", None)
+    state["param_groups"][0].pop("fused", None)
+    torch.save({"state_dict": module.state_dict(), "optimizer_states": [state]}, tmp_path / "old.ckpt")
+    check_run_inputs(OmegaConf.create({**cfg, "ckpt_path": str(tmp_path / "old.ckpt")}), same)
     other = EarlyExitModule(make_backbone("t5"), JointLoss({"ce": ExitCrossEntropy()}),
                             optimizer=partial(Adafactor, lr=1e-3, relative_step=False, scale_parameter=False))
     with pytest.raises(ConfigError, match=r"ckpt_path='.*a.ckpt' was trained with another optimizer \(its settings: "):

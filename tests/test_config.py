@@ -106,6 +106,7 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["+optimizer.betas=[0.9]"], "optimizer: "),
         (["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
         (["scheduler.name=zigzag"], "scheduler.name='zigzag'; allowed: linear, cosine"),
+        (["scheduler.name=warmup_stable_decay"], "scheduler.name='warmup_stable_decay'; allowed: linear, cosine"),
         (["scheduler.warmup_ratio=1.5"], "scheduler.warmup_ratio=1.5; allowed: a number in [0, 1)"),
         (["exits.train_below_min=maybe"], "exits.train_below_min='maybe'; allowed: true or false"),
         (["trainer.max_epochs=-5"], "trainer: `max_epochs` must be a non-negative integer or -1"),

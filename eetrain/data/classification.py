@@ -62,7 +62,7 @@ class ClassificationDataModule(SplitDataModule):
 
     def check_fits(self, backbone: Any) -> None:
         super().check_fits(backbone)
-        limit = getattr(backbone, "max_positions", None)
+        limit = backbone.max_positions
         if limit is not None and self.max_length > limit:
             raise ConfigError(f"data.max_length={self.max_length} is longer than the {backbone.family} model's "
                               f"{limit} positions (model.config.max_position_embeddings); lower data.max_length")
