@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eetrain.decoding import ScheduledExits, generate
+from eetrain.decoding import ScheduledExits, generate, speculative_accept
 from eetrain.errors import ConfigError
 from eetrain.exits.classifiers import CalmClassifier, LSTMClassifier, ThreeStateMLP
 from eetrain.exits.policy import ExitPolicy
@@ -190,6 +190,87 @@ def test_self_speculative_batch_equals_full(model, draft_layer, draft_tokens, st
     assert all(set(row) <= {draft_layer, L} for row in layers)
     if draft_layer == L - 1:  # rows accept different numbers of drafts, so they sit at different slots
         assert len({row.count(draft_layer) for row in layers}) > 1
+
+
+def test_speculative_accept_hand_checked():
+    # p = the full model's distribution, q = the draft's, at k = 2 drafted positions of 2 rows
+    p = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.8, 0.1]]] * 2)
+    q = torch.tensor([[[0.2, 0.5, 0.3], [0.6, 0.2, 0.2]]] * 2)
+    drafts = torch.tensor([[1, 0], [1, 0]])  # p/q of the drafts: 0.3/0.5 = 0.6, then 0.1/0.6 = 1/6
+    # row 0: u = 0.7 >= 0.6 rejects the first draft: the replacement comes from max(0, p - q) = [0.3, 0, 0]
+    # row 1: u = 0.5 keeps it, u = 0.5 >= 1/6 rejects the second: from max(0, p - q) = [0, 0.6, 0] -> 1
+    accepted, replacement = speculative_accept(p, q, drafts, torch.tensor([[0.7, 0.0], [0.5, 0.5]]))
+    assert accepted.tolist() == [0, 1]
+    assert replacement.tolist() == [0, 1]
+    accepted, _ = speculative_accept(p, q, drafts, torch.tensor([[0.59, 0.16], [0.0, 0.0]]))
+    assert accepted.tolist() == [2, 2]  # both under their ratios: every draft kept
+    same = torch.tensor([[[0.0, 1.0, 0.0]]])  # p = q: always kept, and a vanished residual falls back to p
+    assert speculative_accept(same, same, torch.tensor([[1]]), torch.tensor([[0.999]]))[0].tolist() == [1]
+
+
+def test_speculative_accept_keeps_the_full_distribution():
+    # drafts drawn from q, kept or replaced: the emitted token at each position follows p (where emitted)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    q = torch.tensor([[0.2, 0.5, 0.3], [0.4, 0.4, 0.2]])
+    drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(2)], dim=1)
+    accepted, replacement = speculative_accept(p.expand(n, 2, 3), q.expand(n, 2, 3), drafts,
+                                               torch.rand(n, 2, generator=g), g)
+    first = torch.where(accepted >= 1, drafts[:, 0], replacement)
+    reached = accepted >= 1  # the second position is emitted only after the first draft was kept
+    second = torch.where(accepted >= 2, drafts[:, 1], replacement)[reached]
+    for tokens, target in ((first, p[0]), (second, p[1])):
+        freq = torch.bincount(tokens, minlength=3).double() / len(tokens)
+        assert torch.allclose(freq, target.double(), atol=0.006), (freq, target)
+
+
+def full_model_probs(bb, source, prefixes, temperature):
+    """`(len(prefixes), V)` the full model's sampling distribution after each generated `prefix`."""
+    ids = torch.tensor([source] * len(prefixes))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        if bb.family == "t5":
+            start = torch.full((len(prefixes), 1), bb.model.config.decoder_start_token_id)
+            logits = bb.model(input_ids=ids, attention_mask=mask,
+                              decoder_input_ids=torch.cat([start, torch.tensor(prefixes, dtype=torch.long)], dim=1)).logits
+        else:
+            full = torch.cat([ids, torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), -1)], dim=1)
+            logits = bb.model(input_ids=full, attention_mask=torch.ones_like(full)).logits
+    return torch.softmax(logits[:, -1] / temperature, dim=-1)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_self_speculative_sampling_follows_the_full_model(family):
+    # a 24-token vocabulary, so that 8000 samples pin each token's frequency; E = 1 drafts from a
+    # distribution far from the full model's (total variation ~0.4), so skipping or botching the
+    # verification would be seen
+    size = dict(num_layers=L, num_decoder_layers=L, initializer_factor=2.0) if family == "t5" else \
+        dict(num_hidden_layers=L, initializer_range=0.1)
+    bb = make_backbone(family, vocab_size=24, **size).eval()
+    source, n, vocab = [5, 17, 3, 9, 12, 7, 1], 8000, 24
+    batch = {"input_ids": torch.tensor([source] * n), "attention_mask": torch.ones(n, len(source), dtype=torch.long)}
+    out = generate(bb, batch, strategy="self_speculative", draft_layer=1, draft_tokens=2, max_new_tokens=3,
+                   temperature=1.0, seed=3, stop_at_eos=False)
+    p1 = full_model_probs(bb, source, [[]], 1.0)[0]
+    p2 = (p1[:, None] * full_model_probs(bb, source, [[t] for t in range(vocab)], 1.0)).sum(dim=0)
+    draft = generate(bb, batch, "fixed:1", max_new_tokens=2, temperature=1.0, seed=3, stop_at_eos=False)
+
+    def tv(tokens, target):
+        return 0.5 * float((torch.bincount(tokens, minlength=vocab) / n - target).abs().sum())
+
+    assert tv(out.tokens[:, 0], p1) < 0.05 and tv(out.tokens[:, 1], p2) < 0.05
+    assert tv(draft.tokens[:, 1], p2) > 0.15  # what unverified drafts would give
+    assert 0.1 < (out.exit_layers[:, 1:] == 1).float().mean() < 0.9  # drafts both kept and replaced
+
+
+def test_self_speculative_sampling_is_seeded_and_top_p_one_token_is_greedy(model):
+    kw = dict(strategy="self_speculative", draft_layer=2, draft_tokens=3, max_new_tokens=NEW, stop_at_eos=False)
+    batch = padded_batch(model)
+    a = generate(model, batch, temperature=1.0, seed=5, **kw)
+    assert a.tokens.tolist() == generate(model, batch, temperature=1.0, seed=5, **kw).tokens.tolist()
+    greedy = generate(model, batch, None, max_new_tokens=NEW, stop_at_eos=False)
+    assert generate(model, batch, temperature=1.0, top_p=1e-6, **kw).sequences() == greedy.sequences()
 
 
 # --- per-sample exits at batch > 1 = each row alone ----------------------------------------------------

@@ -235,6 +235,16 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
     assert summary["examples"] == 4 and summary["batch_size"] == 4
     assert "token consistency with the full model" in r.stdout
 
+    r = cli(  # LayerSkip's draft-and-verify with sampling: speculative sampling
+        "+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",
+        "decoding.max_examples=4", "decoding.strategy=self_speculative", "decoding.draft_layer=2",
+        "decoding.temperature=0.8", "decoding.top_p=0.9", cwd=tmp_path, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((gen / "generation_summary.json").read_text())
+    assert summary["strategy"] == "self_speculative" and summary["policy"] == "draft:2x4"
+    assert "Early-exit generation (sampled)" in r.stdout
+
     r = cli("+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",
             "decoding.strategy=self_speculative", "decoding.draft_layer=4", cwd=tmp_path)
     assert r.returncode == 2 and "decoding.draft_layer=4; allowed: 1..3" in r.stderr

@@ -7,8 +7,8 @@ gives the exit policy (and strategy) a training run exported.
 """
 
 from eetrain.decoding.decisions import LayerDecider, ScheduledExits
-from eetrain.decoding.generate import BATCH_MODES, STRATEGIES, GenerateOutput, generate
+from eetrain.decoding.generate import BATCH_MODES, STRATEGIES, GenerateOutput, generate, speculative_accept
 from eetrain.decoding.settings import load_export_policy
 
 __all__ = ["BATCH_MODES", "STRATEGIES", "GenerateOutput", "LayerDecider", "ScheduledExits", "generate",
-           "load_export_policy"]
+           "load_export_policy", "speculative_accept"]

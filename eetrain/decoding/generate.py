@@ -12,7 +12,9 @@ Layers a token skips still need keys/values, since later tokens attend to them (
   over the waiting positions and the new token), so deep keys/values equal the full model's.
 * ``self_speculative`` (LayerSkip): draft ``draft_tokens`` tokens with layers 1..``draft_layer`` and
   the shared head, verify them with the remaining layers in one forward, keep the accepted prefix
-  and the correction. The output equals full-model greedy decoding.
+  and the correction. Greedy, the output equals full-model greedy decoding; sampling (temperature > 0,
+  top_p), drafts are drawn from the draft's distribution and verified by speculative sampling, so the
+  output is distributed as the full model's samples.
 
 Both ``copy`` and ``parallel`` are *lazy*: a skipped position waits until a later token of its row
 needs that layer, then every waiting position of the row is handled in one batched call. So layers
@@ -182,6 +184,18 @@ def _as_decider(
     return LayerDecider(policy, backbone, backbone.num_layers, candidates=candidates)
 
 
+def sampling_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The distribution sampling draws from: `softmax(logits / temperature)` cut to the smallest set of
+    most likely tokens whose mass reaches `top_p` (nucleus), renormalised. `(..., V)` -> `(..., V)` float."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # the most likely token is always kept
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
 class _Sampler:
     """Greedy (temperature 0) or temperature / nucleus sampling with its own seeded generator."""
 
@@ -191,17 +205,43 @@ class _Sampler:
         if temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def probs(self, logits: Tensor) -> Tensor:
+        """`(..., V)` logits -> the `(..., V)` distribution `__call__` draws from (sampling only)."""
+        return sampling_probs(logits, self.temperature, self.top_p)
+
     def __call__(self, logits: Tensor) -> Tensor:
         """`(n, V)` -> `(n,)` token ids."""
         if self.generator is None:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if self.top_p < 1:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(dim=-1) - sorted_p < self.top_p  # the smallest set with mass >= top_p
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        return torch.multinomial(self.probs(logits), 1, generator=self.generator)[:, 0]
+
+
+def speculative_accept(
+    p: Tensor, q: Tensor, drafts: Tensor, uniform: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Speculative sampling's verification (Leviathan et al. 2023, Chen et al. 2023), row by row.
+
+    p, q: `(n, k, V)` the full model's and the draft's distributions at the k drafted positions;
+    drafts: `(n, k)` the drafted tokens (each drawn from its q); uniform: `(n, k)` draws from U[0, 1).
+    Draft j is kept when every earlier one was and `uniform_j < p_j(d_j) / q_j(d_j)`; at the first
+    rejected position the replacement is drawn from `max(0, p_j - q_j)`, renormalised. The kept drafts
+    and the replacement are then distributed exactly as tokens drawn from p one by one.
+    Returns `accepted (n,)` long in 0..k and `replacement (n,)` (the token at position `accepted`,
+    meaningful where accepted < k).
+    """
+    n, k, _ = p.shape
+    p_d = p.gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    keep = uniform * q_d < p_d  # u < p/q without dividing; q_d > 0 for a token drawn from q
+    accepted = keep.long().cumprod(dim=1).sum(dim=1)
+    at = accepted.clamp_max(k - 1)
+    rows = torch.arange(n, device=p.device)
+    p_at, q_at = p[rows, at], q[rows, at]
+    residual = (p_at - q_at).clamp_min(0)
+    # where p = q (up to rounding) a rejection has probability ~0 and the residual may vanish: draw from p
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_at)
+    replacement = torch.multinomial(residual, 1, generator=generator)[:, 0]
+    return accepted, replacement
 
 
 @torch.no_grad()
@@ -250,9 +290,8 @@ def generate(
         backbone.eval()
     try:
         if strategy == "self_speculative":
-            return _self_speculative(
-                backbone, batch, max_new_tokens, draft_layer, draft_tokens, temperature, stop_at_eos
-            )
+            sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
+            return _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler, stop_at_eos)
         decider = _as_decider(policy, backbone, seed, candidates, check_every)
         size = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
@@ -550,7 +589,7 @@ def _self_speculative(
     max_new: int,
     draft_layer: int | None,
     draft_tokens: int,
-    temperature: float,
+    sampler: _Sampler,
     stop_at_eos: bool,
 ) -> GenerateOutput:
     """LayerSkip's self-speculative decoding, every row at once.
@@ -558,7 +597,9 @@ def _self_speculative(
     Each round, every unfinished row drafts k tokens with layers 1..E and the head at E (one batched
     call per layer and draft step) and verifies them with layers E+1..L in one batched call over its k
     positions; each row keeps its own accepted prefix and the correction, so rows move on by different
-    amounts and sit at their own cache slots (per-row slots). Lossless: a row's output is full greedy.
+    amounts and sit at their own cache slots (per-row slots). Lossless: greedy, a row's output is full
+    greedy; sampling, drafts come from the layer-E distribution and `speculative_accept` keeps them so
+    that a row's tokens are distributed as the full model's samples.
     """
     L = backbone.num_layers
     E = L // 2 if draft_layer is None else draft_layer
@@ -568,9 +609,8 @@ def _self_speculative(
         )
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ConfigError(f"decoding.draft_tokens={draft_tokens!r}; allowed: an integer >= 1")
-    if temperature > 0:
-        raise ConfigError("decoding.strategy=self_speculative is greedy (lossless); set decoding.temperature=0")
     k = draft_tokens
+    sampling = sampler.generator is not None
     dev = batch["input_ids"].device
     pad = backbone.pad_token_id
     eos = backbone.eos_token_id if stop_at_eos else None
@@ -586,7 +626,7 @@ def _self_speculative(
     out: list[list[int]] = [[] for _ in range(B)]
     layer_of: list[list[int]] = [[] for _ in range(B)]
     if ctx.prefill_states is not None:  # LLaMA: the prompt's prefill gave the first token at full depth
-        nxt = backbone.exit_logits(ctx.prefill_states[-1]).argmax(dim=-1)
+        nxt = sampler(backbone.exit_logits(ctx.prefill_states[-1]))
         for r, tok in enumerate(nxt.tolist()):
             out[r].append(tok)
             layer_of[r].append(L)
@@ -605,24 +645,36 @@ def _self_speculative(
         idx = torch.tensor(rows, device=dev)
         sub = None if len(rows) == B else idx
         base, x = slot[idx], nxt[idx]
-        drafts, states = [], []
+        drafts, states, draft_probs = [], [], []
         for i in range(k):  # draft with layers 1..E
             h = backbone.decode_embed(x[:, None])
             for layer in range(1, E + 1):
                 h = backbone.decode_layer(ctx, layer, h, sub, (base + i)[:, None])
             states.append(h)
-            x = backbone.exit_logits(h[:, 0], E).argmax(dim=-1)
+            logits = backbone.exit_logits(h[:, 0], E)
+            if sampling:
+                draft_probs.append(sampler.probs(logits))
+                x = torch.multinomial(draft_probs[-1], 1, generator=sampler.generator)[:, 0]
+            else:
+                x = logits.argmax(dim=-1)
             drafts.append(x)
         h = torch.cat(states, dim=1)  # (n, k, d): layer-E states of the inputs at base..base+k-1
         for layer in range(E + 1, L + 1):  # verify every row's drafts with the deep layers in one pass
             h = backbone.decode_layer(ctx, layer, h, sub, base[:, None] + offsets)
-        full = backbone.exit_logits(h.reshape(-1, h.shape[-1])).argmax(dim=-1).view(len(rows), k)
+        full = backbone.exit_logits(h.reshape(-1, h.shape[-1])).view(len(rows), k, -1)
         draft = torch.stack(drafts, dim=1)
-        agreed = (draft == full).long().cumprod(dim=1).sum(dim=1).tolist()  # each row's accepted prefix
-        draft_l, full_l = draft.tolist(), full.tolist()
+        if sampling:
+            uniform = torch.rand(draft.shape, generator=sampler.generator, device=dev)
+            agreed_t, fix = speculative_accept(sampler.probs(full), torch.stack(draft_probs, dim=1), draft, uniform,
+                                               sampler.generator)
+        else:
+            best = full.argmax(dim=-1)
+            agreed_t = (draft == best).long().cumprod(dim=1).sum(dim=1)  # each row's accepted prefix
+            fix = best.gather(1, agreed_t.clamp_max(k - 1)[:, None])[:, 0]  # the full model's token there
+        agreed, draft_l, fix_l = agreed_t.tolist(), draft.tolist(), fix.tolist()
         for j, r in enumerate(rows):
             m = agreed[j]
-            accepted = draft_l[j][:m] + ([full_l[j][m]] if m < k else [])
+            accepted = draft_l[j][:m] + ([fix_l[j]] if m < k else [])
             layers = [E] * m + ([L] if m < k else [])
             for tok, lay in zip(accepted, layers, strict=True):
                 if finished(r):
