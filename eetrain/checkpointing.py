@@ -243,6 +243,7 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     when it holds a sharded checkpoint)."""
     if cfg.get("exits") is not None:
         check_keys(cfg.exits, ("layers", "min_layer", "train_below_min"), "exits")
+    check_head_layers(cfg.get("model"), module.backbone)
     check_trainer_counts(cfg.get("trainer") or {})
     check_learning_rate(cfg.get("optimizer"))
     check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
@@ -254,6 +255,23 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     elif path is not None and Path(str(path)).expanduser().is_dir() and not is_sharded_checkpoint(path):
         raise ConfigError(f"ckpt_path={str(path)!r} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint; "
                           "point it at a .ckpt file, e.g. <run>/checkpoints/last.ckpt")
+
+
+def check_head_layers(model_cfg: Any, backbone: ExitBackbone) -> None:
+    """`model.exit_head_layers` set by hand (not the `${exits.layers}` it defaults to) chooses per-layer
+    heads; with a shared head nothing reads it, so the run would not be the one asked for."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(model_cfg, DictConfig) or "exit_head_layers" not in model_cfg:
+        return
+    if OmegaConf.is_interpolation(model_cfg, "exit_head_layers") or model_cfg.exit_head_layers is None:
+        return
+    if backbone.exit_heads is None:
+        raise ConfigError(
+            f"model.exit_head_layers={OmegaConf.to_container(model_cfg.exit_head_layers)} chooses per-layer "
+            f"exit heads, but model.exit_head={model_cfg.get('exit_head') or 'null (here: shared)'} gives every "
+            "exit the model's own head; set model.exit_head=per_layer, or drop model.exit_head_layers"
+        )
 
 
 def is_sharded_checkpoint(path: Any) -> bool:

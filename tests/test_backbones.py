@@ -108,6 +108,21 @@ def test_from_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(bb.model_logits(batch), again.model_logits(batch))
 
 
+@pytest.mark.parametrize("family,typo,near", [("t5", "num_layer", "num_layers"), ("llama", "hidden_layers", "num_hidden_layers"),
+                                             ("bert", "hidden_sizes", "hidden_size")])
+def test_a_config_key_nothing_reads_is_refused(family, typo, near):
+    # Hugging Face configs keep any keyword: a misspelt size would silently build the default model
+    with pytest.raises(ConfigError, match=rf"model.config.{typo}: not a \w+Config setting.*did you mean {near}"):
+        make_backbone(family, **{typo: 2})
+
+
+def test_config_names_the_class_converts_or_maps_are_accepted():
+    llama = make_backbone("llama", rope_theta=5000.0)  # a legacy name transformers 5 converts
+    assert llama.model.config.rope_parameters["rope_theta"] == 5000.0
+    t5 = make_backbone("t5", hidden_size=48, num_heads=4)  # T5Config's attribute_map: hidden_size -> d_model
+    assert t5.hidden_size == 48
+
+
 def test_exactly_one_source_required():
     from eetrain.backbones import T5Backbone
 

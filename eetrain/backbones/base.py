@@ -142,6 +142,24 @@ SIZES = ("num_layers", "num_decoder_layers", "num_hidden_layers", "d_model", "hi
          "intermediate_size", "d_kv", "num_heads", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
 
+def _refuse_unread_keys(cfg: Any, given: Mapping[str, Any]) -> None:
+    """A `model.config` key that the config class neither declares nor converts (e.g. a misspelt
+    `num_layer`) is stored as is and read by nothing: the model would silently be built without it.
+    Legacy names the class converts (LLaMA's `rope_theta`) are consumed, so they pass."""
+    import difflib
+
+    known = set(type(cfg)().to_dict()) | set(getattr(type(cfg), "attribute_map", {}))
+    stored = cfg.to_dict()
+    for key in given:
+        if key not in known and key in stored:
+            near = difflib.get_close_matches(key, sorted(known), n=3)
+            raise ConfigError(
+                f"model.config.{key}: not a {type(cfg).__name__} setting, so nothing would read it"
+                + (f" (did you mean {', '.join(near)}?)" if near else "")
+                + f"; the settings are {type(cfg).__name__}'s arguments (transformers)"
+            )
+
+
 class ExitBackbone(nn.Module):
     """Base class of the family adapters. Subclasses set `family`, `model_class`, `config_class`."""
 
@@ -205,6 +223,7 @@ class ExitBackbone(nn.Module):
                 cfg = self.config_class(**values)
             except Exception as e:  # transformers 5 raises its own validation errors
                 raise ConfigError(f"model.config is not a valid {self.config_class.__name__}: {e}") from e
+            _refuse_unread_keys(cfg, config or {})
             heads, groups = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
             if heads and groups and heads % groups:  # grouped-query attention shares each key/value head
                 raise ConfigError(f"model.config.num_key_value_heads={groups} must divide num_attention_heads={heads}")
