@@ -70,6 +70,12 @@ def test_load_export_policy_decodes_from_python_as_the_cli_would(tmp_path):
     got = generate(bb, batch, policy, max_new_tokens=6, **kw)
     want = generate(bb, batch, ExitPolicy("softmax_gap", 0.37, min_exit_layer=2), max_new_tokens=6, strategy="parallel")
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.exit_layers, want.exit_layers)
+    # the README's example: the tokenizer's padded batch goes in as is, the texts come out
+    enc = bb.tokenizer(["an article to summarise", "another one"], return_tensors="pt", padding=True)
+    out = generate(bb, enc, policy, max_new_tokens=6, **kw)
+    texts = bb.tokenizer.batch_decode(out.sequences(), skip_special_tokens=True)
+    alone = generate(bb, bb.tokenizer(["another one"], return_tensors="pt"), policy, max_new_tokens=6, **kw)
+    assert len(texts) == 2 and texts[1] == bb.tokenizer.decode(alone.sequences()[0], skip_special_tokens=True)
     # a classifier policy reads its weights beside the model; "full" means no policy
     save_classifier(make_classifier("calm", bb.hidden_size), export / "exit_classifier_calm.pt")
     settings["policy"] = {"measure": "classifier:calm", "threshold": 0.8, "min_exit_layer": 1}
