@@ -18,6 +18,8 @@ and ``random:4`` x ``copy`` / ``parallel``; batches 2..63: ``random:4`` with ``r
 At every batch size also ``self_speculative`` (``draft:ExK``: drafts from layer E = L / 2, K per round,
 every row at once): lossless, so it has no ``static`` ceiling; with random weights its acceptance (and
 so its speed-up) says little about a trained model's.
+``--temperature T`` samples every implementation instead (``hf`` with ``do_sample``); ``self_speculative``
+then draws its drafts at layer E and keeps them by speculative sampling.
 Each ``eetrain`` row gets a ``static`` model at the depth its batch mode can reach: the rounded mean
 exit layer (batch 1, ``gather``) or the rounded mean of the per-step deepest exit (``ride_along``);
 ``ceiling_fraction = t_static / t_eetrain`` (1.0: the exits cost nothing beyond the layers run).
@@ -30,6 +32,7 @@ Usage::
 
     python benchmarks/decoding.py --shape cpu --device cpu --threads 1
     python benchmarks/decoding.py --shape cpu --device cpu --crossover --json
+    python benchmarks/decoding.py --shape cpu --device cpu --batches 1,8 --temperature 1.0
     python benchmarks/decoding.py --shape llama-1b --device cuda --json
 
 Timing: every implementation of a batch size is warmed up once, then timed ``--repeats`` times with
@@ -244,8 +247,9 @@ def _cache_kwarg() -> str:
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
-def hf_generate(backbone, batch: dict, new_tokens: int):
-    """Greedy HF `generate` of exactly `new_tokens` tokens per row; returns their ids `(B, new_tokens)`.
+def hf_generate(backbone, batch: dict, new_tokens: int, temperature: float = 0.0):
+    """HF `generate` of exactly `new_tokens` tokens per row, greedy or (temperature > 0) sampled; returns
+    their ids `(B, new_tokens)`.
 
     T5: transformers 5 sizes the decoder's self-attention cache by the *encoder* depth (`num_layers`)
     and `generate` fails with an IndexError when `num_decoder_layers` is larger (the `cpu` shape:
@@ -257,9 +261,11 @@ def hf_generate(backbone, batch: dict, new_tokens: int):
         from transformers import DynamicCache, EncoderDecoderCache
 
         kwargs[_cache_kwarg()] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    out = backbone.model.generate(
-        **batch, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
-    )
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    out = backbone.model.generate(**batch, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     return out[:, -new_tokens:]
 
 
@@ -297,18 +303,20 @@ class _Run:
         return statistics.median(self.seconds)
 
 
-def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int) -> _Run:
+def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int, temperature: float = 0.0) -> _Run:
     from eetrain.decoding import generate
 
     if spec.impl == "hf":
-        return _Run(spec, lambda: hf_generate(backbone, batch, new_tokens))
+        return _Run(spec, lambda: hf_generate(backbone, batch, new_tokens, temperature))
     if spec.strategy == "self_speculative":
         layer, k = (int(v) for v in spec.exits.split(":")[1].split("x"))
         return _Run(spec, lambda: generate(backbone, batch, strategy="self_speculative", draft_layer=layer,
-                                           draft_tokens=k, max_new_tokens=new_tokens, stop_at_eos=False))
+                                           draft_tokens=k, max_new_tokens=new_tokens, stop_at_eos=False,
+                                           temperature=temperature))
     policy = (spec.policy or spec.exits) if spec.impl == "eetrain" else None
     return _Run(spec, lambda: generate(backbone, batch, policy, strategy=spec.strategy, batch_mode=spec.batch_mode,
-                                       max_new_tokens=new_tokens, stop_at_eos=False, candidates=spec.candidates))
+                                       max_new_tokens=new_tokens, stop_at_eos=False, candidates=spec.candidates,
+                                       temperature=temperature))
 
 
 def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> None:
@@ -343,7 +351,7 @@ def ceiling_depth(out, batch: int, batch_mode: str) -> int:
 
 def bench_batch(
     backbone, statics: dict[int, Any], batch_size: int, shape_name: str, new_tokens: int, repeats: int,
-    device: str, crossover: bool = False, policies: bool = False,
+    device: str, crossover: bool = False, policies: bool = False, temperature: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Time every row of one batch size (statics: truncated models by depth, filled as needed)."""
     import torch
@@ -360,7 +368,7 @@ def bench_batch(
     specs = plan(batch_size, L, crossover)
     if policies:
         specs = [Spec("full")] + real_policies(backbone)
-    runs = [_make_run(s, backbone, batch, new_tokens) for s in specs]
+    runs = [_make_run(s, backbone, batch, new_tokens, temperature) for s in specs]
     for run in runs:  # warm-up; eetrain's exit layers fix the static depths
         run(sync)
     full = next(r for r in runs if r.spec.impl == "full")
@@ -372,7 +380,7 @@ def bench_batch(
                 if depth not in statics:
                     statics[depth] = truncate(backbone, depth)
                 spec = Spec("static", f"truncated:{depth}", depth=depth)
-                ceiling[depth] = _make_run(spec, statics[depth], batch, new_tokens)
+                ceiling[depth] = _make_run(spec, statics[depth], batch, new_tokens, temperature)
                 ceiling[depth](sync)
                 runs.append(ceiling[depth])
 
@@ -409,6 +417,7 @@ def bench_batch(
             "shape": shape_name,
             "dtype": shape.dtype,
             "new_tokens": new_tokens,
+            "temperature": temperature,
             "seconds": t,
             "times": [round(s, 4) for s in run.seconds],
             "load_avg": load,
@@ -430,13 +439,17 @@ def run_benchmark(
     threads: int | None = None,
     crossover: bool = False,
     policies: bool = False,
+    temperature: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Build the shape's model once and time every batch size's rows; one record per row."""
+    """Build the shape's model once and time every batch size's rows; one record per row (every
+    implementation greedy, or sampled at `temperature` > 0)."""
     import torch
     import transformers
 
     if repeats < 1 or (new_tokens is not None and new_tokens < 1):
         raise ValueError(f"repeats ({repeats}) and new_tokens ({new_tokens}) must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature ({temperature}) must be >= 0 (0: greedy)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
     if threads:
@@ -456,7 +469,7 @@ def run_benchmark(
         records = []
         for b in batches:
             for rec in bench_batch(backbone, statics, b, shape_name, new_tokens, repeats, device, crossover,
-                                   policies):
+                                   policies, temperature):
                 records.append({**rec, **machine})
     return records
 
@@ -547,6 +560,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time random:4 ride_along vs gather per batch size; print where gather wins")
     p.add_argument("--policies", action="store_true",
                    help="rows with real exit policies (thresholds tuned to a mean exit near 4): what deciding costs")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample every implementation at this temperature (0: greedy); self_speculative then "
+                        "verifies its drafts by speculative sampling")
     p.add_argument("--json", action="store_true", help="one JSON object per row, one per line")
     return p.parse_args(argv)
 
@@ -555,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     batches = args.batches or ((1,) if args.policies else None)
     records = run_benchmark(args.shape, args.device, batches, args.new_tokens, args.repeats,
-                            args.threads, args.crossover, args.policies)
+                            args.threads, args.crossover, args.policies, args.temperature)
     if args.json:
         for rec in records:
             print(json_line(rec), flush=True)
@@ -563,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         r0, shape = records[0], SHAPES[args.shape]
         print(f"shape={args.shape} ({shape.note}) source={shape.source} new_tokens={r0['new_tokens']} "
               f"device={args.device}{' (' + r0['gpu'] + ')' if r0['gpu'] else ''} dtype={r0['dtype']} "
-              f"threads={r0['threads']} repeats={args.repeats} (median, interleaved) torch={r0['torch']} "
+              f"threads={r0['threads']} repeats={args.repeats} (median, interleaved) "
+              f"{'sampled at temperature ' + format(args.temperature, 'g') if args.temperature else 'greedy'} "
+              f"torch={r0['torch']} "
               f"transformers={r0['transformers']}")
         print("speedup = t_full / t; ceiling = t_static / t_eetrain @ static depth; "
               "decision = share of the time in exit decisions; = full = share of tokens equal to full's")

@@ -142,3 +142,18 @@ def test_policy_rows_exit_where_their_thresholds_say(bench):
         assert r["mean_exit_layer"] == bench.POLICY_EXIT_LAYER and r["checks_per_token"] == checks
         assert r["check_cost_layers"] > 0 and r["ceiling_depth"] == bench.POLICY_EXIT_LAYER
         assert 0 < r["decision_fraction"] < 1
+
+
+def test_sampled_rows(bench):
+    """--temperature: every implementation samples (HF too); self_speculative verifies by speculative sampling."""
+    threads = torch.get_num_threads()
+    try:
+        records = bench.run_benchmark("tiny", "cpu", (2,), new_tokens=4, repeats=1, threads=1, temperature=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["impl"] for r in records} == set(bench.IMPLS) and {r["temperature"] for r in records} == {1.0}
+    spec = _rows(records, strategy="self_speculative")
+    assert len(spec) == 1 and all(math.isfinite(r["speedup"]) for r in records)
+    assert records[0]["num_layers"] // 2 <= spec[0]["mean_exit_layer"] <= records[0]["num_layers"]
+    with pytest.raises(ValueError, match="temperature"):
+        bench.run_benchmark("tiny", "cpu", (1,), temperature=-1.0)
