@@ -267,8 +267,11 @@ def check_head_layers(model_cfg: Any, backbone: ExitBackbone) -> None:
     if OmegaConf.is_interpolation(model_cfg, "exit_head_layers") or model_cfg.exit_head_layers is None:
         return
     if backbone.exit_heads is None:
+        value = model_cfg.exit_head_layers
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
         raise ConfigError(
-            f"model.exit_head_layers={OmegaConf.to_container(model_cfg.exit_head_layers)} chooses per-layer "
+            f"model.exit_head_layers={value} chooses per-layer "
             f"exit heads, but model.exit_head={model_cfg.get('exit_head') or 'null (here: shared)'} gives every "
             "exit the model's own head; set model.exit_head=per_layer, or drop model.exit_head_layers"
         )
