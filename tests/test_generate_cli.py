@@ -30,6 +30,20 @@ def test_token_and_sequence_consistency_hand_checked():
         token_consistency([[1]], [])
 
 
+def test_task_scores_hand_checked():
+    from eetrain.decoding.stage import task_scores
+
+    rows = [{"output": "the cat sat", "full_output": "the cat ran", "reference": "the cat sat"},
+            {"output": "a dog", "full_output": "a dog", "reference": ["a dog", "one dog"]}]
+    s = task_scores(rows, ["rougeL", "rouge1"])
+    # rougeL F1 per example: 1.0 and 1.0 early exit; full: LCS 2 of 3 -> 2/3, and 1.0 -> mean 5/6
+    assert s["metric"] == "rougeL" and s["rougeL"] == pytest.approx(100.0)
+    assert s["full_rougeL"] == pytest.approx(100 * 5 / 6) and s["rougeL_ratio"] == pytest.approx(1.2)
+    assert s["rouge1"] == pytest.approx(100.0) and s["full_rouge1"] == pytest.approx(100 * 5 / 6)
+    assert "full_rougeL" not in task_scores([{k: r[k] for k in ("output", "reference")} for r in rows], ["rougeL"])
+    assert task_scores(rows, []) == {}
+
+
 def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):
     (tmp_path / "early_exit.json").write_text(json.dumps(
         {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.37, "min_exit_layer": 2, "calibrated": True}}
@@ -228,6 +242,9 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
                 "decision_fraction"):
         assert summary[key] == summary[key], key  # not NaN
     assert "Early-exit generation (greedy)" in r.stdout and "speed-up" in r.stdout
+    # the data's text metrics against the references, early exit and full model (the demo: ROUGE)
+    assert summary["metric"] == "rougeL" and 0 <= summary["rougeL"] <= 100 and summary["full_rougeL"] >= 0
+    assert re.search(r"rougeL vs references +: early exit +[\d.]+ +full model", r.stdout)
 
     gen = tmp_path / "gen"
     r = cli(

@@ -87,6 +87,23 @@ def _summary(ee: list[GenerateOutput], full: list[GenerateOutput] | None, settin
     return out
 
 
+def task_scores(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
+    """The data's text metrics (0-100) of the early-exit outputs against the references, and with
+    full-model outputs in `rows` the full model's (`full_<name>`) and the ratio (`<name>_ratio`)."""
+    if not metrics or not rows:
+        return {}
+    from eetrain.task_metrics import corpus_scores
+
+    refs = [row["reference"] for row in rows]
+    out: dict[str, Any] = {"metric": metrics[0], **corpus_scores(metrics, [row["output"] for row in rows], refs)}
+    if "full_output" in rows[0]:
+        full = corpus_scores(metrics, [row["full_output"] for row in rows], refs)
+        for name in metrics:
+            out[f"full_{name}"] = full[name]
+            out[f"{name}_ratio"] = out[name] / full[name] if full[name] else float("nan")
+    return out
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"policy {s['policy']}, strategy {s['strategy']}, batch mode {s['batch_mode']} (batch {s['batch_size']}), "
@@ -100,6 +117,9 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  speed-up {s['speedup']:.3f}x   token consistency with the full model {s['token_consistency']:.4f}   "
             f"identical sequences {s['sequence_consistency']:.3f}",
         ]
+    for name in s.get("metrics", []):
+        full = f"   full model {s[f'full_{name}']:6.2f}   ratio {s[f'{name}_ratio']:.3f}" if f"full_{name}" in s else ""
+        lines.append(f"  {name + ' vs references':<24}: early exit {s[name]:6.2f}{full}")
     return "\n".join(lines)
 
 
@@ -147,6 +167,13 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
                 **({"full_output": tok.decode(ref.sequences()[r], skip_special_tokens=True)} if ref else {}),
             })
     summary = _summary(ee, full or None, settings, label)
+    from eetrain.task_metrics import TEXT_METRICS
+
+    headline = getattr(data, "metric", None)  # text tasks; none for plain text (causal LM packing)
+    metrics = [headline, *[m for m in getattr(data, "metrics", ()) or () if m != headline]] if headline else []
+    metrics = [m for m in metrics if m in TEXT_METRICS]
+    scores = task_scores(rows, metrics)
+    summary.update(scores, **({"metrics": metrics} if scores else {}))
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "generations.jsonl").open("w") as fh:
         for row in rows:
