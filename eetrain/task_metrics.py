@@ -21,6 +21,7 @@ n-grams against all of them (multi-reference BLEU).
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -174,6 +175,8 @@ def _check_text(predictions: Sequence[str], references: Sequence[Reference]) -> 
 
 @lru_cache(maxsize=16)
 def _scorer(types: tuple[str, ...]) -> rouge_scorer.RougeScorer:
+    # rouge-score announces its default tokenizer through absl at INFO, which Hydra's logging prints
+    logging.getLogger("absl").setLevel(logging.WARNING)
     return rouge_scorer.RougeScorer(list(types), use_stemmer=True)
 
 
