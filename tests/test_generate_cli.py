@@ -266,7 +266,8 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((gen / "generation_summary.json").read_text())
     assert summary["strategy"] == "self_speculative" and summary["policy"] == "draft:2x4"
-    assert "Early-exit generation (sampled)" in r.stdout
+    assert "Early-exit generation (sampled)" in r.stdout and "(sampled: two independent draws)" in r.stdout
+    assert summary["temperature"] == 0.8
 
     r = cli("+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",
             "decoding.strategy=self_speculative", "decoding.draft_layer=4", cwd=tmp_path)

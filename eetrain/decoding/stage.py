@@ -70,6 +70,7 @@ def _summary(ee: list[GenerateOutput], full: list[GenerateOutput] | None, settin
         "head_seconds": sum(o.head_seconds for o in ee),
         "checks": sum(o.checks for o in ee),
         "decision_fraction": sum(o.decision_seconds for o in ee) / seconds if seconds else float("nan"),
+        "temperature": settings.temperature,
     }
     if full:
         f_tokens = sum(o.num_tokens for o in full)
@@ -115,7 +116,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines += [
             f"  full model : {s['full_tokens_per_second']:8.1f} tokens/s",
             f"  speed-up {s['speedup']:.3f}x   token consistency with the full model {s['token_consistency']:.4f}   "
-            f"identical sequences {s['sequence_consistency']:.3f}",
+            f"identical sequences {s['sequence_consistency']:.3f}"
+            + (" (sampled: two independent draws)" if s.get("temperature") else ""),
         ]
     for name in s.get("metrics", []):
         full = f"   full model {s[f'full_{name}']:6.2f}   ratio {s[f'{name}_ratio']:.3f}" if f"full_{name}" in s else ""
