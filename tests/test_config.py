@@ -131,6 +131,8 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["model.exit_head_layers=[1,2]"], "model.exit_head_layers=[1, 2] chooses per-layer exit heads, but "
                                            "model.exit_head=null (here: shared) gives every exit the model's own head"),
         (["model.exit_head_layers=last"], "model.exit_head_layers=last chooses per-layer exit heads"),
+        (["stages=[policies]", "exit.calibration.online=true", "decoding.strategy=self_speculative"],
+         "exit.calibration.online=true decodes with exit policies, and decoding.strategy=self_speculative takes none"),
         (["+model.config.num_layer=4"], "model.config.num_layer: not a T5Config setting, so nothing would read it "
                                         "(did you mean num_layers"),
         (["model.config.feed_forward_proj=bogus"], "model.config: a T5Config with these settings does not build "

@@ -344,6 +344,7 @@ def test_output_accounting(model):
         (dict(max_new_tokens=0), "decoding.max_new_tokens=0"),
         (dict(strategy="self_speculative", draft_layer=L), f"allowed: 1..{L - 1}"),
         (dict(strategy="self_speculative", draft_tokens=0), "decoding.draft_tokens"),
+        (dict(strategy="self_speculative", policy="fixed:2"), "self_speculative takes no exit policy"),
         (dict(policy="fixed:9"), "outside 1..4"),
         (dict(policy="sometimes"), "fixed:K and random:MEAN"),
         (dict(policy=ExitPolicy("softmax_gap", 0.5, min_exit_layer=6)), "min_exit_layer=6 exceeds"),

@@ -290,6 +290,11 @@ def generate(
         backbone.eval()
     try:
         if strategy == "self_speculative":
+            if policy is not None:
+                raise ConfigError(
+                    "decoding.strategy=self_speculative takes no exit policy (it drafts at decoding.draft_layer and "
+                    "verifies every draft with the full model); allowed with a policy: copy, parallel"
+                )
             sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
             return _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler, stop_at_eos)
         decider = _as_decider(policy, backbone, seed, candidates, check_every)

@@ -136,6 +136,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     label = describe(policy) + "".join(f" {k}={v}" for k, v in schedule.items() if v is not None)
     if settings.strategy == "self_speculative":  # drafts at a fixed depth: no exit policy decides
         label = f"draft:{settings.draft_layer or backbone.num_layers // 2}x{settings.draft_tokens}"
+        policy, schedule = None, {}
     examples = data.split_examples(settings.split, "decoding.split")
     if settings.max_examples is not None:
         examples = examples[: int(settings.max_examples)]

@@ -524,6 +524,18 @@ def check_config(cfg: Any, backbone: Any) -> None:
         raise ConfigError("exit.calibration.online=true calibrates on decoded text: it needs a token head (T5, LLaMA), "
                           f"and the {backbone.family} adapter predicts one label per sequence; set it to false")
     record_settings(cfg)
+    stages = list(cfg.get("stages") or [])
+    decodes = [what for what, on in (("exit.calibration.online=true", calibration.online and "policies" in stages),
+                                     ("exit.classifiers.on_policy=true", classifiers.on_policy
+                                      and "exit_classifiers" in stages)) if on]
+    if decodes:
+        from eetrain.decoding.settings import decoding_settings
+
+        if decoding_settings(cfg).strategy == "self_speculative":
+            raise ConfigError(
+                f"{decodes[0]} decodes with exit policies, and decoding.strategy=self_speculative takes none (it "
+                "drafts at decoding.draft_layer and verifies every draft); allowed here: copy, parallel"
+            )
     known = {s.name for s in specs} | {CLASSIFIER_LABEL.format(kind=k) for k in classifiers.kinds}
     by_name = {s.name: s for s in specs}
     for i, name in enumerate(calibration.policies):
