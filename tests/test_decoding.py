@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eetrain.decoding import ScheduledExits, generate, speculative_accept
+from eetrain.decoding.generate import sampling_probs
 from eetrain.errors import ConfigError
 from eetrain.exits.classifiers import CalmClassifier, LSTMClassifier, ThreeStateMLP
 from eetrain.exits.policy import ExitPolicy
@@ -208,6 +209,16 @@ def test_speculative_accept_hand_checked():
     assert speculative_accept(same, same, torch.tensor([[1]]), torch.tensor([[0.999]]))[0].tolist() == [1]
 
 
+def test_sampling_probs_hand_checked():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    assert torch.allclose(sampling_probs(logits, 1.0, 1.0), torch.tensor([0.5, 0.3, 0.2]))
+    # nucleus 0.6: 0.5 < 0.6 keeps the second token too (mass before it 0.5), the third starts at 0.8
+    assert torch.allclose(sampling_probs(logits, 1.0, 0.6), torch.tensor([0.625, 0.375, 0.0]))
+    assert torch.allclose(sampling_probs(logits, 1.0, 0.4), torch.tensor([1.0, 0.0, 0.0]))
+    # temperature 0.5 squares the probabilities before renormalising: 0.25, 0.09, 0.04 over 0.38
+    assert torch.allclose(sampling_probs(logits, 0.5, 1.0), torch.tensor([0.25, 0.09, 0.04]) / 0.38)
+
+
 def test_speculative_accept_keeps_the_full_distribution():
     # drafts drawn from q, kept or replaced: the emitted token at each position follows p (where emitted)
     g = torch.Generator().manual_seed(0)
@@ -255,11 +266,13 @@ def test_self_speculative_sampling_follows_the_full_model(family):
     p1 = full_model_probs(bb, source, [[]], 1.0)[0]
     p2 = (p1[:, None] * full_model_probs(bb, source, [[t] for t in range(vocab)], 1.0)).sum(dim=0)
     draft = generate(bb, batch, "fixed:1", max_new_tokens=2, temperature=1.0, seed=3, stop_at_eos=False)
+    plain = generate(bb, batch, None, max_new_tokens=2, temperature=1.0, seed=4, stop_at_eos=False)  # no exits
 
     def tv(tokens, target):
         return 0.5 * float((torch.bincount(tokens, minlength=vocab) / n - target).abs().sum())
 
     assert tv(out.tokens[:, 0], p1) < 0.05 and tv(out.tokens[:, 1], p2) < 0.05
+    assert tv(plain.tokens[:, 0], p1) < 0.05 and tv(plain.tokens[:, 1], p2) < 0.05
     assert tv(draft.tokens[:, 1], p2) > 0.15  # what unverified drafts would give
     assert 0.1 < (out.exit_layers[:, 1:] == 1).float().mean() < 0.9  # drafts both kept and replaced
 
