@@ -31,7 +31,7 @@ def test_token_and_sequence_consistency_hand_checked():
 
 
 def test_task_scores_hand_checked():
-    from eetrain.decoding.stage import task_scores
+    from eetrain.decoding.stage import format_summary, task_scores
 
     rows = [{"output": "the cat sat", "full_output": "the cat ran", "reference": "the cat sat"},
             {"output": "a dog", "full_output": "a dog", "reference": ["a dog", "one dog"]}]
@@ -42,6 +42,12 @@ def test_task_scores_hand_checked():
     assert s["rouge1"] == pytest.approx(100.0) and s["full_rouge1"] == pytest.approx(100 * 5 / 6)
     assert "full_rougeL" not in task_scores([{k: r[k] for k in ("output", "reference")} for r in rows], ["rougeL"])
     assert task_scores(rows, []) == {}
+    summary = {"policy": "softmax_gap:0.9", "strategy": "copy", "batch_mode": "ride_along", "batch_size": 1,
+               "examples": 3, "num_layers": 4, "tokens_per_second": 10.0, "mean_exit_layer": 2.5,
+               "decision_fraction": 0.1, "metrics": ["rougeL", "rouge1"], "scored_examples": 2, **s}
+    text = format_summary(summary)
+    assert "task metrics over the 2 of 3 examples that have a reference" in text
+    assert re.search(r"rougeL vs references +: early exit +100.00 +full model +83.33 +ratio 1.200", text)
 
 
 def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):

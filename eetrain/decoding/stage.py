@@ -119,6 +119,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"identical sequences {s['sequence_consistency']:.3f}"
             + (" (sampled: two independent draws)" if s.get("temperature") else ""),
         ]
+    if s.get("scored_examples", s["examples"]) < s["examples"]:
+        lines.append(f"  task metrics over the {s['scored_examples']} of {s['examples']} examples that have a reference")
     for name in s.get("metrics", []):
         full = f"   full model {s[f'full_{name}']:6.2f}   ratio {s[f'{name}_ratio']:.3f}" if f"full_{name}" in s else ""
         lines.append(f"  {name + ' vs references':<24}: early exit {s[name]:6.2f}{full}")
@@ -169,18 +171,20 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
                 "exit_layers": out.row_exit_layers()[r],
                 **({"full_output": tok.decode(ref.sequences()[r], skip_special_tokens=True)} if ref else {}),
             })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "generations.jsonl").open("w") as fh:  # first: the decoded text is the costly part
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
     summary = _summary(ee, full or None, settings, label)
     from eetrain.task_metrics import TEXT_METRICS
 
     headline = getattr(data, "metric", None)  # text tasks; none for plain text (causal LM packing)
     metrics = [headline, *[m for m in getattr(data, "metrics", ()) or () if m != headline]] if headline else []
     metrics = [m for m in metrics if m in TEXT_METRICS]
-    scores = task_scores(rows, metrics)
-    summary.update(scores, **({"metrics": metrics} if scores else {}))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "generations.jsonl").open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    scored = [row for row in rows if row["reference"]]  # examples without a reference are not scored
+    scores = task_scores(scored, metrics)
+    if scores:
+        summary.update(scores, metrics=metrics, scored_examples=len(scored))
     (out_dir / "generation_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from eetrain.wandb_panels import log_generation
 
