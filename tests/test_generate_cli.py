@@ -344,3 +344,20 @@ def test_an_unknown_split_names_the_setting_that_chose_it():
     data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
     with pytest.raises(ConfigError, match=r"^decoding.split='nosuch': data.files.nosuch is not set"):
         data.split_examples("nosuch", "decoding.split")
+
+
+@pytest.mark.parametrize("strategy", ["copy", "self_speculative"])
+def test_task_metric_callback_logs_early_exit_only_where_a_policy_decides(strategy):
+    from types import SimpleNamespace
+
+    from eetrain.decoding.callback import GenerationMetrics
+
+    examples = [{"source_ids": [5, 17, 33, 1], "target_ids": [9, 10, 1]}, {"source_ids": [40, 1], "target_ids": [12, 1]}]
+    data = SimpleNamespace(metric="rougeL", metrics=["rougeL"], split_examples=lambda split: examples)
+    logged = {}
+    module = SimpleNamespace(backbone=make_backbone("t5").eval(), log=lambda k, v, **kw: logged.setdefault(k, v))
+    callback = GenerationMetrics(strategy=strategy, max_new_tokens=4)
+    callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=False, datamodule=data), module)
+    # self_speculative takes no exit policy (and its text is the full model's): no early-exit metric
+    want = {"val/rougeL"} | ({"val/rougeL_early_exit", "val/early_exit_mean_layer"} if strategy == "copy" else set())
+    assert set(logged) == want

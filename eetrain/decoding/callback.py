@@ -75,11 +75,14 @@ class GenerationMetrics(L.Callback):
         fields["min_exit_layer"] = min(int(fields["min_exit_layer"]), backbone.num_layers)
         classifier = str(fields["measure"]).startswith("classifier:")
         policy = None if classifier else build_policy(fields, backbone, None, horizon=self.max_new_tokens)
-        kwargs = dict(strategy=self.strategy, max_new_tokens=self.max_new_tokens, batch_mode="auto")
+        # self_speculative is lossless (its text is the full model's) and takes no policy: full decoding only
+        speculative = self.strategy == "self_speculative"
+        kwargs = dict(strategy="copy" if speculative else self.strategy, max_new_tokens=self.max_new_tokens,
+                      batch_mode="auto")
         with torch.no_grad():
             full = [s for b in prompts for s in generate(backbone, b, None, **kwargs).sequences()]
             logs = {f"val/{k}": v for k, v in corpus_scores(metrics, texts(backbone, full), refs).items()}
-            if policy is not None:  # a classifier is trained after fitting: no early-exit metric before
+            if policy is not None and not speculative:  # a classifier is trained after fitting: none before
                 outs = [generate(backbone, b, policy, **kwargs) for b in prompts]
                 seqs = [s for o in outs for s in o.sequences()]
                 scores = corpus_scores(metrics, texts(backbone, seqs), refs)
