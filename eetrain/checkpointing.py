@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -275,6 +276,40 @@ def check_head_layers(model_cfg: Any, backbone: ExitBackbone) -> None:
             f"exit heads, but model.exit_head={model_cfg.get('exit_head') or 'null (here: shared)'} gives every "
             "exit the model's own head; set model.exit_head=per_layer, or drop model.exit_head_layers"
         )
+
+
+class MonitorCheck(L.Callback):
+    """Right after Lightning's sanity validation, every callback that monitors a validation metric
+    (`val/...`) must name one that validation logged: Lightning itself finds a missing one only at the
+    first save, an epoch (or `val_check_interval` steps) of training later, and stops without saving it.
+
+    monitors: config key -> monitored name (`callbacks.model_checkpoint.monitor` -> `val/loss`); later:
+    names logged only after real validations (the task-metric callback skips the sanity check)."""
+
+    def __init__(self, monitors: Mapping[str, str], later: Collection[str] = ()) -> None:
+        self.monitors, self.later = dict(monitors), set(later)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logged = set(trainer.callback_metrics)
+        for key, name in self.monitors.items():
+            if name.startswith("val/") and name not in logged and name not in self.later:
+                shown = sorted(m for m in logged if m.startswith("val/"))
+                raise ConfigError(f"{key}={name!r}: validation logs no such metric; it logs {shown}")
+
+
+def monitor_check(callbacks: Mapping[str, Any]) -> MonitorCheck | None:
+    """A `MonitorCheck` for the built `callbacks` (config name -> callback) that monitor a metric."""
+    from eetrain.decoding.callback import GenerationMetrics
+    from eetrain.task_metrics import TEXT_METRICS
+
+    monitors = {f"callbacks.{k}.monitor": c.monitor for k, c in callbacks.items()
+                if isinstance(getattr(c, "monitor", None), str)}
+    if not monitors:
+        return None
+    later: set[str] = set()
+    if any(isinstance(c, GenerationMetrics) for c in callbacks.values()):
+        later = {f"val/{m}{end}" for m in TEXT_METRICS for end in ("", "_early_exit")} | {"val/early_exit_mean_layer"}
+    return MonitorCheck(monitors, later)
 
 
 def is_sharded_checkpoint(path: Any) -> bool:

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from eetrain.backbones.base import ExitBackbone
-from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained
+from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained, monitor_check
 from eetrain.config import build
 from eetrain.distributed import full_backbone, training_strategy
 from eetrain.errors import ConfigError
@@ -107,9 +107,13 @@ def run(cfg: DictConfig) -> float:
     )
     check_run_inputs(cfg, module)  # optimizer.lr, and ckpt_path against this model (fit and train=false alike)
     loggers = [build(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items()]
-    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    named = {k: build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None}
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
-        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+        named = {k: c for k, c in named.items() if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)}
+    callbacks = list(named.values())
+    check = monitor_check(named)  # a monitored name nothing logs: found before training, not at the first save
+    if check is not None:
+        callbacks.append(check)
     # the strategy gets what its config cannot know from the model (FSDP's block classes, DDP's unused
     # parameters); under SLURM, Lightning's environment with our requeue settings
     strategy = training_strategy(cfg.trainer.get("strategy"), backbone, loss)

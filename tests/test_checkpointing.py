@@ -248,3 +248,25 @@ def test_exits_modules_import_at_the_top_level():
                     target = "." * node.level + (node.module or "")
                     assert target.lstrip(".").removeprefix("eetrain.exits.") not in (
                         "settings", "evaluation", "training"), (name, fn.name, target)
+
+
+def test_monitor_check_after_the_sanity_validation():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from eetrain.checkpointing import monitor_check
+    from eetrain.decoding.callback import GenerationMetrics
+
+    sanity = SimpleNamespace(callback_metrics={"val/loss": 1.0, "val/layer_01/acc": 0.5})
+    assert monitor_check({"lr_monitor": LearningRateMonitor()}) is None  # nothing monitored
+    check = monitor_check({"model_checkpoint": ModelCheckpoint(monitor="val/loss"),
+                           "early_stopping": EarlyStopping(monitor="train/loss")})
+    check.on_sanity_check_end(sanity, None)  # logged, and a training metric is not validation's to judge
+    with pytest.raises(ConfigError, match=r"callbacks.model_checkpoint.monitor='val/rougeL': validation logs no such "
+                                          r"metric; it logs \['val/layer_01/acc', 'val/loss'\]"):
+        monitor_check({"model_checkpoint": ModelCheckpoint(monitor="val/rougeL")}).on_sanity_check_end(sanity, None)
+    # the task-metric callback logs val/<metric> only after real validations (it skips the sanity check)
+    later = monitor_check({"model_checkpoint": ModelCheckpoint(monitor="val/rougeL"),
+                           "generation_metrics": GenerationMetrics()})
+    later.on_sanity_check_end(sanity, None)

@@ -124,7 +124,11 @@ def test_cfg_job_prints_composed_config(tmp_path):
         ([f"ckpt_path={Path(__file__).parent}"], "is a directory but not a sharded (DeepSpeed / FSDP) checkpoint"),
         (["callbacks.model_checkpoint.monitor=val/nonexistent", "trainer.limit_train_batches=2",
           "trainer.limit_val_batches=1", "trainer.max_epochs=1", "callbacks.generation_metrics=null"],
-         "callbacks.model_checkpoint.monitor: `ModelCheckpoint(monitor='val/nonexistent')` could not find the monitored key"),
+         "callbacks.model_checkpoint.monitor='val/nonexistent': validation logs no such metric; it logs ['val/ce', "),
+        (["callbacks.model_checkpoint.monitor=train/nonexistent", "trainer.limit_train_batches=2",  # Lightning's own
+          "trainer.limit_val_batches=1", "trainer.max_epochs=1", "callbacks.generation_metrics=null"],
+         "callbacks.model_checkpoint.monitor: `ModelCheckpoint(monitor='train/nonexistent')` could not find the "
+         "monitored key"),
         (["+scheduler.bogus=1"], "scheduler: unknown key(s) ['bogus']; allowed: ['name', 'warmup_ratio', 'warmup_steps']"),
         (["model.lora=[q,v]"], "model.lora=['q', 'v'] must be a mapping of peft LoraConfig arguments"),
         (["model.config.num_decoder_layers=0"], "model.config.num_decoder_layers=0 must be an integer >= 1"),
