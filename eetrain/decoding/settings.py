@@ -33,6 +33,7 @@ from eetrain.exits.settings import (
 from eetrain.exits.thresholds import DecayingThreshold
 from eetrain.files import atomic_file
 
+from .adaptive import adaptive_settings
 from .generate import BATCH_MODES, STRATEGIES
 
 POLICY_KEYS = (
@@ -61,6 +62,7 @@ class DecodingSettings:
     max_examples: int | None
     batch_size: int
     compare_full: bool
+    adaptive_threshold: Any = None  # AdaptiveSettings (FREE's estimator) or None
 
 
 def _plain(node: Any) -> Any:
@@ -101,6 +103,7 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         max_examples=node.get("max_examples"),
         batch_size=int(node.get("batch_size", 1)),
         compare_full=bool(node.get("compare_full", True)),
+        adaptive_threshold=adaptive_settings(node.get("adaptive_threshold")),
     )
 
 

@@ -9,6 +9,7 @@ tokens' exit layers and the summary (`generate/...`, `eetrain.wandb_panels.log_g
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 
 from eetrain.backbones.base import pad
 from eetrain.errors import ConfigError
+from eetrain.exits.beta_mixture import check_adaptive_policy
 
+from .adaptive import KEY as ADAPTIVE_KEY
+from .adaptive import AdaptiveThreshold
 from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
@@ -36,6 +40,8 @@ def check_config(cfg: Any, backbone: Any) -> None:
         check_policy(policy, backbone.num_layers, backbone.hidden_size)
         LayerDecider(with_check_every(policy, fields.get("check_every"), backbone.num_layers), backbone,
                      backbone.num_layers, candidates=fields.get("candidates"))
+    if settings.adaptive_threshold is not None:
+        check_adaptive_policy(None if settings.strategy == "self_speculative" else policy, ADAPTIVE_KEY)
 
 
 def _batches(backbone: Any, examples: list[dict[str, Any]], size: int, device: torch.device):
@@ -49,9 +55,12 @@ def _batches(backbone: Any, examples: list[dict[str, Any]], size: int, device: t
         }
 
 
-def _summary(ee: list[GenerateOutput], full: list[GenerateOutput] | None, settings: Any, label: str) -> dict[str, Any]:
+def _summary(
+    ee: list[GenerateOutput], full: list[GenerateOutput] | None, settings: Any, label: str,
+    adaptive: AdaptiveThreshold | None = None, adaptive_seconds: float = 0.0,
+) -> dict[str, Any]:
     tokens = sum(o.num_tokens for o in ee)
-    seconds = sum(o.seconds for o in ee)
+    seconds = sum(o.seconds for o in ee) + adaptive_seconds  # the estimator's pass is early exit's cost
     layers = torch.cat([o.exit_layers[o.exit_layers > 0] for o in ee]).double()
     out: dict[str, Any] = {
         "policy": label,
@@ -72,6 +81,14 @@ def _summary(ee: list[GenerateOutput], full: list[GenerateOutput] | None, settin
         "decision_fraction": sum(o.decision_seconds for o in ee) / seconds if seconds else float("nan"),
         "temperature": settings.temperature,
     }
+    if adaptive is not None:
+        out.update(
+            adaptive_threshold=adaptive.current,
+            adaptive_thresholds=adaptive.thresholds,
+            adaptive_updates=len(adaptive.thresholds),
+            adaptive_pairs=adaptive.num_pairs,
+            adaptive_seconds=adaptive_seconds,
+        )
     if full:
         f_tokens = sum(o.num_tokens for o in full)
         f_seconds = sum(o.seconds for o in full)
@@ -119,6 +136,13 @@ def format_summary(s: dict[str, Any]) -> str:
             f"identical sequences {s['sequence_consistency']:.3f}"
             + (" (sampled: two independent draws)" if s.get("temperature") else ""),
         ]
+    if "adaptive_updates" in s:
+        value = s["adaptive_threshold"]
+        lines.append(
+            f"  adaptive threshold (FREE): {'not fitted yet' if value is None else f'{value:.3f}'} after "
+            f"{s['adaptive_updates']} updates on {s['adaptive_pairs']} pairs; its passes took "
+            f"{s['adaptive_seconds']:.2f} s (counted in early exit's time)"
+        )
     if s.get("scored_examples", s["examples"]) < s["examples"]:
         lines.append(f"  task metrics over the {s['scored_examples']} of {s['examples']} examples that have a reference")
     for name in s.get("metrics", []):
@@ -139,6 +163,12 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     if settings.strategy == "self_speculative":  # drafts at a fixed depth: no exit policy decides
         label = f"draft:{settings.draft_layer or backbone.num_layers // 2}x{settings.draft_tokens}"
         policy, schedule = None, {}
+    adaptive, adaptive_seconds, checked = None, 0.0, None
+    if settings.adaptive_threshold is not None:
+        check_adaptive_policy(policy, ADAPTIVE_KEY)
+        adaptive = AdaptiveThreshold.start(settings.adaptive_threshold)
+        checked = with_check_every(policy, schedule.get("check_every"), backbone.num_layers)
+        label += " adaptive threshold (FREE)"
     examples = data.split_examples(settings.split, "decoding.split")
     if settings.max_examples is not None:
         examples = examples[: int(settings.max_examples)]
@@ -160,6 +190,12 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
         out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule)
         ee.append(out)
+        if adaptive is not None and adaptive.updating:
+            start = time.perf_counter()
+            value = adaptive.update(backbone, batch, out, checked)
+            if value is not None:
+                policy, checked = policy.with_base_threshold(value), checked.with_base_threshold(value)
+            adaptive_seconds += time.perf_counter() - start
         ref = generate(backbone, batch, None, strategy="copy", **kwargs) if settings.compare_full else None
         if ref is not None:
             full.append(ref)
@@ -175,7 +211,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     with (out_dir / "generations.jsonl").open("w") as fh:  # first: the decoded text is the costly part
         for row in rows:
             fh.write(json.dumps(row) + "\n")
-    summary = _summary(ee, full or None, settings, label)
+    summary = _summary(ee, full or None, settings, label, adaptive, adaptive_seconds)
     from eetrain.task_metrics import TEXT_METRICS
 
     headline = getattr(data, "metric", None)  # text tasks; none for plain text (causal LM packing)

@@ -1,0 +1,126 @@
+"""FREE's adaptive threshold while decoding a split (`decoding.adaptive_threshold`).
+
+FREE needs no calibration set: as it decodes, it gathers (confidence, shallow prediction == deep
+prediction) pairs and refits a Beta mixture (`eetrain.exits.beta_mixture`) before each new input,
+up to 300 times; the next inputs decode at the threshold it gives. FREE reads the deep predictions
+of exited tokens off its synchronized parallel pass. Here they come from one teacher-forced pass of
+the full model over each decoded batch (prompt + output), while updates remain: with
+`strategy=parallel` its states are exactly the ones decoding computed (deep keys/values are the real
+ones), with `copy` they are the full model's on the same text. That pass is counted in early exit's
+time (`adaptive_seconds` in the summary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from eetrain.errors import ConfigError, check_keys, positive_int
+from eetrain.exits.beta_mixture import PRIORS, agreement_pairs, estimate_threshold
+from eetrain.exits.classifiers import ExitClassifier
+from eetrain.exits.measures import ExitRecords
+from eetrain.exits.policy import ExitPolicy
+from eetrain.exits.record import record_exits
+
+from .generate import GenerateOutput
+
+KEY = "decoding.adaptive_threshold"
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """FREE's defaults: posterior of agreement >= zeta, 10 grid points on [0.3, 0.9], 300 refits."""
+
+    zeta: float = 0.4
+    low: float = 0.3
+    high: float = 0.9
+    points: int = 10
+    max_updates: int = 300
+    prior: str = "equal"
+
+
+def adaptive_settings(node: Any) -> AdaptiveSettings | None:
+    """`decoding.adaptive_threshold`: null or false (off), true (FREE's defaults) or a mapping of
+    :class:`AdaptiveSettings` fields."""
+    if node is None or node is False:
+        return None
+    if node is True:
+        return AdaptiveSettings()
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{KEY}={node!r}; allowed: null, true or a mapping of {list(AdaptiveSettings.__dataclass_fields__)}")
+    check_keys(node, set(AdaptiveSettings.__dataclass_fields__), KEY)
+    out = AdaptiveSettings(**node)
+    for name in ("zeta", "low", "high"):
+        value = getattr(out, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+            raise ConfigError(f"{KEY}.{name}={value!r}; allowed: a number in (0, 1)")
+    if not out.low < out.high:
+        raise ConfigError(f"{KEY}: low={out.low} must lie below high={out.high} (the threshold grid [low, high])")
+    points = positive_int(out.points, f"{KEY}.points")
+    if points < 2:
+        raise ConfigError(f"{KEY}.points={points}; allowed: an integer >= 2 (grid points on [low, high])")
+    positive_int(out.max_updates, f"{KEY}.max_updates")
+    if out.prior not in PRIORS:
+        raise ConfigError(f"{KEY}.prior={out.prior!r}; allowed: {', '.join(PRIORS)} (equal: FREE's code)")
+    return out
+
+
+def decoded_records(backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput, policy: ExitPolicy) -> ExitRecords:
+    """Per-layer records of the generated tokens of `out`, from one teacher-forced pass of the full
+    model over each row's prompt (`batch`'s unpadded `input_ids`) and output. Tokens as in `out`: row
+    by row, `out.lengths[r]` each (a row with no token adds none)."""
+    ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+    examples = [
+        {"source_ids": ids[r][mask[r]].tolist(), "target_ids": seq}
+        for r, seq in enumerate(out.sequences()) if seq
+    ]
+    if not examples:
+        return ExitRecords(predictions=torch.zeros((backbone.num_layers, 0), dtype=torch.long))
+    device = next(backbone.parameters()).device
+    collated = {k: v.to(device) for k, v in backbone.collate(examples).items()}
+    return record_exits(
+        backbone, [collated], store_hidden=isinstance(policy.measure, ExitClassifier), features=policy.features or "raw"
+    )
+
+
+@dataclass
+class AdaptiveThreshold:
+    """The pairs gathered so far and the threshold they give (FREE refits on all of them)."""
+
+    settings: AdaptiveSettings
+    confidence: list[Tensor]
+    agree: list[Tensor]
+    thresholds: list[float | None]
+
+    @classmethod
+    def start(cls, settings: AdaptiveSettings) -> AdaptiveThreshold:
+        return cls(settings, [], [], [])
+
+    @property
+    def updating(self) -> bool:
+        return len(self.thresholds) < self.settings.max_updates
+
+    @property
+    def current(self) -> float | None:
+        return next((t for t in reversed(self.thresholds) if t is not None), None)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(c.numel() for c in self.confidence)
+
+    def update(self, backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput, policy: ExitPolicy) -> float | None:
+        """Add the pairs of one batch decoded with `policy` (its checks where it checks, `check_every`
+        applied) and refit: the new threshold (the base of a decaying one), or None (keep the current
+        one) while a class has too few pairs to fit."""
+        c, a = agreement_pairs(policy, decoded_records(backbone, batch, out, policy))
+        self.confidence.append(c)
+        self.agree.append(a)
+        s = self.settings
+        value = estimate_threshold(torch.cat(self.confidence), torch.cat(self.agree), zeta=s.zeta, low=s.low,
+                                   high=s.high, points=s.points, prior=s.prior)
+        self.thresholds.append(value)
+        return value

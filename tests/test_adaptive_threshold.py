@@ -1,0 +1,145 @@
+"""FREE's adaptive threshold in the `generate` stage: settings, and each batch decoded at the threshold
+fitted on the batches before it (recomputed here from a plain teacher-forced forward)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from eetrain.backbones.base import pad
+from eetrain.config import compose
+from eetrain.decoding import generate
+from eetrain.decoding.adaptive import AdaptiveSettings
+from eetrain.decoding.settings import decoding_settings
+from eetrain.errors import ConfigError
+from eetrain.exits.policy import ExitPolicy
+from tests.conftest import make_backbone
+
+
+def free_threshold(conf: np.ndarray, agree: np.ndarray, zeta: float = 0.4) -> float | None:
+    """FREE's util/bmm.py in numpy (supervised fit, equal weights, grid count), for a monotone posterior."""
+    if agree.all():
+        return 0.3
+    if not agree.any():
+        return 0.9
+    x = np.clip(conf, 1e-4, 1 - 1e-4)
+    params = []
+    for k in (0, 1):
+        xs = x[agree == k]
+        if len(xs) < 2 or xs.var() == 0:
+            return None
+        m, s2 = xs.mean(), xs.var()
+        a = m * (m * (1 - m) / s2 - 1)
+        params.append((a, a * (1 - m) / m))
+
+    def pdf(c: float, a: float, b: float) -> float:
+        return math.exp((a - 1) * math.log(c) + (b - 1) * math.log(1 - c) + math.lgamma(a + b) - math.lgamma(a)
+                        - math.lgamma(b))
+
+    grid = np.linspace(0.3, 0.9, 10)
+    passing = [pdf(c, *params[1]) / (pdf(c, *params[1]) + pdf(c, *params[0])) > zeta for c in grid]
+    return float(grid[min(max(0, 10 - sum(passing)), 9)])
+
+
+def test_settings_name_the_key():
+    assert decoding_settings(compose([])).adaptive_threshold is None
+    assert decoding_settings(compose(["decoding.adaptive_threshold=true"])).adaptive_threshold == AdaptiveSettings()
+    got = decoding_settings(compose(["decoding.adaptive_threshold={zeta:0.5,max_updates:3,prior:empirical}"]))
+    assert got.adaptive_threshold == AdaptiveSettings(zeta=0.5, max_updates=3, prior="empirical")
+    for value, message in (
+        ("{zeta:1.5}", r"decoding.adaptive_threshold.zeta=1.5; allowed: a number in \(0, 1\)"),
+        ("{low:0.9,high:0.3}", r"low=0.9 must lie below high=0.3"),
+        ("{points:1}", r"decoding.adaptive_threshold.points=1; allowed: an integer >= 2"),
+        ("{max_updates:0}", r"decoding.adaptive_threshold.max_updates=0; allowed: an integer >= 1"),
+        ("{prior:flat}", r"decoding.adaptive_threshold.prior='flat'; allowed: equal, empirical"),
+        ("{speed:1}", r"decoding.adaptive_threshold: unknown key\(s\) \['speed'\]"),
+        ("often", r"decoding.adaptive_threshold='often'; allowed: null, true or a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            decoding_settings(compose([f"decoding.adaptive_threshold={value}"]))
+
+
+def test_the_stage_refuses_what_the_estimator_cannot_set():
+    from eetrain.decoding.stage import check_config
+
+    bb = make_backbone("t5")
+    base = ["+experiment=generate", "model.name_or_path=nowhere", "decoding.adaptive_threshold=true",
+            "decoding.policy.min_exit_layer=2"]
+    check_config(compose(base), bb)  # the fallback policy: softmax_gap
+    with pytest.raises(ConfigError, match=r"measure 'hidden_saturation' is not one"):
+        check_config(compose([*base, "decoding.policy.measure=hidden_saturation"]), bb)
+    with pytest.raises(ConfigError, match=r"decoding.adaptive_threshold: .*self_speculative"):
+        check_config(compose([*base, "decoding.strategy=self_speculative"]), bb)
+
+
+@pytest.mark.parametrize("strategy", ["parallel", "copy"])
+def test_each_batch_decodes_at_the_threshold_fitted_on_the_batches_before(tmp_path, strategy):
+    from eetrain.decoding.stage import run_stage
+
+    # 3 decoder layers, random weights scaled up so that layers are confident and disagree at times
+    bb = make_backbone("t5", initializer_factor=2.0).eval()
+    cfg = compose(["+experiment=generate", "model.name_or_path=unused", "decoding.max_examples=8",
+                   "decoding.batch_size=2", "decoding.max_new_tokens=10", f"decoding.strategy={strategy}",
+                   "decoding.policy.measure=softmax_max", "decoding.policy.threshold=0.99",
+                   "decoding.policy.min_exit_layer=1", "decoding.adaptive_threshold={max_updates:3}"])
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    summary = run_stage(cfg, bb, data, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+
+    examples = data.split_examples("test")[:8]
+    threshold, conf, agree, thresholds = 0.99, [], [], []
+    for b in range(4):
+        chunk = examples[2 * b : 2 * b + 2]
+        batch = {"input_ids": pad([e["source_ids"] for e in chunk], bb.pad_token_id),
+                 "attention_mask": pad([[1] * len(e["source_ids"]) for e in chunk], 0)}
+        out = generate(bb, batch, ExitPolicy("softmax_max", threshold, min_exit_layer=1), strategy=strategy,
+                       max_new_tokens=10)
+        assert out.row_exit_layers() == [r["exit_layers"] for r in rows[2 * b : 2 * b + 2]], b
+        if b == 3:  # max_updates=3: the last batch adds no pairs
+            break
+        # the full model, teacher-forced over source -> output: every layer's top-1 probability and argmax
+        collated = bb.collate([{"source_ids": e["source_ids"], "target_ids": s} for e, s in zip(chunk, out.sequences(), strict=True)])
+        with torch.no_grad():
+            states = bb(collated)
+            keep = states.labels != -100
+            probs = [torch.softmax(bb.exit_logits(h, layer), -1)[keep] for layer, h in zip(states.layers, states.hidden, strict=True)]
+        last = probs[-1].argmax(-1)
+        for p in probs[:-1]:  # checks at layers 1..L-1 (min_exit_layer 1)
+            conf.append(p.max(-1).values.numpy())
+            agree.append((p.argmax(-1) == last).numpy())
+        value = free_threshold(np.concatenate(conf), np.concatenate(agree))
+        thresholds.append(value)
+        threshold = threshold if value is None else value
+    assert summary["adaptive_thresholds"] == pytest.approx(thresholds)
+    assert summary["adaptive_updates"] == 3 and summary["adaptive_pairs"] == sum(len(c) for c in conf)
+    assert summary["adaptive_threshold"] == pytest.approx(next(t for t in reversed(thresholds) if t is not None))
+    assert summary["policy"].endswith("adaptive threshold (FREE)") and summary["adaptive_seconds"] > 0
+    assert any(t is not None and 0.3 < t < 0.9 for t in thresholds)  # fitted, not a one-class edge case
+    assert summary["mean_exit_layer"] < 3  # tokens left early at the fitted thresholds
+
+
+def test_llama_pairs_cover_every_generated_token_at_every_checked_layer():
+    from eetrain.decoding.adaptive import AdaptiveThreshold
+
+    bb = make_backbone("llama", initializer_range=0.5).eval()
+    L = bb.num_layers
+    batch = {"input_ids": torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]),  # left padding in row 0
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
+    policy = ExitPolicy("softmax_gap", 0.1, min_exit_layer=2)
+    out = generate(bb, batch, policy, strategy="parallel", max_new_tokens=5, stop_at_eos=False)
+    ate = AdaptiveThreshold.start(AdaptiveSettings(max_updates=1))
+    ate.update(bb, batch, out, policy)
+    assert ate.num_pairs == out.num_tokens * (L - 2) and not ate.updating  # layers 2..L-1, one update allowed
+    # the last layer's teacher-forced argmax is the decoded token wherever the token went the full depth
+    from eetrain.decoding.adaptive import decoded_records
+
+    records = decoded_records(bb, batch, out, policy)
+    full_depth = (out.exit_layers == L)[out.exit_layers > 0]
+    decoded = out.tokens[out.exit_layers > 0]
+    assert full_depth.any() and not full_depth.all()  # some tokens left early: their deep states came later
+    assert torch.equal(records.preds()[-1][full_depth], decoded[full_depth])
