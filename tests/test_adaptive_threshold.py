@@ -107,24 +107,33 @@ def test_each_batch_decodes_at_the_threshold_fitted_on_the_batches_before(tmp_pa
         with torch.no_grad():
             states = bb(collated)
             keep = states.labels != -100
-            probs = [torch.softmax(bb.exit_logits(h, layer), -1)[keep] for layer, h in zip(states.layers, states.hidden, strict=True)]
-        last = probs[-1].argmax(-1)
-        for p in probs[:-1]:  # checks at layers 1..L-1 (min_exit_layer 1)
-            conf.append(p.max(-1).values.numpy())
-            agree.append((p.argmax(-1) == last).numpy())
+            probs = torch.stack([torch.softmax(bb.exit_logits(h, layer), -1)[keep]
+                                 for layer, h in zip(states.layers, states.hidden, strict=True)])  # (L, N, V)
+        exits = out.exit_layers[out.exit_layers > 0]  # the same tokens, row by row
+        L = probs.shape[0]
+        made = torch.arange(1, L)[:, None] <= exits[None, :]  # the checks decoding made: layers 1..exit
+        if strategy == "parallel":  # read off decoding: tokens whose last layer ran (itself, riding along
+            # -- batch 2 rides along -- or filled in by a later full-depth token of the row)
+            full = out.exit_layers == L
+            deep = full | (out.exit_layers.max(dim=0).values == L)[None, :]
+            later = deep.flip(1).cummax(1).values.flip(1) & (out.exit_layers > 0)
+            made &= later[out.exit_layers > 0][None, :]
+        top = probs[:-1].max(-1)
+        conf.append(top.values[made].numpy())
+        agree.append((top.indices == probs[-1].argmax(-1))[made].numpy())
         value = free_threshold(np.concatenate(conf), np.concatenate(agree))
         thresholds.append(value)
         threshold = threshold if value is None else value
     assert summary["adaptive_thresholds"] == pytest.approx(thresholds)
-    assert summary["adaptive_updates"] == 3 and summary["adaptive_pairs"] == sum(len(c) for c in conf)
+    assert summary["adaptive_updates"] == 3 and summary["adaptive_pairs"] == sum(len(c) for c in conf) > 0
     assert summary["adaptive_threshold"] == pytest.approx(next(t for t in reversed(thresholds) if t is not None))
-    assert summary["policy"].endswith("adaptive threshold (FREE)") and summary["adaptive_seconds"] > 0
+    assert summary["policy"] == "softmax_max:0.99 (the first batch; then FREE's adaptive threshold)" and summary["adaptive_seconds"] > 0
     assert any(t is not None and 0.3 < t < 0.9 for t in thresholds)  # fitted, not a one-class edge case
     assert summary["mean_exit_layer"] < 3  # tokens left early at the fitted thresholds
 
 
 def test_llama_pairs_cover_every_generated_token_at_every_checked_layer():
-    from eetrain.decoding.adaptive import AdaptiveThreshold
+    from eetrain.decoding.adaptive import AdaptiveThreshold, batch_pairs
 
     bb = make_backbone("llama", initializer_range=0.5).eval()
     L = bb.num_layers
@@ -133,8 +142,9 @@ def test_llama_pairs_cover_every_generated_token_at_every_checked_layer():
     policy = ExitPolicy("softmax_gap", 0.1, min_exit_layer=2)
     out = generate(bb, batch, policy, strategy="parallel", max_new_tokens=5, stop_at_eos=False)
     ate = AdaptiveThreshold.start(AdaptiveSettings(max_updates=1))
-    ate.update(bb, batch, out, policy)
-    assert ate.num_pairs == out.num_tokens * (L - 2) and not ate.updating  # layers 2..L-1, one update allowed
+    ate.update(*batch_pairs(bb, batch, out, policy))  # copy-style: a teacher-forced pass
+    checks = sum(min(int(e), L - 1) - 1 for e in out.exit_layers.flatten())  # layers 2..min(exit, L-1)
+    assert ate.num_pairs == checks > 0 and not ate.updating  # one update allowed
     # the last layer's teacher-forced argmax is the decoded token wherever the token went the full depth
     from eetrain.decoding.adaptive import decoded_records
 
@@ -143,3 +153,50 @@ def test_llama_pairs_cover_every_generated_token_at_every_checked_layer():
     decoded = out.tokens[out.exit_layers > 0]
     assert full_depth.any() and not full_depth.all()  # some tokens left early: their deep states came later
     assert torch.equal(records.preds()[-1][full_depth], decoded[full_depth])
+
+
+@pytest.mark.parametrize("family,mode", [("t5", "ride_along"), ("t5", "gather"), ("llama", "ride_along"),
+                                         ("llama", "gather")])
+def test_the_decoder_s_pairs_are_the_full_model_s_at_every_resolvable_check(family, mode):
+    """With parallel decoding a token's states are the full model's, so the pairs read off decoding equal
+    the teacher-forced ones; every check of a token whose last layer ran (itself, riding along, or filled
+    in by a later full-depth token of its row) is there, and no other."""
+    from eetrain.decoding.adaptive import decoded_records
+    from eetrain.exits.policy import policy_scores
+
+    bb = (make_backbone("t5", initializer_factor=2.0) if family == "t5"
+          else make_backbone("llama", initializer_range=0.5)).eval()
+    L = bb.num_layers
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [11, 12, 13, 1, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])}
+    policy = ExitPolicy("softmax_max", 0.3 if family == "llama" else 0.8, min_exit_layer=1)
+    out = generate(bb, batch, policy, strategy="parallel", batch_mode=mode, max_new_tokens=8, stop_at_eos=False,
+                   agreement=True)
+    exits = out.exit_layers
+    assert (exits < L).any() and (exits == L).any()  # mixed exits
+    pairs = out.agreement
+    records = decoded_records(bb, batch, out, policy)
+    scores, preds = policy_scores(policy, records), records.preds()
+    T = exits.shape[1]
+    n = pairs.rows * T + pairs.positions - 1  # every row has T tokens
+    got = scores[pairs.layers - 1, n]
+    assert torch.allclose(pairs.confidence, got.double(), atol=1e-5)
+    assert torch.equal(pairs.agree, preds[pairs.layers - 1, n] == preds[-1, n])
+    # which checks are there: tokens whose last layer ran during decoding
+    deep = exits == L
+    if mode == "ride_along":  # a step that reached L carried every row to it
+        deep |= (exits.max(dim=0).values == L)[None, :]
+    later = deep.flip(1).cummax(1).values.flip(1)  # a full-depth token at this position or later
+    want = {(r, t + 1, layer) for r in range(exits.shape[0]) for t in range(T) if later[r, t]
+            for layer in range(1, min(int(exits[r, t]), L - 1) + 1)}
+    have = set(zip(pairs.rows.tolist(), pairs.positions.tolist(), pairs.layers.tolist(), strict=True))
+    assert have == want and len(have) == len(pairs.rows)
+
+
+def test_agreement_pairs_need_parallel_and_a_policy():
+    bb = make_backbone("t5").eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 1]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    with pytest.raises(ConfigError, match=r"agreement pairs need strategy=parallel .* got strategy='copy'"):
+        generate(bb, batch, ExitPolicy("softmax_max", 0.5, min_exit_layer=1), strategy="copy", agreement=True)
+    with pytest.raises(ConfigError, match=r"and an exit policy"):
+        generate(bb, batch, None, strategy="parallel", agreement=True)

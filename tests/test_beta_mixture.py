@@ -100,6 +100,9 @@ def test_agreement_pairs_hand_checked():
     # checks at layers 1 and 2 (never at L), token by token
     assert conf.tolist() == pytest.approx([0.5, 0.7, 0.6, 0.3])
     assert agree.tolist() == [False, True, False, False]
+    # decoded exits at layers 1 and 3: the first token was checked at layer 1 only
+    conf, agree = agreement_pairs(ExitPolicy("softmax_max", 0.5, min_exit_layer=1), records, torch.tensor([1, 3]))
+    assert conf.tolist() == pytest.approx([0.5, 0.6, 0.3]) and agree.tolist() == [False, False, False]
     conf, agree = agreement_pairs(ExitPolicy("softmax_max", 0.5, min_exit_layer=2), records)
     assert conf.tolist() == pytest.approx([0.7, 0.3]) and agree.tolist() == [True, False]
     conf, _ = agreement_pairs(ExitPolicy("softmax_gap", 0.5, min_exit_layer=1, exit_points=(1, 3)), records)

@@ -3,11 +3,12 @@
 FREE needs no calibration set: as it decodes, it gathers (confidence, shallow prediction == deep
 prediction) pairs and refits a Beta mixture (`eetrain.exits.beta_mixture`) before each new input,
 up to 300 times; the next inputs decode at the threshold it gives. FREE reads the deep predictions
-of exited tokens off its synchronized parallel pass. Here they come from one teacher-forced pass of
-the full model over each decoded batch (prompt + output), while updates remain: with
-`strategy=parallel` its states are exactly the ones decoding computed (deep keys/values are the real
-ones), with `copy` they are the full model's on the same text. That pass is counted in early exit's
-time (`adaptive_seconds` in the summary).
+of exited tokens off its synchronized parallel pass, and so does `strategy=parallel` here
+(`generate(..., agreement=True)`: a check's score and prediction are kept until the token's last layer
+runs, for itself or in the deep pass of a later token of its row; costs a head product per deep pass).
+`copy` never runs an exited token's deep layers, so there the pairs come from one teacher-forced pass of
+the full model over each decoded batch (prompt + output) while updates remain. Either way the cost is
+early exit's (`adaptive_seconds` in the summary: refits, and the passes with `copy`).
 """
 
 from __future__ import annotations
@@ -112,15 +113,23 @@ class AdaptiveThreshold:
     def num_pairs(self) -> int:
         return sum(c.numel() for c in self.confidence)
 
-    def update(self, backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput, policy: ExitPolicy) -> float | None:
-        """Add the pairs of one batch decoded with `policy` (its checks where it checks, `check_every`
-        applied) and refit: the new threshold (the base of a decaying one), or None (keep the current
-        one) while a class has too few pairs to fit."""
-        c, a = agreement_pairs(policy, decoded_records(backbone, batch, out, policy))
-        self.confidence.append(c)
-        self.agree.append(a)
+    def update(self, confidence: Tensor, agree: Tensor) -> float | None:
+        """Add pairs and refit on all so far: the new threshold (the base of a decaying one), or None
+        (keep the current one) while a class has too few pairs to fit."""
+        self.confidence.append(confidence)
+        self.agree.append(agree)
         s = self.settings
         value = estimate_threshold(torch.cat(self.confidence), torch.cat(self.agree), zeta=s.zeta, low=s.low,
                                    high=s.high, points=s.points, prior=s.prior)
         self.thresholds.append(value)
         return value
+
+
+def batch_pairs(backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput, policy: ExitPolicy) -> tuple[Tensor, Tensor]:
+    """The pairs of the checks one batch decoded with `policy` (`check_every` applied) made: read off
+    decoding when it collected them (`generate(..., agreement=True)`, parallel), else from
+    :func:`decoded_records` at the layers each token was checked at (up to its exit)."""
+    if out.agreement is not None:
+        return out.agreement.confidence, out.agreement.agree
+    exits = out.exit_layers[out.exit_layers > 0]  # the records' tokens, row by row
+    return agreement_pairs(policy, decoded_records(backbone, batch, out, policy), exit_layers=exits)

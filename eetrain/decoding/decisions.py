@@ -82,6 +82,7 @@ class LayerDecider:
         self.last_logits: Tensor | None = None
         self.last_candidates: Tensor | None = None
         self.checks = 0  # (row, layer) checks scored, for the cost per check
+        self.last_scores: Tensor | None = None  # the last decide()'s (n,) scores
         self.candidates = None
         if policy is None:
             self.check_layers: frozenset[int] = frozenset()
@@ -215,7 +216,7 @@ class LayerDecider:
         tensor operation costs tens of microseconds right after a layer has streamed its weights
         through the caches, the host comparison of a few floats almost nothing (same float32 values,
         same result). On an accelerator: compared there, one transfer."""
-        scores = self._score(layer, h, rows, logits)
+        scores = self.last_scores = self._score(layer, h, rows, logits)
         if scores is None:
             return None
         if self.host_thresholds is None:  # a boolean rule, or an accelerator

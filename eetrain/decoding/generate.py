@@ -62,6 +62,20 @@ GATHER_MIN_BATCH = {"cpu": 8, "cuda": 64}
 
 
 @dataclass
+class AgreementPairs:
+    """One pair per exit check whose token's last-layer prediction the decoder computed (FREE's
+    adaptive threshold estimator, `eetrain.exits.beta_mixture`): `confidence (n,)` the policy's score,
+    `agree (n,)` bool, the check's prediction equals the last layer's; where: `rows`, `positions`
+    (1-based decoding position) and `layers` of the checks, all `(n,)`."""
+
+    confidence: Tensor
+    agree: Tensor
+    rows: Tensor
+    positions: Tensor
+    layers: Tensor
+
+
+@dataclass
 class GenerateOutput:
     """What :func:`generate` returns.
 
@@ -92,6 +106,7 @@ class GenerateOutput:
     layer_calls: int = 0
     checks: int = 0
     records: ExitRecords | None = None  # with record=True: every token's state after every layer
+    agreement: AgreementPairs | None = None  # with agreement=True: FREE's (confidence, agrees) pairs
 
     @property
     def other_seconds(self) -> float:
@@ -262,6 +277,7 @@ def generate(
     candidates: int | None = None,
     check_every: int | None = None,
     record: bool = False,
+    agreement: bool = False,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row of `batch` with early exits.
 
@@ -283,6 +299,12 @@ def generate(
             the layers past its exit run on the keys/values the strategy left (on-policy states, for
             training exit classifiers on what the decoder really shows them; costs full depth, and
             runs the `gather` batch mode so that each row keeps its own exit semantics).
+        agreement: also return `agreement` (:class:`AgreementPairs`), FREE's pairs for its adaptive
+            threshold, read off what decoding computes anyway: a check's score and prediction, and the
+            token's last-layer prediction once its last layer runs -- at once for a token that goes the
+            full depth (or rides along to it), later for an exited one, when the next token of its row
+            that goes the full depth runs the waiting positions through the last layer (``parallel``
+            only: ``copy`` never computes an exited token's deep states).
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
     was_training = backbone.training
@@ -298,6 +320,12 @@ def generate(
             sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
             return _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler, stop_at_eos)
         decider = _as_decider(policy, backbone, seed, candidates, check_every)
+        if agreement and (strategy != "parallel" or not isinstance(decider, LayerDecider) or decider.policy is None):
+            raise ConfigError(
+                "agreement pairs need strategy=parallel (its deep pass gives an exited token's last-layer "
+                f"prediction) and an exit policy; got strategy={strategy!r}, policy "
+                f"{describe(decider.policy if isinstance(decider, LayerDecider) else decider)}"
+            )
         size = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
         if batch_mode == "auto":
@@ -306,7 +334,8 @@ def generate(
         sampler = _Sampler(temperature, top_p, seed, device)
         if record:
             batch_mode = "gather"
-        decoder = _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record)
+        decoder = _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record,
+                           agreement=agreement)
         return decoder.run(batch, max_new_tokens)
     finally:
         if was_training:
@@ -322,10 +351,16 @@ class _Decoder:
     """One call's state: caches, per-slot depth bookkeeping (host), decisions."""
 
     def __init__(
-        self, backbone: Any, decider: Any, strategy: str, mode: str, sampler: _Sampler, stop: bool, record: bool = False
+        self, backbone: Any, decider: Any, strategy: str, mode: str, sampler: _Sampler, stop: bool, record: bool = False,
+        agreement: bool = False,
     ):
         self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
         self.record = record
+        # agreement pairs: (row, step) -> [(layer, score, prediction)] of checks waiting for the token's
+        # last-layer prediction; resolved ones in `pairs` as (score, agrees, row, step, layer)
+        self.agreement = agreement
+        self.checks_of: dict[tuple[int, int], list[tuple[int, float, int]]] = {}
+        self.pairs: list[tuple[float, bool, int, int, int]] = []
         self.recorded: list[tuple[Tensor, int, np.ndarray]] = []  # (states (L, n, d), step, rows)
         self.sample, self.stop = sampler, stop
         self.L = backbone.num_layers
@@ -390,6 +425,8 @@ class _Decoder:
             done = res[:, :-1][mask]
             self.pend_state[row_idx[:, None].expand_as(slots)[mask], slots[mask]] = done
             out = res[:, -1]
+            if self.agreement and layer == self.L:  # (row, slot) pairs in the order of `done`
+                self._resolve(row_ids[ri], si - self.slot0, done)
         self.depth[row_ids[ri], si] = layer
         return out
 
@@ -405,7 +442,38 @@ class _Decoder:
             fires = np.zeros(len(rows), dtype=bool)
         logits, self.candidates = self.decider.last_logits, self.decider.last_candidates
         self.decision_seconds += time.perf_counter() - t0
+        if self.agreement and self.decider.last_scores is not None:
+            self._log_checks(layer, h, rows)
         return fires, logits
+
+    def _log_checks(self, layer: int, h: Tensor, rows: np.ndarray) -> None:
+        """Keep each checked row's score and prediction at `layer` until its token's last layer runs."""
+        logits = self.decider.last_logits
+        if logits is None:  # a classifier or saturation: the head only for the pairs
+            pred = self.bb.exit_logits(h, layer).argmax(dim=-1)
+        else:
+            pred = logits.argmax(dim=-1)
+            if self.decider.last_candidates is not None:
+                pred = self.decider.last_candidates.gather(1, pred[:, None])[:, 0]
+        for r, score, p in zip(rows.tolist(), self.decider.last_scores.tolist(), pred.tolist(), strict=True):
+            self.checks_of.setdefault((r, self.step), []).append((layer, score, p))
+
+    def _resolve(self, rows: np.ndarray, steps: np.ndarray, states: Tensor) -> None:
+        """The last-layer states `(n, d)` of the tokens at (`rows`, `steps`): their checks become pairs."""
+        deep = self.bb.exit_logits(states, self.L).argmax(dim=-1).tolist()
+        for r, t, d in zip(rows.tolist(), steps.tolist(), deep, strict=True):
+            for layer, score, p in self.checks_of.pop((r, t), ()):
+                self.pairs.append((score, p == d, r, t, layer))
+
+    def agreement_pairs(self) -> AgreementPairs | None:
+        if not self.agreement:
+            return None
+        score, agree, rows, steps, layers = (list(x) for x in zip(*self.pairs, strict=True)) if self.pairs else ([],) * 5
+        return AgreementPairs(
+            confidence=torch.tensor(score, dtype=torch.float64), agree=torch.tensor(agree, dtype=torch.bool),
+            rows=torch.tensor(rows, dtype=torch.long), positions=torch.tensor(steps, dtype=torch.long) + 1,
+            layers=torch.tensor(layers, dtype=torch.long),
+        )
 
     def _exit(self, layer: int, h: Tensor, rows: np.ndarray, fires: np.ndarray, logits: Tensor | None) -> None:
         """Record that the `fires` among `rows` (states `h (n, d)`) leave at `layer`."""
@@ -482,10 +550,12 @@ class _Decoder:
         done = np.zeros(B, dtype=bool)
         batch_max: list[int] = []
         scheduled = isinstance(self.decider, ScheduledExits)
+        self.slot0 = ctx.first_slot - (1 if prefilled else 0)  # step t's token sits at slot slot0 + t
         for step in range(max_new):
             live = np.flatnonzero(~done)
             if len(live) == 0:
                 break
+            self.step = step
             positions = torch.full((B,), step + 1, dtype=torch.long)
             if scheduled:
                 self.schedule = self.decider.draw(B).numpy()
@@ -508,6 +578,8 @@ class _Decoder:
                         self._exit(layer, h, rows, *self._decide(layer, h, rows))
                 if self.record:
                     self.recorded.append((torch.stack(ctx.prefill_states)[:, live], step, live))
+                if self.agreement:  # the prefill ran every layer
+                    self._resolve(live, np.full(len(live), step), ctx.prefill_states[-1][torch.from_numpy(live).to(dev)])
             else:
                 slot = ctx.first_slot + step - (1 if prefilled else 0)
                 ids = ctx.start_ids if step == 0 else tokens[:, step - 1]
@@ -543,6 +615,10 @@ class _Decoder:
                         self._exit(layer, h, dec_rows, *self._decide(layer, h, dec_rows))
                 if states is not None:
                     self._record_rest(states, h_cur, reached, live, slot, step)
+                if self.agreement:  # tokens that went (or rode along) the full depth this step
+                    deep = live[reached[live] == L]
+                    if len(deep):
+                        self._resolve(deep, np.full(len(deep), step), h_cur[torch.from_numpy(deep).to(dev)])
                 # the current positions wait with the state they reached (rows already ended: never)
                 if self.pend_state is not None:
                     self.pend_state[:, slot] = h_cur
@@ -581,6 +657,7 @@ class _Decoder:
             layer_calls=self.layer_calls,
             checks=getattr(self.decider, "checks", 0),
             records=self.records(),
+            agreement=self.agreement_pairs(),
             policy=describe(self.decider.policy if isinstance(self.decider, LayerDecider) else self.decider),
             strategy=self.strategy,
             batch_mode=self.mode,

@@ -20,7 +20,7 @@ from eetrain.errors import ConfigError
 from eetrain.exits.beta_mixture import check_adaptive_policy
 
 from .adaptive import KEY as ADAPTIVE_KEY
-from .adaptive import AdaptiveThreshold
+from .adaptive import AdaptiveThreshold, batch_pairs
 from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
@@ -140,8 +140,8 @@ def format_summary(s: dict[str, Any]) -> str:
         value = s["adaptive_threshold"]
         lines.append(
             f"  adaptive threshold (FREE): {'not fitted yet' if value is None else f'{value:.3f}'} after "
-            f"{s['adaptive_updates']} updates on {s['adaptive_pairs']} pairs; its passes took "
-            f"{s['adaptive_seconds']:.2f} s (counted in early exit's time)"
+            f"{s['adaptive_updates']} updates on {s['adaptive_pairs']} pairs; the estimator took "
+            f"{s['adaptive_seconds']:.2f} s more (counted in early exit's time)"
         )
     if s.get("scored_examples", s["examples"]) < s["examples"]:
         lines.append(f"  task metrics over the {s['scored_examples']} of {s['examples']} examples that have a reference")
@@ -168,7 +168,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         check_adaptive_policy(policy, ADAPTIVE_KEY)
         adaptive = AdaptiveThreshold.start(settings.adaptive_threshold)
         checked = with_check_every(policy, schedule.get("check_every"), backbone.num_layers)
-        label += " adaptive threshold (FREE)"
+        label += " (the first batch; then FREE's adaptive threshold)"
     examples = data.split_examples(settings.split, "decoding.split")
     if settings.max_examples is not None:
         examples = examples[: int(settings.max_examples)]
@@ -188,11 +188,13 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     for chunk, batch in progress(_batches(backbone, examples, settings.batch_size, device), "early-exit generation",
                                  total=n_batches, unit="batch"):
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
-        out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule)
+        pairs = adaptive is not None and adaptive.updating
+        out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule,
+                       agreement=pairs and settings.strategy == "parallel")
         ee.append(out)
-        if adaptive is not None and adaptive.updating:
+        if pairs:
             start = time.perf_counter()
-            value = adaptive.update(backbone, batch, out, checked)
+            value = adaptive.update(*batch_pairs(backbone, batch, out, checked))
             if value is not None:
                 policy, checked = policy.with_base_threshold(value), checked.with_base_threshold(value)
             adaptive_seconds += time.perf_counter() - start

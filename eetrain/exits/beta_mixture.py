@@ -148,10 +148,14 @@ def check_adaptive_policy(policy: ExitPolicy | None, key: str) -> None:
         )
 
 
-def agreement_pairs(policy: ExitPolicy, records: ExitRecords) -> tuple[Tensor, Tensor]:
+def agreement_pairs(
+    policy: ExitPolicy, records: ExitRecords, exit_layers: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The estimator's pairs of every token at every layer where `policy` checks (its minimum exit layer
-    up to ``L - 1``, its exit points only): `confidence (n,)` the policy's score and `agree (n,)` bool,
-    the layer's prediction equals the last layer's. Token-major order (a token's checks together)."""
+    up to ``L - 1``, its exit points only; with `exit_layers (N,)`, the tokens' exits when decoded, only
+    the checks made before leaving, at layers ``<=`` the exit): `confidence (n,)` the policy's score and
+    `agree (n,)` bool, the layer's prediction equals the last layer's. Token-major order (a token's
+    checks together)."""
     scores = policy_scores(policy, records)  # (L, N)
     preds = records.preds()
     L = scores.shape[0]
@@ -162,6 +166,9 @@ def agreement_pairs(policy: ExitPolicy, records: ExitRecords) -> tuple[Tensor, T
         carries[[i - 1 for i in policy.exit_points if 1 <= i <= L]] = True
         checked &= carries
     layers = torch.nonzero(checked)[:, 0]
-    confidence = scores[layers].t().reshape(-1).double()
-    agree = (preds[layers] == preds[-1]).t().reshape(-1)
+    made = torch.ones(len(layers), scores.shape[1], dtype=torch.bool)
+    if exit_layers is not None:
+        made = (layers[:, None] + 1) <= exit_layers.to(layers.device)[None, :]
+    confidence = scores[layers].t()[made.t()].double()
+    agree = (preds[layers] == preds[-1]).t()[made.t()]
     return confidence, agree
