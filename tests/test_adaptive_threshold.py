@@ -200,3 +200,104 @@ def test_agreement_pairs_need_parallel_and_a_policy():
         generate(bb, batch, ExitPolicy("softmax_max", 0.5, min_exit_layer=1), strategy="copy", agreement=True)
     with pytest.raises(ConfigError, match=r"and an exit policy"):
         generate(bb, batch, None, strategy="parallel", agreement=True)
+
+
+def reference_rollback(bb, source: list[int], policy: ExitPolicy, limit: float, n: int) -> tuple[list[int], list[int], int]:
+    """FREE's RollBack with exact deep states, recomputing everything at every step: a token that goes the
+    full depth (LLaMA's first token: at once) checks the exited tokens before it that no full-depth
+    token checked yet, in order; the first whose cross-entropy under the last layer exceeds `limit` is
+    replaced by the last layer's prediction and every later token is dropped."""
+    from eetrain.exits.policy import exit_layers
+    from eetrain.exits.record import record_exits
+
+    L = bb.num_layers
+    gen, ex, checked, rollbacks = [], [], 0, 0
+    while len(gen) < n:
+        rec = record_exits(bb, [bb.collate([{"source_ids": source, "target_ids": gen + [0]}])], store_hidden=True)
+        e = int(exit_layers(policy, rec)[-1])
+        tok = int(rec.preds()[e - 1, -1])
+        with torch.no_grad():
+            deep = torch.log_softmax(bb.exit_logits(rec.hidden[L - 1], L).float(), dim=-1)  # (len(gen) + 1, V)
+        if bb.family == "llama" and not gen and e < L and -float(deep[0, tok]) > limit:
+            tok, e, rollbacks = int(deep[0].argmax()), L, rollbacks + 1
+        if e == L:
+            back = next((q for q in range(checked, len(gen)) if ex[q] < L and -float(deep[q, gen[q]]) > limit), None)
+            if back is not None:
+                gen, ex = gen[:back] + [int(deep[back].argmax())], ex[:back] + [L]
+                checked, rollbacks = back + 1, rollbacks + 1
+                continue
+            checked = len(gen) + 1
+        gen.append(tok)
+        ex.append(e)
+    return gen, ex, rollbacks
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_rollback_equals_the_recompute_everything_reference(family):
+    bb = (make_backbone("t5", initializer_factor=2.0) if family == "t5"
+          else make_backbone("llama", initializer_range=0.5)).eval()
+    source = [20, 30, 40, 50, 60, 1]  # exits mixed all along (LLaMA's first token leaves early too)
+    batch = {"input_ids": torch.tensor([source]), "attention_mask": torch.ones(1, len(source), dtype=torch.long)}
+    policy = ExitPolicy("softmax_max", 0.3 if family == "llama" else 0.9, min_exit_layer=1)
+    full = generate(bb, batch, None, strategy="parallel", max_new_tokens=10, stop_at_eos=False).tokens[0].tolist()
+    plain = generate(bb, batch, policy, strategy="parallel", max_new_tokens=10, stop_at_eos=False)
+    seen = set()
+    for limit in (0.0, 0.5, 3.0, 1e9):
+        out = generate(bb, batch, policy, strategy="parallel", max_new_tokens=10, stop_at_eos=False, rollback=limit)
+        want, want_exits, rollbacks = reference_rollback(bb, source, policy, limit, 10)
+        assert out.tokens[0].tolist() == want and out.exit_layers[0].tolist() == want_exits, limit
+        assert out.rollbacks == rollbacks
+        seen.add(rollbacks)
+        if limit == 0.0:  # every token the last layer checked is the last layer's: full greedy up to there
+            last = max(t for t, e in enumerate(want_exits) if e == bb.num_layers)
+            assert want[: last + 1] == full[: last + 1] and out.discarded_tokens > 0
+        if limit == 1e9:
+            assert torch.equal(out.tokens, plain.tokens) and out.rollbacks == 0
+    assert len(seen) >= 2 and max(seen) > 0  # the limits above made a difference
+
+
+def test_rollback_bad_input_names_the_key():
+    bb = make_backbone("t5").eval()
+    one = {"input_ids": torch.tensor([[5, 6, 1]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    policy = ExitPolicy("softmax_max", 0.5, min_exit_layer=1)
+    for kwargs, message in (
+        (dict(rollback=-1.0, strategy="parallel"), r"decoding.rollback=-1.0; allowed: null \(off\) or a cross-entropy"),
+        (dict(rollback=1.0, strategy="copy"), r"decoding.rollback needs decoding.strategy=parallel"),
+        (dict(rollback=1.0, strategy="parallel", temperature=0.5), r"greedy decoding only"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            generate(bb, one, policy, **kwargs)
+    two = {"input_ids": torch.tensor([[5, 6, 1], [7, 8, 1]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    with pytest.raises(ConfigError, match=r"decoding.rollback: batch 1 only, as in FREE's code"):
+        generate(bb, two, policy, strategy="parallel", rollback=1.0)
+    with pytest.raises(ConfigError, match=r"decoding.rollback needs an exit policy"):
+        generate(bb, one, None, strategy="parallel", rollback=1.0)
+
+
+def test_the_generate_stage_rolls_back_and_reports_it(tmp_path):
+    from eetrain.decoding.stage import run_stage
+
+    bb = make_backbone("t5", initializer_factor=2.0).eval()
+    args = ["+experiment=generate", "model.name_or_path=unused", "decoding.max_examples=4", "decoding.max_new_tokens=10",
+            "decoding.strategy=parallel", "decoding.policy.measure=softmax_max", "decoding.policy.threshold=0.8",
+            "decoding.policy.min_exit_layer=1"]
+    cfg = compose([*args, "decoding.rollback=0"])
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    summary = run_stage(cfg, bb, data, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    rollbacks = discarded = 0
+    for e, row in zip(data.split_examples("test")[:4], rows, strict=True):
+        batch = {"input_ids": torch.tensor([e["source_ids"]]), "attention_mask": torch.ones(1, len(e["source_ids"]), dtype=torch.long)}
+        out = generate(bb, batch, ExitPolicy("softmax_max", 0.8, min_exit_layer=1), strategy="parallel",
+                       max_new_tokens=10, rollback=0.0)
+        assert out.row_exit_layers()[0] == row["exit_layers"]
+        rollbacks, discarded = rollbacks + out.rollbacks, discarded + out.discarded_tokens
+    assert (summary["rollback"], summary["rollbacks"], summary["discarded_tokens"]) == (0.0, rollbacks, discarded)
+    assert rollbacks > 0
+    for extra, message in (
+        (["decoding.rollback=-1"], r"decoding.rollback=-1; allowed: null \(off\) or a cross-entropy in nats >= 0"),
+        (["decoding.rollback=1", "decoding.strategy=copy"], r"decoding.rollback needs decoding.strategy=parallel"),
+        (["decoding.rollback=1", "decoding.batch_size=4"], r"decoding.rollback: batch 1 only"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            decoding_settings(compose([*args, *extra]))

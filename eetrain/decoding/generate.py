@@ -107,6 +107,8 @@ class GenerateOutput:
     checks: int = 0
     records: ExitRecords | None = None  # with record=True: every token's state after every layer
     agreement: AgreementPairs | None = None  # with agreement=True: FREE's (confidence, agrees) pairs
+    rollbacks: int = 0  # with rollback: how often a check replaced a token, and the tokens decoded after
+    discarded_tokens: int = 0  # a replaced one (the one in flight included) that were thrown away
 
     @property
     def other_seconds(self) -> float:
@@ -278,6 +280,7 @@ def generate(
     check_every: int | None = None,
     record: bool = False,
     agreement: bool = False,
+    rollback: float | None = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row of `batch` with early exits.
 
@@ -305,6 +308,11 @@ def generate(
             full depth (or rides along to it), later for an exited one, when the next token of its row
             that goes the full depth runs the waiting positions through the last layer (``parallel``
             only: ``copy`` never computes an exited token's deep states).
+        rollback: FREE's RollBack (``parallel``, greedy, batch 1 as in FREE's code): when the deep pass of
+            a later token gives an exited token's last-layer distribution and the exited token's
+            cross-entropy under it exceeds `rollback` nats, that token is replaced by the last layer's
+            prediction and everything decoded after it is discarded and decoded again. 0 keeps every
+            token the last layer checked equal to its prediction.
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
     was_training = backbone.training
@@ -328,6 +336,8 @@ def generate(
             )
         size = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
+        if rollback is not None:
+            _check_rollback(rollback, strategy, decider, size, temperature, record)
         if batch_mode == "auto":
             crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
             batch_mode = "gather" if size >= crossover else "ride_along"
@@ -335,11 +345,27 @@ def generate(
         if record:
             batch_mode = "gather"
         decoder = _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record,
-                           agreement=agreement)
+                           agreement=agreement, rollback=rollback)
         return decoder.run(batch, max_new_tokens)
     finally:
         if was_training:
             backbone.train()
+
+
+def _check_rollback(rollback: Any, strategy: str, decider: Any, size: int, temperature: float, record: bool) -> None:
+    key = "decoding.rollback"
+    if isinstance(rollback, bool) or not isinstance(rollback, int | float) or not rollback >= 0:
+        raise ConfigError(f"{key}={rollback!r}; allowed: null (off) or a cross-entropy in nats >= 0")
+    if strategy != "parallel":
+        raise ConfigError(f"{key} needs decoding.strategy=parallel (only its deep pass checks exited tokens); "
+                          f"got {strategy!r}")
+    if not isinstance(decider, LayerDecider) or decider.policy is None:
+        raise ConfigError(f"{key} needs an exit policy (without one no token exits, nothing to roll back)")
+    if size != 1:
+        raise ConfigError(f"{key}: batch 1 only, as in FREE's code (a rolled-back row would leave the others' "
+                          f"step); got a batch of {size} (decoding.batch_size=1)")
+    if temperature or record:
+        raise ConfigError(f"{key}: greedy decoding only (decoding.temperature=0), without record")
 
 
 def _sync(device: torch.device) -> None:
@@ -352,9 +378,12 @@ class _Decoder:
 
     def __init__(
         self, backbone: Any, decider: Any, strategy: str, mode: str, sampler: _Sampler, stop: bool, record: bool = False,
-        agreement: bool = False,
+        agreement: bool = False, rollback: float | None = None,
     ):
         self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
+        self.rollback = rollback
+        self.rolled_back: tuple[int, int] | None = None  # (step, the last layer's token) to go back to
+        self.rollbacks = self.discarded = 0
         self.record = record
         # agreement pairs: (row, step) -> [(layer, score, prediction)] of checks waiting for the token's
         # last-layer prediction; resolved ones in `pairs` as (score, agrees, row, step, layer)
@@ -425,8 +454,13 @@ class _Decoder:
             done = res[:, :-1][mask]
             self.pend_state[row_idx[:, None].expand_as(slots)[mask], slots[mask]] = done
             out = res[:, -1]
-            if self.agreement and layer == self.L:  # (row, slot) pairs in the order of `done`
-                self._resolve(row_ids[ri], si - self.slot0, done)
+            if layer == self.L and (self.agreement or self.rollback is not None):
+                steps = si - self.slot0  # (row, slot) pairs in the order of `done`
+                deep_logits = bb.exit_logits(done, self.L)
+                if self.agreement:
+                    self._resolve(row_ids[ri], steps, done, deep_logits)
+                if self.rollback is not None:  # batch 1: row 0
+                    self._check_rollback(steps, deep_logits)
         self.depth[row_ids[ri], si] = layer
         return out
 
@@ -458,9 +492,35 @@ class _Decoder:
         for r, score, p in zip(rows.tolist(), self.decider.last_scores.tolist(), pred.tolist(), strict=True):
             self.checks_of.setdefault((r, self.step), []).append((layer, score, p))
 
-    def _resolve(self, rows: np.ndarray, steps: np.ndarray, states: Tensor) -> None:
+    def _check_rollback(self, steps: np.ndarray, deep_logits: Tensor) -> None:
+        """FREE's RollBack: the first waiting token whose cross-entropy under its last-layer logits
+        `(n, V)` exceeds the limit is to be replaced by the last layer's prediction."""
+        emitted = self.tokens[0, torch.from_numpy(steps).to(deep_logits.device)]
+        logp = torch.log_softmax(deep_logits.float(), dim=-1)
+        over = torch.nonzero(-logp.gather(1, emitted[:, None])[:, 0] > self.rollback)
+        if len(over):
+            j = int(over[0, 0])
+            self.rolled_back = (int(steps[j]), int(logp[j].argmax()))
+
+    def _roll_back(self, exits: Tensor) -> int:
+        """Replace the token found by :meth:`_check_rollback` with the last layer's and discard the ones after
+        it (batch 1): their cache slots count as never written, their waiting checks are dropped. Returns
+        the step of the replaced token."""
+        p, token = self.rolled_back  # type: ignore[misc]
+        self.rolled_back = None
+        self.rollbacks += 1
+        self.discarded += self.step - p  # the tokens after p and the one this step was decoding
+        self.tokens[0, p] = token
+        self.tokens[0, p + 1 :] = self.bb.pad_token_id
+        exits[0, p] = self.L  # the token is now the last layer's
+        exits[0, p + 1 :] = 0
+        self.depth[0, self.slot0 + p + 1 :] = 0  # inputs of discarded tokens: to be decoded again
+        self.checks_of = {k: v for k, v in self.checks_of.items() if k[1] <= p}
+        return p
+
+    def _resolve(self, rows: np.ndarray, steps: np.ndarray, states: Tensor, logits: Tensor | None = None) -> None:
         """The last-layer states `(n, d)` of the tokens at (`rows`, `steps`): their checks become pairs."""
-        deep = self.bb.exit_logits(states, self.L).argmax(dim=-1).tolist()
+        deep = (self.bb.exit_logits(states, self.L) if logits is None else logits).argmax(dim=-1).tolist()
         for r, t, d in zip(rows.tolist(), steps.tolist(), deep, strict=True):
             for layer, score, p in self.checks_of.pop((r, t), ()):
                 self.pairs.append((score, p == d, r, t, layer))
@@ -551,7 +611,10 @@ class _Decoder:
         batch_max: list[int] = []
         scheduled = isinstance(self.decider, ScheduledExits)
         self.slot0 = ctx.first_slot - (1 if prefilled else 0)  # step t's token sits at slot slot0 + t
-        for step in range(max_new):
+        self.tokens = tokens
+        step, steps = -1, 0  # steps: tokens decoded (a rollback takes some back)
+        while step + 1 < max_new:
+            step += 1
             live = np.flatnonzero(~done)
             if len(live) == 0:
                 break
@@ -604,6 +667,8 @@ class _Decoder:
                             h = self._layer(layer, rows, slot, h_cur.index_select(0, idx))
                             h_cur = h_cur.index_copy(0, idx, h)
                         reached[rows] = layer
+                    if self.rolled_back is not None:
+                        break
                     if states is not None:
                         states[layer - 1] = h_cur
                     dec_rows = np.flatnonzero(self.deciding)
@@ -613,6 +678,12 @@ class _Decoder:
                         self._exit(layer, h, dec_rows, np.ones(len(dec_rows), dtype=bool), None)
                     else:
                         self._exit(layer, h, dec_rows, *self._decide(layer, h, dec_rows))
+                if self.rolled_back is not None:
+                    step = self._roll_back(exits)
+                    steps = step + 1
+                    if eos is not None and int(tokens[0, step]) == eos:
+                        done[0] = True
+                    continue
                 if states is not None:
                     self._record_rest(states, h_cur, reached, live, slot, step)
                 if self.agreement:  # tokens that went (or rode along) the full depth this step
@@ -630,12 +701,19 @@ class _Decoder:
                 at = torch.from_numpy(self.exit_at[self.need_head]).to(dev)
                 self.new_tok[idx] = self.sample(bb.exit_logits_at(self.exit_h[idx], at))
                 self.head_seconds += time.perf_counter() - t0
+            if self.rollback is not None and step == 0 and prefilled and 0 < self.exit_at[0] < L:
+                # LLaMA's first token: the prefill already ran the last layer on its input, so check it at once
+                logp = torch.log_softmax(bb.exit_logits(ctx.prefill_states[-1][:1], L).float(), dim=-1)[0]
+                if -float(logp[self.new_tok[0]]) > self.rollback:
+                    self.new_tok[0], self.exit_at[0] = logp.argmax(), L
+                    self.rollbacks += 1
             new_tok, exit_at = self.new_tok, self.exit_at
             new_tok[torch.from_numpy(done).to(dev)] = pad
             tokens[:, step] = new_tok
             exit_at[done] = 0
             exits[:, step] = torch.from_numpy(exit_at).to(dev)
             batch_max.append(int(exit_at[live].max()))
+            steps = step + 1
             if eos is not None:
                 ended = (new_tok == eos).cpu().numpy() & ~done
                 done |= ended
@@ -643,7 +721,7 @@ class _Decoder:
         _sync(dev)
         seconds = time.perf_counter() - start
         lengths = (exits > 0).sum(dim=1).cpu()
-        steps = max(1, len(batch_max))
+        steps = max(1, steps)
         return GenerateOutput(
             tokens=tokens[:, :steps].cpu(),
             exit_layers=exits[:, :steps].cpu(),
@@ -658,6 +736,8 @@ class _Decoder:
             checks=getattr(self.decider, "checks", 0),
             records=self.records(),
             agreement=self.agreement_pairs(),
+            rollbacks=self.rollbacks,
+            discarded_tokens=self.discarded,
             policy=describe(self.decider.policy if isinstance(self.decider, LayerDecider) else self.decider),
             strategy=self.strategy,
             batch_mode=self.mode,

@@ -63,6 +63,7 @@ class DecodingSettings:
     batch_size: int
     compare_full: bool
     adaptive_threshold: Any = None  # AdaptiveSettings (FREE's estimator) or None
+    rollback: float | None = None  # FREE's RollBack: cross-entropy limit in nats
 
 
 def _plain(node: Any) -> Any:
@@ -104,7 +105,23 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         batch_size=int(node.get("batch_size", 1)),
         compare_full=bool(node.get("compare_full", True)),
         adaptive_threshold=adaptive_settings(node.get("adaptive_threshold")),
+        rollback=_rollback(node),
     )
+
+
+def _rollback(node: Mapping[str, Any]) -> float | None:
+    value = node.get("rollback")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"decoding.rollback={value!r}; allowed: null (off) or a cross-entropy in nats >= 0")
+    if node.get("strategy") != "parallel":
+        raise ConfigError(f"decoding.rollback needs decoding.strategy=parallel (only its deep pass checks exited "
+                          f"tokens); got {node.get('strategy')!r}")
+    if node.get("batch_size", 1) != 1 or node.get("temperature", 0.0):
+        raise ConfigError("decoding.rollback: batch 1 only, as in FREE's code, and greedy (decoding.batch_size=1, "
+                          f"decoding.temperature=0; got {node.get('batch_size', 1)}, {node.get('temperature', 0.0)})")
+    return float(value)
 
 
 def stored_policy(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:

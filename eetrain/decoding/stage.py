@@ -81,6 +81,9 @@ def _summary(
         "decision_fraction": sum(o.decision_seconds for o in ee) / seconds if seconds else float("nan"),
         "temperature": settings.temperature,
     }
+    if settings.rollback is not None:
+        out.update(rollback=settings.rollback, rollbacks=sum(o.rollbacks for o in ee),
+                   discarded_tokens=sum(o.discarded_tokens for o in ee))
     if adaptive is not None:
         out.update(
             adaptive_threshold=adaptive.current,
@@ -136,6 +139,9 @@ def format_summary(s: dict[str, Any]) -> str:
             f"identical sequences {s['sequence_consistency']:.3f}"
             + (" (sampled: two independent draws)" if s.get("temperature") else ""),
         ]
+    if "rollbacks" in s:
+        lines.append(f"  rollback (FREE, > {s['rollback']:g} nats): {s['rollbacks']} tokens replaced by the last "
+                     f"layer's, {s['discarded_tokens']} decoded tokens discarded")
     if "adaptive_updates" in s:
         value = s["adaptive_threshold"]
         lines.append(
@@ -190,7 +196,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
         pairs = adaptive is not None and adaptive.updating
         out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule,
-                       agreement=pairs and settings.strategy == "parallel")
+                       agreement=pairs and settings.strategy == "parallel", rollback=settings.rollback)
         ee.append(out)
         if pairs:
             start = time.perf_counter()
