@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from eetrain.module import EarlyExitModule
 from eetrain.train import load_module_weights
 from tests import in_process
 from tests.conftest import examples, make_backbone
+from tests.test_adaptive_threshold import free_threshold
 
 FAST = ["exit.min_exit_layer=2", "exit.record.max_tokens=400", "data.eval_batch_size=64"]
 
@@ -181,6 +183,17 @@ def test_policy_table_helpers_on_a_hand_record():
     # risk 0.25 fails (min(exp(-4 KL(0.25||0.5)) = exp(-0.5232) = 0.593, e * 5/16 = 0.849) > 0.5)
     assert result["threshold"] == 0.95 and result["evaluated_on"] == "the calibration set"
     assert result["mean_exit_layer"] == 2.5 and result["empirical_risk"] == 0.0
+    # FREE's threshold on the same records: pairs at layer 2 (the only check below L = 3), confidences
+    # 0.99, 0.97 agreeing with layer 3 and 0.6, 0.5 not. Beta fits by moments: agree m 0.98, var 1e-4 ->
+    # (191.1, 3.9); disagree m 0.55, var 0.0025 -> (53.9, 44.1); with equal priors the posterior of agreement
+    # is 2e-22 at 0.7, 1.5e-12 at 0.767, 0.095 at 0.833 and 1 - 3e-13 at 0.9: the threshold is the grid's top
+    # point, 0.9, and softmax_max >= 0.9 exits tokens 0 and 1 at layer 2
+    free = result["beta_mixture"]
+    assert free["pairs"] == 4 and free["agree_share"] == 0.5
+    assert free["threshold"] == pytest.approx(free_threshold(np.array([0.99, 0.97, 0.6, 0.5]),
+                                                             np.array([True, True, False, False])))
+    assert free["threshold"] == pytest.approx(0.9)
+    assert (free["mean_exit_layer"], free["consistency"]) == (2.5, 1.0)
 
 
 def test_a_grid_can_hold_per_layer_thresholds():

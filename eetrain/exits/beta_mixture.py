@@ -45,6 +45,7 @@ __all__ = [
     "estimate_threshold",
     "agreement_pairs",
     "check_adaptive_policy",
+    "is_confidence",
 ]
 
 PRIORS = ("equal", "empirical")
@@ -133,6 +134,11 @@ def estimate_threshold(
     return mixture_threshold(mixture, zeta, low, high, points)
 
 
+def is_confidence(policy: ExitPolicy) -> bool:
+    """Whether `policy`'s score is a confidence in [0, 1] (a probability-type measure or a classifier)."""
+    return not isinstance(policy.measure, str) or MEASURES[policy.measure].is_probability
+
+
 def check_adaptive_policy(policy: ExitPolicy | None, key: str) -> None:
     """A policy the estimator can set: a score in [0, 1] (a probability-type measure or a classifier)."""
     from eetrain.errors import ConfigError
@@ -140,7 +146,7 @@ def check_adaptive_policy(policy: ExitPolicy | None, key: str) -> None:
     if policy is None:
         raise ConfigError(f"{key}: FREE's adaptive threshold sets an exit policy's threshold, and this run decodes "
                           "without one (full model or self_speculative); allowed with a policy: copy, parallel")
-    if isinstance(policy.measure, str) and not MEASURES[policy.measure].is_probability:
+    if not is_confidence(policy):
         allowed = sorted(n for n, s in MEASURES.items() if s.kind == "score" and s.is_probability)
         raise ConfigError(
             f"{key}: FREE's adaptive threshold models a confidence in [0, 1]; measure {policy.measure!r} is not one "

@@ -23,6 +23,7 @@ import torch
 
 from eetrain.errors import ConfigError
 
+from .beta_mixture import agreement_pairs, estimate_threshold, is_confidence
 from .calibration import calibrate_threshold, consistency_risk, ltt_scan, make_risk_fn, task_risk
 from .classifiers import ExitClassifier
 from .measures import ExitRecords, get_measure
@@ -158,8 +159,24 @@ def calibrate(
                 per = task_risk(ex, target.preds(), target.labels, sequence_ids=tseq, reduction=settings.reduction)
             result.update({k: stats[k] for k in ("mean_exit_layer", "consistency", "accuracy", "expected_saving")})
             result["empirical_risk"] = float(per.mean()) if per.numel() else float("nan")
+        if is_confidence(spec.policy):
+            result["beta_mixture"] = _beta_mixture_result(spec.policy, cal, target)
         results.append(result)
     return results
+
+
+def _beta_mixture_result(policy: ExitPolicy, cal: ExitRecords, target: ExitRecords) -> dict[str, Any]:
+    """FREE's adaptive threshold (its defaults) fitted on the calibration records' pairs -- every token at
+    every layer the policy checks -- and how it does on `target`, beside LTT's certified threshold."""
+    confidence, agree = agreement_pairs(policy, cal)
+    threshold = estimate_threshold(confidence, agree)
+    out: dict[str, Any] = {"threshold": threshold, "pairs": int(confidence.numel()),
+                           "agree_share": float(agree.double().mean()) if agree.numel() else float("nan")}
+    if threshold is not None and target.num_tokens:
+        stats = evaluate_policy(exit_layers(policy.at_value(threshold), target), target.preds(), target.labels,
+                                target.num_layers)
+        out.update({k: stats[k] for k in ("mean_exit_layer", "consistency", "accuracy")})
+    return out
 
 
 def best_rows(
@@ -283,6 +300,11 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
                     f"on {r['evaluated_on']}: mean exit {r['mean_exit_layer']:.3f}, consistency "
                     f"{r['consistency']:.4f}, risk {r['empirical_risk']:.4f}"
                 )
+            free = r.get("beta_mixture")
+            if free is not None and free["threshold"] is not None and "consistency" in free:
+                print(f"    FREE's Beta-mixture threshold on the same records: {free['threshold']:.3f} "
+                      f"({free['pairs']} pairs); mean exit {free['mean_exit_layer']:.3f}, consistency "
+                      f"{free['consistency']:.4f}")
     if cal_settings.online and calibration:
         calibrate_online_stage(cfg, backbone, data, specs, calibration, rows, cal_settings)
         (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
