@@ -129,6 +129,8 @@ class Spec:
     depth: int | None = None  # static: decoder blocks kept
     policy: Any = field(default=None, compare=False)  # eetrain with a real policy: its ExitPolicy
     candidates: int | None = None  # candidate-set confidence: k
+    agreement: bool = False  # --free: collect FREE's (confidence, agrees) pairs while decoding
+    rollback: float | None = None  # --free: FREE's RollBack limit in nats
 
 
 #: where real policies exit: random weights make no policy meaningful, so each policy gets per-layer
@@ -172,6 +174,34 @@ def real_policies(backbone) -> list[Spec]:
         clf = clf.to(device=device, dtype=dtype).eval()
         rows.append((name, ExitPolicy(clf, prob, min_exit_layer=2, name=name), None))
     return [Spec("eetrain", name, "copy", "ride_along", policy=policy, candidates=k) for name, policy, k in rows]
+
+
+#: --free: the RollBack limit of the row that times its checks. On random weights the last layer is near
+#: uniform (cross-entropy ~ log V ~ 9 nats at V = 8192), so a limit this high never fires: the row times
+#: what checking costs, not what re-decoding costs (that depends on how often a trained model disagrees).
+FREE_ROLLBACK = 100.0
+
+
+def free_policies(backbone, batch: dict, new_tokens: int) -> list[Spec]:
+    """`parallel` rows with a softmax-gap policy whose only exit is layer POLICY_EXIT_LAYER at the median
+    score seen there (tokens at or above it leave there -- on random weights, whose scores tie, most do --,
+    the others go the full depth, and their deep passes resolve FREE's pairs and run the RollBack checks):
+    plain, collecting the adaptive threshold's pairs, and with RollBack checks (FREE_ROLLBACK)."""
+    from eetrain.decoding import generate
+    from eetrain.exits.policy import ExitPolicy
+
+    L = backbone.num_layers
+    never = ExitPolicy("softmax_gap", 1.0, min_exit_layer=2)  # a gap of exactly 1 does not happen
+    pairs = generate(backbone, batch, never, strategy="parallel", max_new_tokens=new_tokens, stop_at_eos=False,
+                     agreement=True).agreement
+    at = min(POLICY_EXIT_LAYER, L - 1)
+    median = float(pairs.confidence[pairs.layers == at].median())
+    policy = ExitPolicy("softmax_gap", [median if i == at else 1.0 for i in range(1, L + 1)], min_exit_layer=2)
+    name = f"softmax_gap@{at}"
+    return [Spec("eetrain", name, "parallel", "ride_along", policy=policy),
+            Spec("eetrain", f"{name}+pairs", "parallel", "ride_along", policy=policy, agreement=True),
+            Spec("eetrain", f"{name}+rollback:{FREE_ROLLBACK:g}", "parallel", "ride_along", policy=policy,
+                 rollback=FREE_ROLLBACK)]
 
 
 def plan(batch: int, num_layers: int, crossover: bool = False) -> list[Spec]:
@@ -316,7 +346,7 @@ def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int, temperature: f
     policy = (spec.policy or spec.exits) if spec.impl == "eetrain" else None
     return _Run(spec, lambda: generate(backbone, batch, policy, strategy=spec.strategy, batch_mode=spec.batch_mode,
                                        max_new_tokens=new_tokens, stop_at_eos=False, candidates=spec.candidates,
-                                       temperature=temperature))
+                                       temperature=temperature, agreement=spec.agreement, rollback=spec.rollback))
 
 
 def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> None:
@@ -351,7 +381,7 @@ def ceiling_depth(out, batch: int, batch_mode: str) -> int:
 
 def bench_batch(
     backbone, statics: dict[int, Any], batch_size: int, shape_name: str, new_tokens: int, repeats: int,
-    device: str, crossover: bool = False, policies: bool = False, temperature: float = 0.0,
+    device: str, crossover: bool = False, policies: bool = False, temperature: float = 0.0, free: bool = False,
 ) -> list[dict[str, Any]]:
     """Time every row of one batch size (statics: truncated models by depth, filled as needed)."""
     import torch
@@ -368,6 +398,8 @@ def bench_batch(
     specs = plan(batch_size, L, crossover)
     if policies:
         specs = [Spec("full")] + real_policies(backbone)
+    if free:
+        specs = [Spec("full")] + free_policies(backbone, batch, new_tokens)
     runs = [_make_run(s, backbone, batch, new_tokens, temperature) for s in specs]
     for run in runs:  # warm-up; eetrain's exit layers fix the static depths
         run(sync)
@@ -426,6 +458,10 @@ def bench_batch(
             d = ceiling_depth(out, batch_size, spec.batch_mode)
             rec["ceiling_depth"] = d
             rec["ceiling_fraction"] = paired_ratio(ceiling[d], run)
+        if free and spec.impl == "eetrain":  # time against the same policy decoding without FREE's extras
+            rec["vs_plain"] = paired_ratio(run, runs[1])
+            rec["pairs_per_token"] = None if out.agreement is None else out.agreement.confidence.numel() / out.num_tokens
+            rec["rollbacks"] = out.rollbacks
         records.append(rec)
     return records
 
@@ -440,6 +476,7 @@ def run_benchmark(
     crossover: bool = False,
     policies: bool = False,
     temperature: float = 0.0,
+    free: bool = False,
 ) -> list[dict[str, Any]]:
     """Build the shape's model once and time every batch size's rows; one record per row (every
     implementation greedy, or sampled at `temperature` > 0)."""
@@ -469,7 +506,7 @@ def run_benchmark(
         records = []
         for b in batches:
             for rec in bench_batch(backbone, statics, b, shape_name, new_tokens, repeats, device, crossover,
-                                   policies, temperature):
+                                   policies, temperature, free):
                 records.append({**rec, **machine})
     return records
 
@@ -560,6 +597,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time random:4 ride_along vs gather per batch size; print where gather wins")
     p.add_argument("--policies", action="store_true",
                    help="rows with real exit policies (thresholds tuned to a mean exit near 4): what deciding costs")
+    p.add_argument("--free", action="store_true",
+                   help="batch 1, parallel: a policy as is, collecting FREE's adaptive-threshold pairs, and with "
+                        "RollBack checks: what FREE's extras cost")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sample every implementation at this temperature (0: greedy); self_speculative then "
                         "verifies its drafts by speculative sampling")
@@ -569,9 +609,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    batches = args.batches or ((1,) if args.policies else None)
+    batches = args.batches or ((1,) if args.policies or args.free else None)
     records = run_benchmark(args.shape, args.device, batches, args.new_tokens, args.repeats,
-                            args.threads, args.crossover, args.policies, args.temperature)
+                            args.threads, args.crossover, args.policies, args.temperature, args.free)
     if args.json:
         for rec in records:
             print(json_line(rec), flush=True)
@@ -588,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(records))
         for line in target_lines(records):
             print(line)
+        for r in records:
+            if "vs_plain" in r:
+                print(f"free: batch {r['batch']} {r['exits']}: {r['vs_plain']:.3f} x the plain decoder's time "
+                      f"(pairs per token {_fmt(r['pairs_per_token'], '.2f')}, rollbacks {r['rollbacks']})")
     if args.crossover:  # on stderr with --json, so stdout stays one JSON object per line
         found = crossover_batch(records)
         where = f"from batch {found} on" if found else f"at none of batches {sorted({r['batch'] for r in records})}"

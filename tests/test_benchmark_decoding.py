@@ -125,14 +125,19 @@ def test_table_and_bad_arguments(bench, records):
         bench.parse_args(["--shape", "nope"])
 
 
+def run_tiny(bench, batches: tuple[int, ...], **kwargs):
+    """`run_benchmark` on the tiny shape with one thread (restored after)."""
+    threads = torch.get_num_threads()
+    try:
+        return bench.run_benchmark("tiny", "cpu", batches, repeats=1, threads=1, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_policy_rows_exit_where_their_thresholds_say(bench):
     """--policies: every real policy leaves at layer 4 after checks from layer 2 (the tiny shape has 4
     layers, and the last layer is no check: 2 checks there, 3 on the 12-layer `cpu` shape)."""
-    threads = torch.get_num_threads()
-    try:
-        records = bench.run_benchmark("tiny", "cpu", (1,), new_tokens=3, repeats=1, threads=1, policies=True)
-    finally:
-        torch.set_num_threads(threads)
+    records = run_tiny(bench, (1,), new_tokens=3, policies=True)
     rows = [r for r in records if r["impl"] == "eetrain"]
     assert {r["exits"] for r in rows} >= {"softmax_gap", "softmax_gap@k8", "hidden_saturation", "classifier:calm",
                                           "classifier:lstm"}
@@ -146,14 +151,22 @@ def test_policy_rows_exit_where_their_thresholds_say(bench):
 
 def test_sampled_rows(bench):
     """--temperature: every implementation samples (HF too); self_speculative verifies by speculative sampling."""
-    threads = torch.get_num_threads()
-    try:
-        records = bench.run_benchmark("tiny", "cpu", (2,), new_tokens=4, repeats=1, threads=1, temperature=1.0)
-    finally:
-        torch.set_num_threads(threads)
+    records = run_tiny(bench, (2,), new_tokens=4, temperature=1.0)
     assert {r["impl"] for r in records} == set(bench.IMPLS) and {r["temperature"] for r in records} == {1.0}
     spec = _rows(records, strategy="self_speculative")
     assert len(spec) == 1 and all(math.isfinite(r["speedup"]) for r in records)
     assert records[0]["num_layers"] // 2 <= spec[0]["mean_exit_layer"] <= records[0]["num_layers"]
     with pytest.raises(ValueError, match="temperature"):
         bench.run_benchmark("tiny", "cpu", (1,), temperature=-1.0)
+
+
+def test_free_rows_time_free_s_extras_against_the_same_policy(bench):
+    """--free: the same parallel policy plain, collecting the adaptive threshold's pairs, and with RollBack
+    checks; tokens at or above the median score leave at the tuned layer, the others' deep passes resolve pairs."""
+    records = run_tiny(bench, (1,), new_tokens=8, free=True)
+    rows = [r for r in records if r["impl"] == "eetrain"]
+    assert [r["exits"] for r in rows] == ["softmax_gap@3", "softmax_gap@3+pairs", "softmax_gap@3+rollback:100"]
+    assert rows[0]["vs_plain"] == 1.0 and all(r["vs_plain"] > 0 for r in rows)
+    assert rows[1]["pairs_per_token"] > 0 and rows[0]["pairs_per_token"] is None
+    assert rows[2]["rollbacks"] == 0  # the limit is far above a near-uniform last layer's cross-entropy
+    assert len({r["mean_exit_layer"] for r in rows}) == 1 and 3 <= rows[0]["mean_exit_layer"] < 4

@@ -518,10 +518,13 @@ class _Decoder:
         self.checks_of = {k: v for k, v in self.checks_of.items() if k[1] <= p}
         return p
 
-    def _resolve(self, rows: np.ndarray, steps: np.ndarray, states: Tensor, logits: Tensor | None = None) -> None:
-        """The last-layer states `(n, d)` of the tokens at (`rows`, `steps`): their checks become pairs."""
-        deep = (self.bb.exit_logits(states, self.L) if logits is None else logits).argmax(dim=-1).tolist()
-        for r, t, d in zip(rows.tolist(), steps.tolist(), deep, strict=True):
+    def _resolve(self, rows: np.ndarray, steps: np.ndarray, states: Tensor | None, logits: Tensor | None = None,
+                 preds: list[int] | None = None) -> None:
+        """The last-layer states `(n, d)` of the tokens at (`rows`, `steps`) (or their logits, or their
+        predictions): their checks become pairs."""
+        if preds is None:
+            preds = (self.bb.exit_logits(states, self.L) if logits is None else logits).argmax(dim=-1).tolist()
+        for r, t, d in zip(rows.tolist(), steps.tolist(), preds, strict=True):
             for layer, score, p in self.checks_of.pop((r, t), ()):
                 self.pairs.append((score, p == d, r, t, layer))
 
@@ -619,6 +622,7 @@ class _Decoder:
             if len(live) == 0:
                 break
             self.step = step
+            self.resolve_own = np.zeros(0, dtype=np.int64)
             positions = torch.full((B,), step + 1, dtype=torch.long)
             if scheduled:
                 self.schedule = self.decider.draw(B).numpy()
@@ -688,8 +692,11 @@ class _Decoder:
                     self._record_rest(states, h_cur, reached, live, slot, step)
                 if self.agreement:  # tokens that went (or rode along) the full depth this step
                     deep = live[reached[live] == L]
-                    if len(deep):
-                        self._resolve(deep, np.full(len(deep), step), h_cur[torch.from_numpy(deep).to(dev)])
+                    # greedy, a token that left at L is its own last-layer prediction: resolved below
+                    own = self.exit_at[deep] == L if self.sample.generator is None else np.zeros(len(deep), bool)
+                    ride, self.resolve_own = deep[~own], deep[own]
+                    if len(ride):
+                        self._resolve(ride, np.full(len(ride), step), h_cur[torch.from_numpy(ride).to(dev)])
                 # the current positions wait with the state they reached (rows already ended: never)
                 if self.pend_state is not None:
                     self.pend_state[:, slot] = h_cur
@@ -708,6 +715,9 @@ class _Decoder:
                     self.new_tok[0], self.exit_at[0] = logp.argmax(), L
                     self.rollbacks += 1
             new_tok, exit_at = self.new_tok, self.exit_at
+            if self.agreement and len(self.resolve_own):
+                own = self.resolve_own
+                self._resolve(own, np.full(len(own), step), None, preds=new_tok[torch.from_numpy(own).to(dev)].tolist())
             new_tok[torch.from_numpy(done).to(dev)] = pad
             tokens[:, step] = new_tok
             exit_at[done] = 0
