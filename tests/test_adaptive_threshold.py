@@ -267,9 +267,6 @@ def test_rollback_bad_input_names_the_key():
     ):
         with pytest.raises(ConfigError, match=message):
             generate(bb, one, policy, **kwargs)
-    two = {"input_ids": torch.tensor([[5, 6, 1], [7, 8, 1]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
-    with pytest.raises(ConfigError, match=r"decoding.rollback: batch 1 only, as in FREE's code"):
-        generate(bb, two, policy, strategy="parallel", rollback=1.0)
     with pytest.raises(ConfigError, match=r"decoding.rollback needs an exit policy"):
         generate(bb, one, None, strategy="parallel", rollback=1.0)
 
@@ -281,7 +278,7 @@ def test_the_generate_stage_rolls_back_and_reports_it(tmp_path):
     args = ["+experiment=generate", "model.name_or_path=unused", "decoding.max_examples=4", "decoding.max_new_tokens=10",
             "decoding.strategy=parallel", "decoding.policy.measure=softmax_max", "decoding.policy.threshold=0.8",
             "decoding.policy.min_exit_layer=1"]
-    cfg = compose([*args, "decoding.rollback=0"])
+    cfg = compose([*args, "decoding.rollback=0", "decoding.batch_size=2"])  # rows roll back on their own
     data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
     summary = run_stage(cfg, bb, data, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
@@ -297,7 +294,47 @@ def test_the_generate_stage_rolls_back_and_reports_it(tmp_path):
     for extra, message in (
         (["decoding.rollback=-1"], r"decoding.rollback=-1; allowed: null \(off\) or a cross-entropy in nats >= 0"),
         (["decoding.rollback=1", "decoding.strategy=copy"], r"decoding.rollback needs decoding.strategy=parallel"),
-        (["decoding.rollback=1", "decoding.batch_size=4"], r"decoding.rollback: batch 1 only"),
+        (["decoding.rollback=1", "decoding.temperature=0.7"], r"decoding.rollback: greedy decoding only"),
     ):
         with pytest.raises(ConfigError, match=message):
             decoding_settings(compose([*args, *extra]))
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_rows_roll_back_on_their_own_as_each_row_alone(family, monkeypatch):
+    """At batch > 1 every row rolls back on its own and then sits at its own step: the batch gives each
+    row's tokens, exit layers and rollbacks of decoding it alone (padded prompts of different lengths,
+    ends of sequence). The caches start as NaN: a row behind the others spans slots it has not written,
+    which must hold no garbage (a masked weight times NaN is NaN)."""
+    from eetrain.backbones import kv
+
+    empty = kv.empty_cache
+
+    def poisoned(*args, **kwargs):
+        k, v = empty(*args, **kwargs)
+        for cache in (*k, *v):
+            cache.fill_(float("nan"))
+        return k, v
+
+    monkeypatch.setattr(kv, "empty_cache", poisoned)
+    bb = (make_backbone("t5", initializer_factor=2.0) if family == "t5"
+          else make_backbone("llama", initializer_range=0.5)).eval()
+    sources = [[20, 30, 40, 50, 60, 1], [9, 10, 1], [11, 12, 13, 1], [5, 6, 7, 8, 1]]
+    width = max(map(len, sources))
+    batch = {"input_ids": torch.tensor([s + [0] * (width - len(s)) for s in sources]),
+             "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])}
+    policy = ExitPolicy("softmax_max", 0.3 if family == "llama" else 0.9, min_exit_layer=1)
+    for limit, stop in ((0.0, False), (0.5, True), (3.0, False)):
+        out = generate(bb, batch, policy, strategy="parallel", max_new_tokens=10, stop_at_eos=stop, rollback=limit,
+                       batch_mode="ride_along")  # rollback decodes in gather whatever is asked
+        assert out.batch_mode == "gather"
+        rollbacks = 0
+        for r, source in enumerate(sources):
+            one = {"input_ids": torch.tensor([source]), "attention_mask": torch.ones(1, len(source), dtype=torch.long)}
+            alone = generate(bb, one, policy, strategy="parallel", max_new_tokens=10, stop_at_eos=stop, rollback=limit)
+            assert out.sequences()[r] == alone.sequences()[0], (limit, r)
+            assert out.row_exit_layers()[r] == alone.row_exit_layers()[0], (limit, r)
+            rollbacks += alone.rollbacks
+        assert out.rollbacks == rollbacks
+        if limit == 0.0:
+            assert rollbacks > 0

@@ -308,11 +308,14 @@ def generate(
             full depth (or rides along to it), later for an exited one, when the next token of its row
             that goes the full depth runs the waiting positions through the last layer (``parallel``
             only: ``copy`` never computes an exited token's deep states).
-        rollback: FREE's RollBack (``parallel``, greedy, batch 1 as in FREE's code): when the deep pass of
-            a later token gives an exited token's last-layer distribution and the exited token's
-            cross-entropy under it exceeds `rollback` nats, that token is replaced by the last layer's
-            prediction and everything decoded after it is discarded and decoded again. 0 keeps every
-            token the last layer checked equal to its prediction.
+        rollback: FREE's RollBack (``parallel``, greedy): when the deep pass of a later token of the row
+            gives an exited token's last-layer distribution and the exited token's cross-entropy under it
+            exceeds `rollback` nats, that token is replaced by the last layer's prediction and what the
+            row decoded after it is discarded and decoded again. 0 keeps every token the last layer
+            checked equal to its prediction. FREE's code decodes one sequence; here every row rolls back
+            on its own (rows then sit at their own steps), in the ``gather`` batch mode so that a row's
+            tokens are checked by its own deep passes only: each row's output is what decoding it alone
+            gives.
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
     was_training = backbone.training
@@ -337,12 +340,12 @@ def generate(
         size = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
         if rollback is not None:
-            _check_rollback(rollback, strategy, decider, size, temperature, record)
+            _check_rollback(rollback, strategy, decider, temperature, record)
         if batch_mode == "auto":
             crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
             batch_mode = "gather" if size >= crossover else "ride_along"
         sampler = _Sampler(temperature, top_p, seed, device)
-        if record:
+        if record or rollback is not None:  # each row on its own: its own exits, its own deep passes
             batch_mode = "gather"
         decoder = _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record,
                            agreement=agreement, rollback=rollback)
@@ -352,7 +355,7 @@ def generate(
             backbone.train()
 
 
-def _check_rollback(rollback: Any, strategy: str, decider: Any, size: int, temperature: float, record: bool) -> None:
+def _check_rollback(rollback: Any, strategy: str, decider: Any, temperature: float, record: bool) -> None:
     key = "decoding.rollback"
     if isinstance(rollback, bool) or not isinstance(rollback, int | float) or not rollback >= 0:
         raise ConfigError(f"{key}={rollback!r}; allowed: null (off) or a cross-entropy in nats >= 0")
@@ -361,9 +364,6 @@ def _check_rollback(rollback: Any, strategy: str, decider: Any, size: int, tempe
                           f"got {strategy!r}")
     if not isinstance(decider, LayerDecider) or decider.policy is None:
         raise ConfigError(f"{key} needs an exit policy (without one no token exits, nothing to roll back)")
-    if size != 1:
-        raise ConfigError(f"{key}: batch 1 only, as in FREE's code (a rolled-back row would leave the others' "
-                          f"step); got a batch of {size} (decoding.batch_size=1)")
     if temperature or record:
         raise ConfigError(f"{key}: greedy decoding only (decoding.temperature=0), without record")
 
@@ -382,7 +382,7 @@ class _Decoder:
     ):
         self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
         self.rollback = rollback
-        self.rolled_back: tuple[int, int] | None = None  # (step, the last layer's token) to go back to
+        self.rolled_back: dict[int, tuple[int, int]] = {}  # row -> (step, the last layer's token) to go back to
         self.rollbacks = self.discarded = 0
         self.record = record
         # agreement pairs: (row, step) -> [(layer, score, prediction)] of checks waiting for the token's
@@ -398,21 +398,28 @@ class _Decoder:
         self.candidates: Tensor | None = None
 
     # --- the waiting positions of skipped layers -----------------------------------------------
-    def _pending(self, rows: np.ndarray, slot: int, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Positions of `rows` (before `slot`) whose keys/values at `layer` are not written yet, as
-        (index into `rows`, slot) pairs, or None."""
-        sub = self.depth[rows, :slot] < layer
+    def _pending(self, rows: np.ndarray, slot: int | np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Positions of `rows` (before `slot`, one for all or one per row) whose keys/values at `layer` are
+        not written yet, as (index into `rows`, slot) pairs, or None."""
+        if isinstance(slot, int):
+            sub = self.depth[rows, :slot] < layer
+        else:
+            width = int(slot.max())
+            sub = (self.depth[rows, :width] < layer) & (np.arange(width)[None, :] < slot[:, None])
         if not sub.any():
             return None
         return np.nonzero(sub)
 
     @staticmethod
-    def _padded(ri: np.ndarray, si: np.ndarray, nrows: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pairs as `(nrows, P)` slots and mask, P the most any row has (padding points at `slot`)."""
+    def _padded(ri: np.ndarray, si: np.ndarray, nrows: int, slot: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs as `(nrows, P)` slots and mask, P the most any row has (padding points at the row's
+        `slot`)."""
         counts = np.bincount(ri, minlength=nrows)
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         col = np.arange(len(ri)) - starts
-        slots = np.full((nrows, int(counts.max())), slot, dtype=np.int64)
+        width = int(counts.max())
+        slots = (np.full((nrows, width), slot, dtype=np.int64) if isinstance(slot, int)
+                 else np.repeat(slot[:, None].astype(np.int64), width, axis=1))
         mask = np.zeros(slots.shape, dtype=bool)
         slots[ri, col] = si
         mask[ri, col] = True
@@ -427,28 +434,34 @@ class _Decoder:
         self.layer_calls += 1
         return out
 
-    def _run_layer(self, layer: int, rows: np.ndarray | None, slot: int, h: Tensor) -> Tensor:
+    def _run_layer(self, layer: int, rows: np.ndarray | None, slot: int | np.ndarray, h: Tensor) -> Tensor:
+        """`slot`: the current tokens' cache slot, one for every row, or per row `(B,)` once a rollback has
+        sent some rows back."""
         bb, ctx, dev = self.bb, self.ctx, self.device
         row_ids = np.arange(self.B) if rows is None else rows
         rows_t = None if rows is None else torch.from_numpy(rows).to(dev)
-        pend = self._pending(row_ids, slot, layer) if self.pend_state is not None else None
+        row_slot = slot if isinstance(slot, int) else slot[row_ids]
+        at = row_slot if isinstance(row_slot, int) else torch.from_numpy(row_slot[:, None]).to(dev)
+        pend = self._pending(row_ids, row_slot, layer) if self.pend_state is not None else None
         if pend is None:
-            return bb.decode_layer(ctx, layer, h[:, None], rows_t, slot)[:, 0]
+            return bb.decode_layer(ctx, layer, h[:, None], rows_t, at)[:, 0]
         ri, si = pend
         if self.strategy == "copy":
             # keys/values only, position by position: a flat list of (row, slot) pairs, no padding
             flat_rows = torch.from_numpy(row_ids[ri]).to(dev)
             flat_slots = torch.from_numpy(si).to(dev)
             copied = Copied(self.pend_state[flat_rows, flat_slots], flat_rows, flat_slots)
-            out = bb.decode_layer(ctx, layer, h[:, None], rows_t, slot, copy_kv=copied)[:, 0]
+            out = bb.decode_layer(ctx, layer, h[:, None], rows_t, at, copy_kv=copied)[:, 0]
         else:  # parallel: the waiting positions and the new token in one causal pass
-            slots_np, mask_np = self._padded(ri, si, len(row_ids), slot)
+            slots_np, mask_np = self._padded(ri, si, len(row_ids), row_slot)
             row_idx = torch.from_numpy(row_ids).to(dev)
             slots = torch.from_numpy(slots_np).to(dev)
             mask = torch.from_numpy(mask_np).to(dev)
             waiting = self.pend_state[row_idx[:, None], slots]  # (b, P, d)
             queries = torch.cat([waiting, h[:, None]], dim=1)
-            all_slots = torch.cat([slots, torch.full_like(slots[:, :1], slot)], dim=1)
+            current = (torch.full_like(slots[:, :1], row_slot) if isinstance(row_slot, int)
+                       else torch.from_numpy(row_slot[:, None]).to(dev))
+            all_slots = torch.cat([slots, current], dim=1)
             all_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             res = bb.decode_layer(ctx, layer, queries, row_idx, all_slots, all_mask)
             done = res[:, :-1][mask]
@@ -459,8 +472,8 @@ class _Decoder:
                 deep_logits = bb.exit_logits(done, self.L)
                 if self.agreement:
                     self._resolve(row_ids[ri], steps, done, deep_logits)
-                if self.rollback is not None:  # batch 1: row 0
-                    self._check_rollback(steps, deep_logits)
+                if self.rollback is not None:
+                    self._check_rollback(row_ids[ri], steps, deep_logits)
         self.depth[row_ids[ri], si] = layer
         return out
 
@@ -490,33 +503,52 @@ class _Decoder:
             if self.decider.last_candidates is not None:
                 pred = self.decider.last_candidates.gather(1, pred[:, None])[:, 0]
         for r, score, p in zip(rows.tolist(), self.decider.last_scores.tolist(), pred.tolist(), strict=True):
-            self.checks_of.setdefault((r, self.step), []).append((layer, score, p))
+            self.checks_of.setdefault((r, int(self.row_step[r])), []).append((layer, score, p))
 
-    def _check_rollback(self, steps: np.ndarray, deep_logits: Tensor) -> None:
-        """FREE's RollBack: the first waiting token whose cross-entropy under its last-layer logits
-        `(n, V)` exceeds the limit is to be replaced by the last layer's prediction."""
-        emitted = self.tokens[0, torch.from_numpy(steps).to(deep_logits.device)]
+    def _check_rollback(self, rows: np.ndarray, steps: np.ndarray, deep_logits: Tensor) -> None:
+        """FREE's RollBack: per row, the first waiting token (pairs in row, then slot order) whose
+        cross-entropy under its last-layer logits `(n, V)` exceeds the limit is to be replaced by the
+        last layer's prediction."""
+        dev = deep_logits.device
+        emitted = self.tokens[torch.from_numpy(rows).to(dev), torch.from_numpy(steps).to(dev)]
         logp = torch.log_softmax(deep_logits.float(), dim=-1)
-        over = torch.nonzero(-logp.gather(1, emitted[:, None])[:, 0] > self.rollback)
-        if len(over):
-            j = int(over[0, 0])
-            self.rolled_back = (int(steps[j]), int(logp[j].argmax()))
+        over = (-logp.gather(1, emitted[:, None])[:, 0] > self.rollback).cpu().numpy()
+        for j in np.flatnonzero(over):
+            if int(rows[j]) not in self.rolled_back:
+                self.rolled_back[int(rows[j])] = (int(steps[j]), int(logp[j].argmax()))
 
-    def _roll_back(self, exits: Tensor) -> int:
-        """Replace the token found by :meth:`_check_rollback` with the last layer's and discard the ones after
-        it (batch 1): their cache slots count as never written, their waiting checks are dropped. Returns
-        the step of the replaced token."""
-        p, token = self.rolled_back  # type: ignore[misc]
-        self.rolled_back = None
+    def _roll_back_first(self, live: np.ndarray) -> None:
+        """LLaMA's first tokens: the prefill ran the last layer on their input, so an exited one is checked
+        at once (nothing was decoded after it): above the limit, it becomes the last layer's token."""
+        if self.need_head.any():  # their tokens are needed now
+            idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(self.device)
+            at = torch.from_numpy(self.exit_at[self.need_head]).to(self.device)
+            self.new_tok[idx] = self.sample(self.bb.exit_logits_at(self.exit_h[idx], at))
+            self.need_head[:] = False
+        rows = live[(self.exit_at[live] > 0) & (self.exit_at[live] < self.L)]
+        if not len(rows):
+            return
+        idx = torch.from_numpy(rows).to(self.device)
+        logp = torch.log_softmax(self.bb.exit_logits(self.ctx.prefill_states[-1][idx], self.L).float(), dim=-1)
+        over = (-logp.gather(1, self.new_tok[idx][:, None])[:, 0] > self.rollback).cpu().numpy()
+        if over.any():
+            hit = torch.from_numpy(over).to(self.device)
+            self.new_tok[idx[hit]] = logp[hit].argmax(dim=-1)
+            self.exit_at[rows[over]] = self.L
+            self.rollbacks += int(over.sum())
+
+    def _roll_back(self, r: int, p: int, token: int, exits: Tensor) -> None:
+        """Row `r`'s token `p` becomes the last layer's `token`; the tokens after it are discarded (their
+        cache slots count as never written, their waiting checks are dropped) and the row goes on at p + 1."""
         self.rollbacks += 1
-        self.discarded += self.step - p  # the tokens after p and the one this step was decoding
-        self.tokens[0, p] = token
-        self.tokens[0, p + 1 :] = self.bb.pad_token_id
-        exits[0, p] = self.L  # the token is now the last layer's
-        exits[0, p + 1 :] = 0
-        self.depth[0, self.slot0 + p + 1 :] = 0  # inputs of discarded tokens: to be decoded again
-        self.checks_of = {k: v for k, v in self.checks_of.items() if k[1] <= p}
-        return p
+        self.discarded += int(self.row_step[r]) - p  # the tokens after p and the one this step was decoding
+        self.tokens[r, p] = token
+        self.tokens[r, p + 1 :] = self.bb.pad_token_id
+        exits[r, p] = self.L  # the token is now the last layer's
+        exits[r, p + 1 :] = 0
+        self.depth[r, self.slot0 + p + 1 :] = 0  # inputs of discarded tokens: to be decoded again
+        self.checks_of = {k: v for k, v in self.checks_of.items() if k[0] != r or k[1] <= p}
+        self.row_step[r] = p + 1
 
     def _resolve(self, rows: np.ndarray, steps: np.ndarray, states: Tensor | None, logits: Tensor | None = None,
                  preds: list[int] | None = None) -> None:
@@ -608,6 +640,11 @@ class _Decoder:
         if self.strategy in ("copy", "parallel"):
             self.pend_state = like.new_zeros((B, ctx.max_slots, bb.hidden_size))
         self.exit_h = like.new_zeros((B, bb.hidden_size))
+        if self.rollback is not None:
+            # once a row goes back, rows sit at different slots and a row's attention spans slots only rows
+            # ahead of it have reached: masked, but a masked weight (0) times uninitialised memory (NaN) is NaN
+            for cache in (*ctx.k, *ctx.v):
+                cache[:, :, ctx.first_slot :].zero_()
         tokens = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
         exits = torch.zeros((B, max_new), dtype=torch.long, device=dev)
         done = np.zeros(B, dtype=bool)
@@ -615,22 +652,25 @@ class _Decoder:
         scheduled = isinstance(self.decider, ScheduledExits)
         self.slot0 = ctx.first_slot - (1 if prefilled else 0)  # step t's token sits at slot slot0 + t
         self.tokens = tokens
-        step, steps = -1, 0  # steps: tokens decoded (a rollback takes some back)
-        while step + 1 < max_new:
-            step += 1
+        # each row's next token: rows share it until a rollback sends one back (then slots go per row)
+        row_step = self.row_step = np.zeros(B, dtype=np.int64)
+        first = True
+        while True:
+            done |= row_step >= max_new
             live = np.flatnonzero(~done)
             if len(live) == 0:
                 break
-            self.step = step
+            step = int(row_step[live[0]])
+            same = bool((row_step[live] == step).all())
             self.resolve_own = np.zeros(0, dtype=np.int64)
-            positions = torch.full((B,), step + 1, dtype=torch.long)
+            positions = torch.from_numpy(row_step + 1)
             if scheduled:
                 self.schedule = self.decider.draw(B).numpy()
             self.exit_at = np.zeros(B, dtype=np.int64)
             self.need_head = np.zeros(B, dtype=bool)
             self.new_tok = torch.full((B,), pad, dtype=torch.long, device=dev)
             self.deciding = ~done
-            if step == 0 and prefilled:
+            if first and prefilled:
                 # LLaMA: the prompt's prefill computed every layer; decide on its last position's states
                 if not scheduled:
                     self.decider.begin(positions, ctx.prefill_input)
@@ -646,10 +686,17 @@ class _Decoder:
                 if self.record:
                     self.recorded.append((torch.stack(ctx.prefill_states)[:, live], step, live))
                 if self.agreement:  # the prefill ran every layer
-                    self._resolve(live, np.full(len(live), step), ctx.prefill_states[-1][torch.from_numpy(live).to(dev)])
+                    self._resolve(live, row_step[live], ctx.prefill_states[-1][torch.from_numpy(live).to(dev)])
+                if self.rollback is not None:  # the first tokens' last layer already ran: check them at once
+                    self._roll_back_first(live)
             else:
-                slot = ctx.first_slot + step - (1 if prefilled else 0)
-                ids = ctx.start_ids if step == 0 else tokens[:, step - 1]
+                if same:
+                    slot: int | np.ndarray = self.slot0 + step
+                    ids = ctx.start_ids if step == 0 else tokens[:, step - 1]
+                else:  # rows at their own steps (all past the first); ended rows point at any valid slot
+                    slot = np.minimum(self.slot0 + row_step, ctx.max_slots - 1)
+                    back = torch.from_numpy(np.clip(row_step - 1, 0, max_new - 1)).to(dev)
+                    ids = tokens.gather(1, back[:, None])[:, 0]
                 h_cur = bb.decode_embed(ids[:, None])[:, 0]
                 if not scheduled:
                     self.decider.begin(positions, h_cur)
@@ -671,67 +718,77 @@ class _Decoder:
                             h = self._layer(layer, rows, slot, h_cur.index_select(0, idx))
                             h_cur = h_cur.index_copy(0, idx, h)
                         reached[rows] = layer
-                    if self.rolled_back is not None:
-                        break
+                    if self.rolled_back:  # (gather) these rows go back: their current token is dropped
+                        self.deciding[list(self.rolled_back)] = False
                     if states is not None:
                         states[layer - 1] = h_cur
                     dec_rows = np.flatnonzero(self.deciding)
-                    if len(dec_rows) < len(h):  # ride_along: the rows still deciding
-                        h = h.index_select(0, torch.from_numpy(dec_rows).to(dev))
+                    if len(dec_rows) < len(h):  # the rows still deciding
+                        pick = dec_rows if len(h) == B else np.searchsorted(rows, dec_rows)
+                        h = h.index_select(0, torch.from_numpy(pick).to(dev))
                     if layer == L:
                         self._exit(layer, h, dec_rows, np.ones(len(dec_rows), dtype=bool), None)
                     else:
                         self._exit(layer, h, dec_rows, *self._decide(layer, h, dec_rows))
-                if self.rolled_back is not None:
-                    step = self._roll_back(exits)
-                    steps = step + 1
-                    if eos is not None and int(tokens[0, step]) == eos:
-                        done[0] = True
-                    continue
                 if states is not None:
                     self._record_rest(states, h_cur, reached, live, slot, step)
                 if self.agreement:  # tokens that went (or rode along) the full depth this step
-                    deep = live[reached[live] == L]
+                    deep = live[(reached[live] == L) & ~np.isin(live, list(self.rolled_back))]
                     # greedy, a token that left at L is its own last-layer prediction: resolved below
                     own = self.exit_at[deep] == L if self.sample.generator is None else np.zeros(len(deep), bool)
                     ride, self.resolve_own = deep[~own], deep[own]
                     if len(ride):
-                        self._resolve(ride, np.full(len(ride), step), h_cur[torch.from_numpy(ride).to(dev)])
+                        self._resolve(ride, row_step[ride], h_cur[torch.from_numpy(ride).to(dev)])
                 # the current positions wait with the state they reached (rows already ended: never)
-                if self.pend_state is not None:
-                    self.pend_state[:, slot] = h_cur
                 reached[done] = L
-                self.depth[:, slot] = reached
+                if same:
+                    if self.pend_state is not None:
+                        self.pend_state[:, slot] = h_cur
+                    self.depth[:, slot] = reached
+                else:
+                    if self.pend_state is not None:
+                        self.pend_state[torch.arange(B, device=dev), torch.from_numpy(slot).to(dev)] = h_cur
+                    self.depth[np.arange(B), slot] = reached
+            first = False
             if self.need_head.any():  # the exit head once for every row that left without logits
                 t0 = time.perf_counter()
                 idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(dev)
                 at = torch.from_numpy(self.exit_at[self.need_head]).to(dev)
                 self.new_tok[idx] = self.sample(bb.exit_logits_at(self.exit_h[idx], at))
                 self.head_seconds += time.perf_counter() - t0
-            if self.rollback is not None and step == 0 and prefilled and 0 < self.exit_at[0] < L:
-                # LLaMA's first token: the prefill already ran the last layer on its input, so check it at once
-                logp = torch.log_softmax(bb.exit_logits(ctx.prefill_states[-1][:1], L).float(), dim=-1)[0]
-                if -float(logp[self.new_tok[0]]) > self.rollback:
-                    self.new_tok[0], self.exit_at[0] = logp.argmax(), L
-                    self.rollbacks += 1
             new_tok, exit_at = self.new_tok, self.exit_at
             if self.agreement and len(self.resolve_own):
                 own = self.resolve_own
-                self._resolve(own, np.full(len(own), step), None, preds=new_tok[torch.from_numpy(own).to(dev)].tolist())
-            new_tok[torch.from_numpy(done).to(dev)] = pad
-            tokens[:, step] = new_tok
-            exit_at[done] = 0
-            exits[:, step] = torch.from_numpy(exit_at).to(dev)
+                self._resolve(own, row_step[own], None, preds=new_tok[torch.from_numpy(own).to(dev)].tolist())
+            going = live[~np.isin(live, list(self.rolled_back))] if self.rolled_back else live
             batch_max.append(int(exit_at[live].max()))
-            steps = step + 1
+            if same and len(going) == len(live) and bool((row_step[done] <= step).all()):
+                # every row at this step or ended before it: one column (ended rows get padding)
+                new_tok[torch.from_numpy(done).to(dev)] = pad
+                tokens[:, step] = new_tok
+                exit_at[done] = 0
+                exits[:, step] = torch.from_numpy(exit_at).to(dev)
+            else:
+                g = torch.from_numpy(going).to(dev)
+                at_step = torch.from_numpy(row_step[going]).to(dev)
+                tokens[g, at_step] = new_tok[g]
+                exits[g, at_step] = torch.from_numpy(exit_at[going]).to(dev)
+            row_step[going] += 1
             if eos is not None:
-                ended = (new_tok == eos).cpu().numpy() & ~done
+                ended = np.zeros(B, dtype=bool)
+                ended[going] = (new_tok[torch.from_numpy(going).to(dev)] == eos).cpu().numpy()
                 done |= ended
                 self.depth[ended] = L  # an ended row's positions are never attended again
+            for r, (p, token) in self.rolled_back.items():
+                self._roll_back(r, p, token, exits)
+                if eos is not None and token == eos:
+                    done[r] = True
+                    self.depth[r] = L
+            self.rolled_back = {}
         _sync(dev)
         seconds = time.perf_counter() - start
         lengths = (exits > 0).sum(dim=1).cpu()
-        steps = max(1, steps)
+        steps = max(1, min(max_new, int(row_step.max())))
         return GenerateOutput(
             tokens=tokens[:, :steps].cpu(),
             exit_layers=exits[:, :steps].cpu(),

@@ -118,9 +118,9 @@ def _rollback(node: Mapping[str, Any]) -> float | None:
     if node.get("strategy") != "parallel":
         raise ConfigError(f"decoding.rollback needs decoding.strategy=parallel (only its deep pass checks exited "
                           f"tokens); got {node.get('strategy')!r}")
-    if node.get("batch_size", 1) != 1 or node.get("temperature", 0.0):
-        raise ConfigError("decoding.rollback: batch 1 only, as in FREE's code, and greedy (decoding.batch_size=1, "
-                          f"decoding.temperature=0; got {node.get('batch_size', 1)}, {node.get('temperature', 0.0)})")
+    if node.get("temperature", 0.0):
+        raise ConfigError(f"decoding.rollback: greedy decoding only (decoding.temperature=0; got "
+                          f"{node.get('temperature')})")
     return float(value)
 
 
