@@ -57,6 +57,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def nan_caches(monkeypatch):
+    """Decoding caches start as NaN instead of whatever memory held: a read of a slot nothing wrote, even
+    under a mask (a masked weight times NaN is NaN), then shows in the output."""
+    from eetrain.backbones import kv
+
+    empty = kv.empty_cache
+
+    def poisoned(*args, **kwargs):
+        k, v = empty(*args, **kwargs)
+        for cache in (*k, *v):
+            cache.fill_(float("nan"))
+        return k, v
+
+    monkeypatch.setattr(kv, "empty_cache", poisoned)
+
+
 def load_benchmark(name: str):
     """Import `benchmarks/<name>.py` (not a package) as a module; a generator for module fixtures."""
     import importlib.util
