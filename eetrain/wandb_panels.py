@@ -132,8 +132,9 @@ def log_layer_report(rows: Sequence[Mapping[str, Any]], run: Any = None, key: st
 def log_generation(summary: Mapping[str, Any], exit_layers: Sequence[int], num_layers: int,
                    run: Any = None) -> bool:
     """The `generate` stage: `generate/exit_layers` (histogram of the tokens' exit layers, one bin per
-    layer), `generate/exit_layer_counts` (+ `_plot`, a bar chart), `generate/summary` (one row), and the
-    summary's numbers in the run summary (`generate/<name>`)."""
+    layer), `generate/exit_layer_counts` (+ `_plot`, a bar chart), `generate/summary` (one row), with FREE's
+    adaptive threshold its value after every refit (`generate/adaptive_threshold` + `_plot`, a line), and
+    the summary's numbers in the run summary (`generate/<name>`)."""
     import numpy as np
     import wandb
 
@@ -153,6 +154,13 @@ def log_generation(summary: Mapping[str, Any], exit_layers: Sequence[int], num_l
                                                           title="generated tokens per exit layer"),
         "generate/summary": table([summary]),
     })
+    refits = [{"update": i + 1, "threshold": t} for i, t in enumerate(summary.get("adaptive_thresholds") or [])
+              if t is not None]
+    if refits:
+        refit_table = table(refits)
+        run.log({"generate/adaptive_threshold": refit_table,
+                 "generate/adaptive_threshold_plot": wandb.plot.line(
+                     refit_table, "update", "threshold", title="FREE's adaptive threshold after each refit")})
     for k, v in summary.items():
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
             run.summary[f"generate/{k}"] = v

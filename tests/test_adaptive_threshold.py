@@ -75,6 +75,11 @@ def test_the_stage_refuses_what_the_estimator_cannot_set():
         check_config(compose([*base, "decoding.policy.measure=hidden_saturation"]), bb)
     with pytest.raises(ConfigError, match=r"decoding.adaptive_threshold: .*self_speculative"):
         check_config(compose([*base, "decoding.strategy=self_speculative"]), bb)
+    rollback = ["+experiment=generate", "model.name_or_path=nowhere", "decoding.policy.min_exit_layer=2",
+                "decoding.strategy=parallel", "decoding.rollback=1"]
+    check_config(compose(rollback), bb)
+    with pytest.raises(ConfigError, match=r"decoding.rollback needs an exit policy"):
+        check_config(compose([*rollback, "decoding.policy.measure=full"]), bb)
 
 
 @pytest.mark.parametrize("strategy", ["parallel", "copy"])

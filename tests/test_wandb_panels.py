@@ -112,7 +112,7 @@ def test_wandb_offline_run_has_every_panel(tmp_path):
         "exit.classifiers.epochs=1", "exit.classifiers.max_train_tokens=2000", "exit.record.max_tokens=400", "data.eval_batch_size=64",
         "decoding.max_examples=4", "decoding.max_new_tokens=8", "curve.policies=[softmax_gap]",
         "exit.policies.softmax_gap.thresholds=[0.5]", "curve.max_examples=4", "curve.oracle=false",
-        cwd=tmp_path, timeout=400,
+        "decoding.adaptive_threshold=true", cwd=tmp_path, timeout=400,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = (out / "wandb").glob("offline-run-*")
@@ -127,6 +127,7 @@ def test_wandb_offline_run_has_every_panel(tmp_path):
         # stages: policies table + image, generation histogram + summary table, the curve
         "policies/table", "policies/plot", "policies/consistency_vs_exit", "policies/calibration",
         "generate/exit_layers", "generate/exit_layer_counts", "generate/summary", "curve/quality_speed",
+        "generate/adaptive_threshold", "generate/adaptive_threshold_plot",
         "curve/quality_speed_plot", "curve/quality_speed_png", "curve/quality_speed_lines",
     ]
     missing = [k for k in expected if k.encode() not in data]

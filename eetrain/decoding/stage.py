@@ -42,6 +42,9 @@ def check_config(cfg: Any, backbone: Any) -> None:
                      backbone.num_layers, candidates=fields.get("candidates"))
     if settings.adaptive_threshold is not None:
         check_adaptive_policy(None if settings.strategy == "self_speculative" else policy, ADAPTIVE_KEY)
+    if settings.rollback is not None and policy is None:
+        raise ConfigError("decoding.rollback needs an exit policy (decoding.policy.measure=full decodes without "
+                          "exits: nothing to roll back)")
 
 
 def _batches(backbone: Any, examples: list[dict[str, Any]], size: int, device: torch.device):
