@@ -143,8 +143,8 @@ def format_summary(s: dict[str, Any]) -> str:
             + (" (sampled: two independent draws)" if s.get("temperature") else ""),
         ]
     if "rollbacks" in s:
-        lines.append(f"  rollback (FREE, > {s['rollback']:g} nats): {s['rollbacks']} tokens replaced by the last "
-                     f"layer's, {s['discarded_tokens']} decoded tokens discarded")
+        lines.append(f"  rollback (FREE, > {s['rollback']:g} nats): replaced by the last layer's token {s['rollbacks']}, "
+                     f"decoded tokens discarded {s['discarded_tokens']}")
     if "adaptive_updates" in s:
         value = s["adaptive_threshold"]
         lines.append(
