@@ -274,3 +274,34 @@ def test_atomic_file_keeps_the_old_file_on_failure_and_plain_permissions(tmp_pat
     umask = os.umask(0)
     os.umask(umask)
     assert path.read_text() == "new\n" and path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_curve_adds_free_s_adaptive_threshold_as_a_point(tmp_path):
+    from eetrain.decoding import generate
+    from eetrain.decoding.adaptive import AdaptiveSettings, AdaptiveThreshold, batch_pairs
+    from eetrain.decoding.calibration import batches
+    from eetrain.decoding.curve import run_stage
+
+    bb = make_backbone("t5", initializer_factor=2.0).eval()
+    cfg = compose(["+experiment=curve", "model.name_or_path=unused", "exit.min_exit_layer=1", "curve.max_examples=6",
+                   "curve.policies=[softmax_max,hidden_saturation]", "exit.policies.softmax_max.thresholds=[0.8]",
+                   "exit.policies.hidden_saturation.thresholds=[0.9]",
+                   "curve.oracle=false", "decoding.max_new_tokens=8", "decoding.batch_size=2",
+                   "decoding.strategy=parallel", "decoding.adaptive_threshold={max_updates:2}"])
+    data = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    data.setup("validate")
+    rows = run_stage(cfg, bb, data, tmp_path)
+    # hidden saturation is no confidence in [0, 1]: no adaptive point for it
+    assert [r["policy"] for r in rows] == ["full", "softmax_max", "hidden_saturation", "softmax_max (adaptive)"]
+    # the same decode by hand: the first batch at the top of FREE's grid, then the refits (two allowed)
+    policy = ExitPolicy("softmax_max", 0.9, min_exit_layer=1)
+    estimator, layers = AdaptiveThreshold.start(AdaptiveSettings(max_updates=2)), []
+    for b in batches(bb, data.split_examples("test")[:6], 2):
+        out = generate(bb, b, policy, strategy="parallel", max_new_tokens=8, agreement=estimator.updating)
+        layers += out.exit_layers[out.exit_layers > 0].tolist()
+        if estimator.updating:
+            value = estimator.update(*batch_pairs(bb, b, out, policy))
+            policy = policy if value is None else policy.with_base_threshold(value)
+    assert rows[-1]["mean_exit_layer"] == pytest.approx(sum(layers) / len(layers))
+    assert rows[-1]["threshold"] == (f"adaptive:{estimator.current:g}" if estimator.current is not None else "adaptive")
+    assert (tmp_path / "quality_speed.csv").read_text().count("(adaptive)") == 1

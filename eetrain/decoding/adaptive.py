@@ -13,6 +13,7 @@ early exit's (`adaptive_seconds` in the summary: refits, and the passes with `co
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,8 @@ from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.record import record_exits
 
-from .generate import GenerateOutput
+from .decisions import with_check_every
+from .generate import GenerateOutput, generate
 
 KEY = "decoding.adaptive_threshold"
 
@@ -123,6 +125,26 @@ class AdaptiveThreshold:
                                    high=s.high, points=s.points, prior=s.prior)
         self.thresholds.append(value)
         return value
+
+
+def adaptive_generate(
+    backbone: Any, batch: Mapping[str, Tensor], policy: ExitPolicy, estimator: AdaptiveThreshold,
+    **kwargs: Any,
+) -> tuple[GenerateOutput, ExitPolicy, float]:
+    """`generate` one batch at `policy`'s threshold, then, while the estimator updates, add the batch's pairs
+    and refit. Returns the output, the policy for the next batch (at the new threshold, the base of a
+    decaying one) and the estimator's seconds beyond decoding (refit; with `copy`, the teacher-forced pass)."""
+    updating = estimator.updating
+    parallel = kwargs.get("strategy", "copy") == "parallel"
+    out = generate(backbone, batch, policy, **kwargs, agreement=updating and parallel)
+    if not updating:
+        return out, policy, 0.0
+    start = time.perf_counter()
+    checked = with_check_every(policy, kwargs.get("check_every"), backbone.num_layers)
+    value = estimator.update(*batch_pairs(backbone, batch, out, checked))
+    if value is not None:
+        policy = policy.with_base_threshold(value)
+    return out, policy, time.perf_counter() - start
 
 
 def batch_pairs(backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput, policy: ExitPolicy) -> tuple[Tensor, Tensor]:

@@ -330,6 +330,9 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         seqs = [s for o in ee for s in o.sequences()]
         scores = corpus_scores(metrics, texts(backbone, seqs), refs)
         rows.append(curve_row(spec.name, value_label(value), ee, paired, full_seqs, scores, full_scores, metric))
+    if dec.adaptive_threshold is not None:
+        rows += adaptive_rows(backbone, specs, prompts, dec.adaptive_threshold, kwargs, schedule, full_seqs, metrics,
+                              refs, full_scores, metric)
     csv_path = write_csv(rows, out_dir / "quality_speed.csv")
     floor = min_exit_layer(cfg, L)
     png = plot_quality_speed(rows, out_dir / "quality_speed.png", metric,
@@ -345,6 +348,39 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
               f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f}, {metric} "
               f"{best[metric]:.2f} ({best[f'{metric}_ratio']:.3f} x)")
     print(f"\nWrote {csv_path} and {png}" + (" (and to W&B)" if logged else ""))
+    return rows
+
+
+def adaptive_rows(
+    backbone: Any, specs: Sequence[PolicySpec], prompts: Sequence[Mapping[str, torch.Tensor]], settings: Any,
+    kwargs: Mapping[str, Any], schedule: Mapping[str, Any], full_seqs: Sequence[Sequence[int]],
+    metrics: Sequence[str], refs: Sequence[Any], full_scores: Mapping[str, float], metric: str,
+) -> list[dict[str, Any]]:
+    """`decoding.adaptive_threshold`: one more point per confidence policy, `<policy> (adaptive)`, whose
+    threshold FREE's estimator sets batch by batch (the first batch at the top of its grid); its
+    `threshold` is the last one, the estimator's time is early exit's."""
+    from eetrain.exits.beta_mixture import is_confidence
+
+    from .adaptive import AdaptiveThreshold, adaptive_generate
+
+    rows = []
+    for spec in specs:
+        if spec.policy.is_boolean or not is_confidence(spec.policy):
+            continue
+        estimator = AdaptiveThreshold.start(settings)
+        policy = spec.policy.at_value(settings.high)
+        ee, paired = [], []
+        for b in prompts:
+            out, policy, seconds = adaptive_generate(backbone, b, policy, estimator, **kwargs,
+                                                     **schedule_for(policy, schedule))
+            out.seconds += seconds
+            ee.append(out)
+            paired.append(generate(backbone, b, None, **kwargs))
+        seqs = [s for o in ee for s in o.sequences()]
+        scores = corpus_scores(metrics, texts(backbone, seqs), refs)
+        last = estimator.current
+        label = "adaptive" if last is None else f"adaptive:{last:g}"
+        rows.append(curve_row(f"{spec.name} (adaptive)", label, ee, paired, full_seqs, scores, full_scores, metric))
     return rows
 
 

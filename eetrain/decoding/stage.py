@@ -9,7 +9,6 @@ tokens' exit layers and the summary (`generate/...`, `eetrain.wandb_panels.log_g
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from eetrain.errors import ConfigError
 from eetrain.exits.beta_mixture import check_adaptive_policy
 
 from .adaptive import KEY as ADAPTIVE_KEY
-from .adaptive import AdaptiveThreshold, batch_pairs
+from .adaptive import AdaptiveThreshold, adaptive_generate
 from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
@@ -172,11 +171,10 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     if settings.strategy == "self_speculative":  # drafts at a fixed depth: no exit policy decides
         label = f"draft:{settings.draft_layer or backbone.num_layers // 2}x{settings.draft_tokens}"
         policy, schedule = None, {}
-    adaptive, adaptive_seconds, checked = None, 0.0, None
+    adaptive, adaptive_seconds = None, 0.0
     if settings.adaptive_threshold is not None:
         check_adaptive_policy(policy, ADAPTIVE_KEY)
         adaptive = AdaptiveThreshold.start(settings.adaptive_threshold)
-        checked = with_check_every(policy, schedule.get("check_every"), backbone.num_layers)
         label += " (the first batch; then FREE's adaptive threshold)"
     examples = data.split_examples(settings.split, "decoding.split")
     if settings.max_examples is not None:
@@ -197,16 +195,14 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     for chunk, batch in progress(_batches(backbone, examples, settings.batch_size, device), "early-exit generation",
                                  total=n_batches, unit="batch"):
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
-        pairs = adaptive is not None and adaptive.updating
-        out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule,
-                       agreement=pairs and settings.strategy == "parallel", rollback=settings.rollback)
+        if adaptive is None:
+            out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule,
+                           rollback=settings.rollback)
+        else:
+            out, policy, seconds = adaptive_generate(backbone, batch, policy, adaptive, strategy=settings.strategy,
+                                                     **kwargs, **schedule, rollback=settings.rollback)
+            adaptive_seconds += seconds
         ee.append(out)
-        if pairs:
-            start = time.perf_counter()
-            value = adaptive.update(*batch_pairs(backbone, batch, out, checked))
-            if value is not None:
-                policy, checked = policy.with_base_threshold(value), checked.with_base_threshold(value)
-            adaptive_seconds += time.perf_counter() - start
         ref = generate(backbone, batch, None, strategy="copy", **kwargs) if settings.compare_full else None
         if ref is not None:
             full.append(ref)
