@@ -205,6 +205,9 @@ def test_agreement_pairs_need_parallel_and_a_policy():
         generate(bb, batch, ExitPolicy("softmax_max", 0.5, min_exit_layer=1), strategy="copy", agreement=True)
     with pytest.raises(ConfigError, match=r"and an exit policy"):
         generate(bb, batch, None, strategy="parallel", agreement=True)
+    with pytest.raises(ConfigError, match=r"scoring a confidence in \[0, 1\]; .*policy patience"):
+        generate(bb, batch, ExitPolicy("patience", measure_kwargs={"patience": 2}, min_exit_layer=1),
+                 strategy="parallel", agreement=True)
 
 
 def reference_rollback(bb, source: list[int], policy: ExitPolicy, limit: float, n: int) -> tuple[list[int], list[int], int]:

@@ -153,5 +153,7 @@ def batch_pairs(backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput,
     :func:`decoded_records` at the layers each token was checked at (up to its exit)."""
     if out.agreement is not None:
         return out.agreement.confidence, out.agreement.agree
+    if out.num_tokens == 0:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
     exits = out.exit_layers[out.exit_layers > 0]  # the records' tokens, row by row
     return agreement_pairs(policy, decoded_records(backbone, batch, out, policy), exit_layers=exits)

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from eetrain.backbones.kv import Copied
 from eetrain.errors import ConfigError
+from eetrain.exits.beta_mixture import is_confidence
 from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
 
@@ -331,10 +332,11 @@ def generate(
             sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
             return _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler, stop_at_eos)
         decider = _as_decider(policy, backbone, seed, candidates, check_every)
-        if agreement and (strategy != "parallel" or not isinstance(decider, LayerDecider) or decider.policy is None):
+        if agreement and (strategy != "parallel" or not isinstance(decider, LayerDecider) or decider.policy is None
+                          or not is_confidence(decider.policy)):
             raise ConfigError(
                 "agreement pairs need strategy=parallel (its deep pass gives an exited token's last-layer "
-                f"prediction) and an exit policy; got strategy={strategy!r}, policy "
+                f"prediction) and an exit policy scoring a confidence in [0, 1]; got strategy={strategy!r}, policy "
                 f"{describe(decider.policy if isinstance(decider, LayerDecider) else decider)}"
             )
         size = batch["input_ids"].shape[0]
