@@ -59,7 +59,9 @@ def table(rows: Sequence[Mapping[str, Any]]) -> Any:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    return wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
+    # a column may hold numbers and labels (a curve's thresholds: 0.9, per-layer[...], adaptive:0.3)
+    return wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows],
+                       allow_mixed_types=True)
 
 
 def log_table(key: str, rows: Sequence[Mapping[str, Any]], run: Any = None) -> bool:

@@ -169,3 +169,12 @@ def test_export_artifact_when_switched_on(tmp_path):
         wandb.teardown()  # stops the W&B service: the offline record is complete on disk
     (record,) = (tmp_path / "wandb").glob(f"offline-run-*-{run.id}/run-*.wandb")
     assert b"unit-run-export" in record.read_bytes()
+
+
+def test_a_table_column_may_mix_numbers_and_labels():
+    """A curve's thresholds are numbers, per-layer labels and FREE's adaptive point: one column."""
+    from eetrain.wandb_panels import table
+
+    t = table([{"policy": "full", "threshold": None}, {"policy": "softmax_gap", "threshold": 0.9},
+               {"policy": "softmax_gap (adaptive)", "threshold": "adaptive:0.3"}])
+    assert t.columns == ["policy", "threshold"] and [row[1] for row in t.data] == [None, 0.9, "adaptive:0.3"]

@@ -362,12 +362,9 @@ def _log_wandb(tables: Mapping[str, list[dict[str, Any]]], images: Mapping[str, 
         return False
     if wandb.run is None:
         return False
-    payload: dict[str, Any] = {}
-    for name, rows in tables.items():
-        columns: list[str] = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-        payload[f"analysis/{name}"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    from eetrain.wandb_panels import table
+
+    payload: dict[str, Any] = {f"analysis/{name}": table(rows) for name, rows in tables.items()}
     for name, png in images.items():
         payload[f"analysis/{name}_png"] = wandb.Image(str(png))
     wandb.log(payload)

@@ -228,10 +228,9 @@ def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str, key: st
         return False
     if wandb.run is None:
         return False
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    from eetrain.wandb_panels import table as wandb_table
+
+    table = wandb_table(rows)  # thresholds mix numbers and labels (per-layer, adaptive)
     logs = {
         key: table,
         f"{key}_plot": wandb.plot.scatter(table, "speedup", metric, title=f"{metric} vs speed-up"),
