@@ -335,3 +335,26 @@ def test_rows_roll_back_on_their_own_as_each_row_alone(family, nan_caches):
         assert out.rollbacks == rollbacks
         if limit == 0.0:
             assert rollbacks > 0
+
+
+def test_the_readme_s_python_loop_runs_as_written(tmp_path):
+    """README, "FREE's adaptive threshold from Python": the loop as written, on a tiny export."""
+    import re
+    from pathlib import Path
+
+    from eetrain.backbones import load_backbone
+    from eetrain.checkpointing import export_pretrained
+    from eetrain.decoding import load_export_policy
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"FREE's adaptive threshold from Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    export = export_pretrained(make_backbone("t5", initializer_factor=2.0), tmp_path / "export",
+                               {"family": "t5", "num_layers": 3})
+    settings = json.loads((export / "early_exit.json").read_text())
+    settings["policy"] = {"measure": "softmax_max", "threshold": 0.9, "min_exit_layer": 1}
+    (export / "early_exit.json").write_text(json.dumps(settings))
+    backbone = load_backbone(str(export)).eval()
+    policy, _ = load_export_policy(export, backbone)
+    scope = {"backbone": backbone, "policy": policy}
+    exec(block.replace("print(", "(lambda *a: None)("), scope)
+    assert len(scope["estimator"].thresholds) == 2 and scope["out"].num_tokens > 0
