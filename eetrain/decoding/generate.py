@@ -357,17 +357,25 @@ def generate(
             backbone.train()
 
 
-def _check_rollback(rollback: Any, strategy: str, decider: Any, temperature: float, record: bool) -> None:
+def check_rollback(rollback: Any, strategy: str, temperature: float) -> float:
+    """`decoding.rollback` as a float, else a ConfigError naming the key and what is allowed."""
     key = "decoding.rollback"
     if isinstance(rollback, bool) or not isinstance(rollback, int | float) or not rollback >= 0:
         raise ConfigError(f"{key}={rollback!r}; allowed: null (off) or a cross-entropy in nats >= 0")
     if strategy != "parallel":
         raise ConfigError(f"{key} needs decoding.strategy=parallel (only its deep pass checks exited tokens); "
                           f"got {strategy!r}")
+    if temperature:
+        raise ConfigError(f"{key}: greedy decoding only (decoding.temperature=0; got {temperature})")
+    return float(rollback)
+
+
+def _check_rollback(rollback: Any, strategy: str, decider: Any, temperature: float, record: bool) -> None:
+    check_rollback(rollback, strategy, temperature)
     if not isinstance(decider, LayerDecider) or decider.policy is None:
-        raise ConfigError(f"{key} needs an exit policy (without one no token exits, nothing to roll back)")
-    if temperature or record:
-        raise ConfigError(f"{key}: greedy decoding only (decoding.temperature=0), without record")
+        raise ConfigError("decoding.rollback needs an exit policy (without one no token exits, nothing to roll back)")
+    if record:
+        raise ConfigError("decoding.rollback: not with record=True (on-policy records decode without rollbacks)")
 
 
 def _sync(device: torch.device) -> None:
@@ -519,14 +527,21 @@ class _Decoder:
             if int(rows[j]) not in self.rolled_back:
                 self.rolled_back[int(rows[j])] = (int(steps[j]), int(logp[j].argmax()))
 
+    def _head(self) -> None:
+        """The exit head once for every row that left without logits (one read of its weights per step)."""
+        if not self.need_head.any():
+            return
+        t0 = time.perf_counter()
+        idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(self.device)
+        at = torch.from_numpy(self.exit_at[self.need_head]).to(self.device)
+        self.new_tok[idx] = self.sample(self.bb.exit_logits_at(self.exit_h[idx], at))
+        self.need_head[:] = False
+        self.head_seconds += time.perf_counter() - t0
+
     def _roll_back_first(self, live: np.ndarray) -> None:
         """LLaMA's first tokens: the prefill ran the last layer on their input, so an exited one is checked
         at once (nothing was decoded after it): above the limit, it becomes the last layer's token."""
-        if self.need_head.any():  # their tokens are needed now
-            idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(self.device)
-            at = torch.from_numpy(self.exit_at[self.need_head]).to(self.device)
-            self.new_tok[idx] = self.sample(self.bb.exit_logits_at(self.exit_h[idx], at))
-            self.need_head[:] = False
+        self._head()  # their tokens are needed now
         rows = live[(self.exit_at[live] > 0) & (self.exit_at[live] < self.L)]
         if not len(rows):
             return
@@ -752,12 +767,7 @@ class _Decoder:
                         self.pend_state[torch.arange(B, device=dev), torch.from_numpy(slot).to(dev)] = h_cur
                     self.depth[np.arange(B), slot] = reached
             first = False
-            if self.need_head.any():  # the exit head once for every row that left without logits
-                t0 = time.perf_counter()
-                idx = torch.from_numpy(np.flatnonzero(self.need_head)).to(dev)
-                at = torch.from_numpy(self.exit_at[self.need_head]).to(dev)
-                self.new_tok[idx] = self.sample(bb.exit_logits_at(self.exit_h[idx], at))
-                self.head_seconds += time.perf_counter() - t0
+            self._head()
             new_tok, exit_at = self.new_tok, self.exit_at
             if self.agreement and len(self.resolve_own):
                 own = self.resolve_own

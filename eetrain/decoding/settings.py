@@ -34,7 +34,7 @@ from eetrain.exits.thresholds import DecayingThreshold
 from eetrain.files import atomic_file
 
 from .adaptive import adaptive_settings
-from .generate import BATCH_MODES, STRATEGIES
+from .generate import BATCH_MODES, STRATEGIES, check_rollback
 
 POLICY_KEYS = (
     "measure", "threshold", "min_exit_layer", "kwargs", "decay", "exit_points", "classifier", "check_every",
@@ -113,15 +113,7 @@ def _rollback(node: Mapping[str, Any]) -> float | None:
     value = node.get("rollback")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ConfigError(f"decoding.rollback={value!r}; allowed: null (off) or a cross-entropy in nats >= 0")
-    if node.get("strategy") != "parallel":
-        raise ConfigError(f"decoding.rollback needs decoding.strategy=parallel (only its deep pass checks exited "
-                          f"tokens); got {node.get('strategy')!r}")
-    if node.get("temperature", 0.0):
-        raise ConfigError(f"decoding.rollback: greedy decoding only (decoding.temperature=0; got "
-                          f"{node.get('temperature')})")
-    return float(value)
+    return check_rollback(value, node.get("strategy"), node.get("temperature", 0.0))
 
 
 def stored_policy(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
