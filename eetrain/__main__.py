@@ -11,9 +11,14 @@ from omegaconf import DictConfig
 from eetrain.config import CONF_DIR, register_resolvers
 from eetrain.errors import EetrainError, user_error  # user_error: also imported from here by callers
 
+#: set once Hydra has composed a config and handed it over: an exit before that is a bad command line
+_composed = False
+
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    global _composed
+    _composed = True
     from eetrain.train import run
 
     try:
@@ -27,16 +32,31 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def check_overrides(args: list[str]) -> None:
-    """Overrides Hydra would reject with an OmegaConf merge error, as one ConfigError naming the key:
-    a list, or a mapping with other keys, for `exits.layers` where the composed config has a mapping
-    (FREE's `{shallow: L_s}`)."""
+    """Overrides Hydra would reject without naming them, as one ConfigError naming the override: one it
+    cannot parse (Hydra says only "no viable alternative at input '['"), and a list, or a mapping with
+    other keys, for `exits.layers` where the composed config has a mapping (FREE's `{shallow: L_s}`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from eetrain.errors import ConfigError
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if "=" in arg and not arg.startswith("-"):  # (a flag's own value, e.g. `--cfg job`, has no '=')
+            try:
+                parser.parse_overrides([arg])
+            except OverrideParseException as e:
+                raise ConfigError(
+                    f"{arg!r} is not a valid override: {e.message.splitlines()[0]}; quote values with brackets or "
+                    "special characters (e.g. 'exits.layers=[2,4]', 'data.prefix=\"a, b\"'), "
+                    "see https://hydra.cc/docs/advanced/override_grammar/basic/"
+                ) from None
     lists = [a for a in args if a.lstrip("+").startswith("exits.layers=") and a.split("=", 1)[1].lstrip()[:1] in ("[", "{")]
     if not lists:
         return
     from omegaconf import OmegaConf
 
     from eetrain.config import compose
-    from eetrain.errors import ConfigError
 
     others = [a for a in args if a not in lists and not a.startswith("-") and not a.startswith("hydra.")]
     try:
@@ -62,13 +82,27 @@ def check_overrides(args: list[str]) -> None:
 
 
 def main() -> None:
+    global _composed
+    _composed = False  # (tests run main() many times in one process)
     register_resolvers()
     try:
         check_overrides(sys.argv[1:])
     except EetrainError as err:
         print(f"eetrain: error: {err}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # Hydra reports an unknown key, config group option or override syntax (naming the key and the
+        # options) and exits 1, as it does for a crash; bad input exits 2 everywhere else in eetrain.
+        if e.code == 1 and not _composed:
+            sys.exit(2)
+        raise
+    except ValueError as e:  # Hydra's check of its own flags, e.g. `-m` with `--cfg job`
+        if _composed:
+            raise
+        print(f"eetrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

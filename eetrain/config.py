@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,7 +62,8 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
 def build(node: Any, key: str, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate(node, **kwargs)` for the config node at `key` (model, loss, data, ...),
     its argument errors as one ConfigError naming the full key: a mandatory value (`???`) left unset, a
-    key the target does not take (with the ones it does), a value its constructor rejects."""
+    key the target does not take (with the ones it does), a value its constructor rejects, a plain value
+    that does not fit the type the target's signature declares (`check_types`)."""
     from hydra.errors import InstantiationException
     from hydra.utils import get_class, instantiate
     from omegaconf.errors import MissingMandatoryValue
@@ -67,7 +71,7 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
     from eetrain.errors import ConfigError, user_error
 
     try:
-        return instantiate(node, **kwargs)
+        built = instantiate(node, **kwargs)
     except MissingMandatoryValue as e:
         full = getattr(e, "full_key", None) or key
         raise ConfigError(f"{full} is not set (??? in the config): give it a value, e.g. {full}=...") from None
@@ -87,7 +91,95 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
             allowed = f"; allowed: {', '.join(params)}" if params else ""
             raise ConfigError(f"{full}.{unexpected.group(1)} is not a setting of {target.group(1)}{allowed}") from None
         if isinstance(cause, ValueError | TypeError) or type(cause).__name__ == "MisconfigurationException":
+            check_types(node, key, skip=kwargs)  # a value of the wrong type, by name, before the bare error
             raise ConfigError(f"{full}: {cause}") from cause
         if isinstance(cause, LookupError | ArithmeticError):  # e.g. an unknown activation name, a zero size
             raise ConfigError(f"{full}: {type(cause).__name__}: {cause} (check the settings under {full})") from cause
         raise
+    # after the target's own checks (their messages say more), what it took without looking
+    check_types(node, key, skip=kwargs)
+    return built
+
+
+def _annotations(fn: Callable[..., Any]) -> dict[str, Any]:
+    """`fn`'s parameter annotations, each evaluated on its own (one that names a type-checking-only
+    import is left out instead of losing them all)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    scope = getattr(inspect.unwrap(fn.__init__ if isinstance(fn, type) else fn), "__globals__", {})
+    hints = {}
+    for name, p in params.items():
+        hint = p.annotation
+        if isinstance(hint, str):
+            try:
+                hint = eval(hint, scope)  # noqa: S307 - an annotation string of installed code
+            except Exception:  # noqa: BLE001 - unknown: not checked
+                continue
+        if hint is not inspect.Parameter.empty:
+            hints[name] = hint
+    return hints
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether the plain value `value` (None, bool, int, float, str) fits the annotation `hint`;
+    None when the annotation says too little to tell (a class Hydra or the target may convert to)."""
+    if hint is Any or hint is object:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        fits = [_fits(value, arg) for arg in typing.get_args(hint)]
+        return True if any(f is True for f in fits) else None if None in fits else False
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) or (None if isinstance(value, int | float) else False)
+    if origin in (list, tuple, dict, set) or hint in (list, tuple, dict, set):
+        return False  # a plain value where a collection goes
+    if isinstance(hint, type) and issubclass(hint, os.PathLike):
+        return isinstance(value, str)
+    return None
+
+
+def _shown(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(_shown(a) for a in typing.get_args(hint))
+    return "null" if hint in (None, type(None)) else getattr(hint, "__name__", str(hint))
+
+
+def check_types(node: Any, key: str, skip: Any = ()) -> None:
+    """ConfigError naming `key.name` when a plain value under the `_target_` node does not fit the type
+    its target's signature declares (`trainer.max_epochs=abc` would otherwise fail deep inside fitting).
+    Nulls (a default), interpolations, nested nodes and annotations that say too little are not checked."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    from hydra.utils import get_method
+
+    from eetrain.errors import ConfigError
+
+    try:
+        target = get_method(node._target_)
+    except Exception:  # noqa: BLE001 - an unknown target is instantiate's to report
+        return
+    hints = _annotations(target)
+    for name in node:
+        if name.startswith("_") or name in skip or name not in hints or OmegaConf.is_interpolation(node, name):
+            continue
+        if OmegaConf.is_missing(node, name):
+            continue
+        value = node[name]
+        if value is None or isinstance(value, DictConfig | list) or OmegaConf.is_list(value):
+            continue
+        if _fits(value, hints[name]) is False:
+            raise ConfigError(f"{key}.{name}={value!r}; allowed: {_shown(hints[name])} ({node._target_}'s {name})")

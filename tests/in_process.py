@@ -3,7 +3,7 @@
 interpreter and importing torch, Lightning and transformers again (~5 s a run on 2 cores).
 
 `cli(...)` returns what `subprocess.run(..., capture_output=True, text=True)` would: the exit code
-(`sys.exit(2)` of a one-line error is 2, Hydra's own errors 1, an uncaught exception 1 with its traceback
+(`sys.exit(2)` of a one-line error is 2, Hydra's own errors of composition 2, an uncaught exception 1 with its traceback
 on stderr), and stdout / stderr as the Python code wrote them (warnings included, under a new interpreter's
 filters), read with universal newlines as `text=True` reads a pipe. What a run changes in the process
 (working directory, argv, environment such as Lightning's PL_GLOBAL_SEED, the logging Hydra sets up, torch's

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal  # noqa: F401 - named by _target's annotation
 
 import pytest
 from hydra.utils import instantiate
@@ -57,7 +58,7 @@ def test_calm_t5_is_the_real_recipe():
 
 def test_unknown_experiment_lists_available(tmp_path):
     r = in_process.cli("+experiment=no_such_experiment", cwd=tmp_path)
-    assert r.returncode != 0
+    assert r.returncode == 2  # Hydra's own report of a bad command line, with eetrain's exit code
     assert "Available options in 'experiment'" in r.stderr
     for name in EXPERIMENTS:
         assert name in r.stderr
@@ -65,9 +66,13 @@ def test_unknown_experiment_lists_available(tmp_path):
 
 def test_unknown_group_option_and_key(tmp_path):
     r = in_process.cli("loss=no_such_loss", cwd=tmp_path)
-    assert r.returncode != 0 and "Available options in 'loss'" in r.stderr and "calm" in r.stderr
+    assert r.returncode == 2 and "Available options in 'loss'" in r.stderr and "calm" in r.stderr
     r = in_process.cli("+experiment=demo", "trainer.no_such_key=1", cwd=tmp_path)
-    assert r.returncode != 0 and "no_such_key" in r.stderr
+    assert r.returncode == 2 and "Could not override 'trainer.no_such_key'" in r.stderr
+    r = in_process.cli("+experiment=demo", "trainer.max_epochs=[", cwd=tmp_path)  # override syntax
+    assert r.returncode == 2 and "'trainer.max_epochs=[' is not a valid override: " in r.stderr
+    r = in_process.cli("+experiment=demo", "-m", "--cfg", "job", cwd=tmp_path)  # Hydra's flags, checked by Hydra
+    assert r.returncode == 2 and "eetrain: error: Only one of --run, --multirun, --cfg" in r.stderr
 
 
 def test_cfg_job_prints_composed_config(tmp_path):
@@ -113,12 +118,16 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["trainer.val_check_interval=0"], "trainer.val_check_interval=0; allowed: a fraction of an epoch in (0, 1]"),
         (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0; allowed: null"),
         (["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0; allowed: an integer >= 1"),
+        # a plain value against the type its target's signature declares (Lightning's Trainer takes any),
+        # after the target's own checks
+        (["trainer.max_epochs=abc"], "trainer.max_epochs='abc'; allowed: int | null (lightning.pytorch.Trainer's"),
+        (["trainer.precision=17"], "trainer.precision=17; allowed: 64 | 32 | 16 | 'transformer-engine'"),
         (["data.num_workers=abc"], "data.num_workers='abc'; allowed: an integer >= 0"),
         (["data.eval_batch_size=0"], "data.eval_batch_size=0; allowed: null (data.batch_size) or an integer >= 1"),
         (["model.config.num_layers=0"], "model.config.num_layers=0 must be an integer >= 1"),
         (["data.max_source_length=2.5"], "data.max_source_length=2.5 must be an integer >= 1 (tokens)"),
         (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1; allowed: null or 0 (no clipping)"),
-        (["optimizer.weight_decay=abc"], "(text where a number may be expected: optimizer.weight_decay='abc')"),
+        (["optimizer.weight_decay=abc"], "optimizer.weight_decay='abc'; allowed: float (torch.optim.AdamW's"),
         (["seed=-1"], "seed=-1; allowed: an integer in 0..4294967295"),
         (["seed=abc"], "seed='abc'; allowed: an integer in 0..4294967295"),
         ([f"ckpt_path={Path(__file__).parent}"], "is a directory but not a sharded (DeepSpeed / FSDP) checkpoint"),
@@ -190,3 +199,37 @@ def test_calm_t5_offline_stops_at_once(tmp_path):
     assert r.returncode == 2
     assert "hub is unreachable" in r.stderr and "model.name_or_path" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _target(count: int, rate: float, name: str | None = None, mode: "Literal['a', 'b']" = "a",  # noqa: F821
+            flag: bool = False, where: Path | None = None, anything: "NotImportable" = None) -> None:  # noqa: F821
+    """A target for `check_types` (a string annotation naming nothing importable is not checked)."""
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(count=3, rate=2, name="x", mode="b", flag=True, where="/tmp", anything="?"), None),
+        (dict(count=3, rate=0.5, name=None), None),  # null: the target's default, not checked
+        (dict(count=3.0, rate=0.5), "t.count=3.0; allowed: int (tests.test_config._target's count)"),
+        (dict(count=True, rate=0.5), "t.count=True; allowed: int"),  # a bool is not a count
+        (dict(count=3, rate="fast"), "t.rate='fast'; allowed: float"),
+        (dict(count=3, rate=1.0, mode="c"), "t.mode='c'; allowed: 'a' | 'b'"),
+        (dict(count=3, rate=1.0, flag="yes"), "t.flag='yes'; allowed: bool"),
+        (dict(count=3, rate=1.0, where=5), "t.where=5; allowed: Path | null"),
+        (dict(count=3, rate=1.0, name=5), None),  # a number where text goes: the target may format it
+    ],
+)
+def test_check_types_against_the_target_s_signature(values, message):
+    from eetrain.config import check_types
+    from eetrain.errors import ConfigError
+
+    node = OmegaConf.create({"_target_": "tests.test_config._target", **values})
+    if message is None:
+        check_types(node, "t")
+    else:
+        with pytest.raises(ConfigError) as e:
+            check_types(node, "t")
+        assert str(e.value).startswith(message)
+    check_types(OmegaConf.create({"_target_": "tests.test_config._target", "count": "${x}", "x": 1}), "t")
+    check_types(OmegaConf.create({"_target_": "tests.test_config._target", "count": "???"}), "t")
