@@ -309,6 +309,7 @@ class _Run:
     decision_seconds: list[float] = field(default_factory=list)
     first: Any = None
     outputs: list[Any] = field(default_factory=list)
+    count: Callable[[], Any] | None = None  # the same call with a FLOP counter (untimed; not for hf)
 
     def __call__(self, sync: Callable[[], None]) -> None:
         sync()
@@ -340,13 +341,15 @@ def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int, temperature: f
         return _Run(spec, lambda: hf_generate(backbone, batch, new_tokens, temperature))
     if spec.strategy == "self_speculative":
         layer, k = (int(v) for v in spec.exits.split(":")[1].split("x"))
-        return _Run(spec, lambda: generate(backbone, batch, strategy="self_speculative", draft_layer=layer,
-                                           draft_tokens=k, max_new_tokens=new_tokens, stop_at_eos=False,
-                                           temperature=temperature))
+        kw = dict(strategy="self_speculative", draft_layer=layer, draft_tokens=k, max_new_tokens=new_tokens,
+                  stop_at_eos=False, temperature=temperature)
+        return _Run(spec, lambda: generate(backbone, batch, **kw),
+                    count=lambda: generate(backbone, batch, **kw, count_flops=True))
     policy = (spec.policy or spec.exits) if spec.impl == "eetrain" else None
-    return _Run(spec, lambda: generate(backbone, batch, policy, strategy=spec.strategy, batch_mode=spec.batch_mode,
-                                       max_new_tokens=new_tokens, stop_at_eos=False, candidates=spec.candidates,
-                                       temperature=temperature, agreement=spec.agreement, rollback=spec.rollback))
+    kw = dict(strategy=spec.strategy, batch_mode=spec.batch_mode, max_new_tokens=new_tokens, stop_at_eos=False,
+              candidates=spec.candidates, temperature=temperature, agreement=spec.agreement, rollback=spec.rollback)
+    return _Run(spec, lambda: generate(backbone, batch, policy, **kw),
+                count=lambda: generate(backbone, batch, policy, **kw, count_flops=True))
 
 
 def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> None:
@@ -382,8 +385,10 @@ def ceiling_depth(out, batch: int, batch_mode: str) -> int:
 def bench_batch(
     backbone, statics: dict[int, Any], batch_size: int, shape_name: str, new_tokens: int, repeats: int,
     device: str, crossover: bool = False, policies: bool = False, temperature: float = 0.0, free: bool = False,
+    flops: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time every row of one batch size (statics: truncated models by depth, filled as needed)."""
+    """Time every row of one batch size (statics: truncated models by depth, filled as needed); with
+    `flops`, count each row's decoding FLOPs in one more, untimed call."""
     import torch
 
     shape = SHAPES[shape_name]
@@ -421,6 +426,7 @@ def bench_batch(
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
     full_tokens = full.tokens
+    per_token = {id(r): r.count().flops_per_token for r in runs if flops and r.count is not None}
     records = []
     for run in runs:
         spec, out = run.spec, run.first
@@ -458,6 +464,11 @@ def bench_batch(
             d = ceiling_depth(out, batch_size, spec.batch_mode)
             rec["ceiling_depth"] = d
             rec["ceiling_fraction"] = paired_ratio(ceiling[d], run)
+        if id(run) in per_token:  # FLOPs: the arithmetic side of the same ratios
+            rec["flops_per_token"] = per_token[id(run)]
+            rec["flops_ratio"] = per_token[id(run)] / per_token[id(full)]
+            if rec["ceiling_depth"] is not None:
+                rec["ceiling_flops_fraction"] = per_token[id(ceiling[rec["ceiling_depth"]])] / per_token[id(run)]
         if free and spec.impl == "eetrain":  # time against the same policy decoding without FREE's extras
             rec["vs_plain"] = paired_ratio(run, runs[1])
             rec["pairs_per_token"] = None if out.agreement is None else out.agreement.confidence.numel() / out.num_tokens
@@ -477,9 +488,10 @@ def run_benchmark(
     policies: bool = False,
     temperature: float = 0.0,
     free: bool = False,
+    flops: bool = False,
 ) -> list[dict[str, Any]]:
     """Build the shape's model once and time every batch size's rows; one record per row (every
-    implementation greedy, or sampled at `temperature` > 0)."""
+    implementation greedy, or sampled at `temperature` > 0; with `flops`, each row's decoding FLOPs)."""
     import torch
     import transformers
 
@@ -506,7 +518,7 @@ def run_benchmark(
         records = []
         for b in batches:
             for rec in bench_batch(backbone, statics, b, shape_name, new_tokens, repeats, device, crossover,
-                                   policies, temperature, free):
+                                   policies, temperature, free, flops):
                 records.append({**rec, **machine})
     return records
 
@@ -541,10 +553,11 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """Markdown table, one line per row."""
+    """Markdown table, one line per row (with FLOPs counted: FLOPs vs full and the FLOP ceiling too)."""
+    flops = any("flops_ratio" in r for r in records)
     head = ("| batch | impl | strategy | batch mode | exits | mean exit | mean batch-max | ms/token | speedup "
-            "| ceiling | decision | = full |")
-    lines = [head, "|" + "---|" * 12]
+            "| ceiling | decision | = full |" + (" FLOPs vs full | FLOP ceiling |" if flops else ""))
+    lines = [head, "|" + "---|" * (14 if flops else 12)]
     for r in records:
         lines.append(
             f"| {r['batch']} | {r['impl']} | {r['strategy'] or '-'} | {r['batch_mode'] or '-'} | {r['exits']} "
@@ -552,6 +565,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             f"| {r['speedup']:.2f}x | {_fmt(r['ceiling_fraction'], '.2f')}"
             f"{'' if r['ceiling_depth'] is None else ' @' + str(r['ceiling_depth'])} "
             f"| {_fmt(r['decision_fraction'], '.3f')} | {r['agreement_with_full']:.2f} |"
+            + (f" {_fmt(r.get('flops_ratio'), '.3f')} | {_fmt(r.get('ceiling_flops_fraction'), '.2f')} |"
+               if flops else "")
         )
     return "\n".join(lines)
 
@@ -603,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sample every implementation at this temperature (0: greedy); self_speculative then "
                         "verifies its drafts by speculative sampling")
+    p.add_argument("--flops", action="store_true",
+                   help="also count each row's decoding FLOPs (one more, untimed call): flops_per_token, flops_ratio "
+                        "(vs full) and ceiling_flops_fraction (the static model's FLOPs over the row's)")
     p.add_argument("--json", action="store_true", help="one JSON object per row, one per line")
     return p.parse_args(argv)
 
@@ -611,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     batches = args.batches or ((1,) if args.policies or args.free else None)
     records = run_benchmark(args.shape, args.device, batches, args.new_tokens, args.repeats,
-                            args.threads, args.crossover, args.policies, args.temperature, args.free)
+                            args.threads, args.crossover, args.policies, args.temperature, args.free, args.flops)
     if args.json:
         for rec in records:
             print(json_line(rec), flush=True)

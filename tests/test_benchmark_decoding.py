@@ -170,3 +170,23 @@ def test_free_rows_time_free_s_extras_against_the_same_policy(bench):
     assert rows[1]["pairs_per_token"] > 0 and rows[0]["pairs_per_token"] is None
     assert rows[2]["rollbacks"] == 0  # the limit is far above a near-uniform last layer's cross-entropy
     assert len({r["mean_exit_layer"] for r in rows}) == 1 and 3 <= rows[0]["mean_exit_layer"] < 4
+
+
+def test_flops_rows_count_each_row_once_more(bench):
+    """--flops: FLOPs per token for every row but HF's. The tiny shape has 4 layers: `fixed:4` is the full
+    model's arithmetic exactly; a real policy pays its checks' products on top of the static model of its
+    exit depth."""
+    records = run_tiny(bench, (1,), new_tokens=4, flops=True)
+    assert "flops_per_token" not in _rows(records, impl="hf")[0]
+    (full,) = _rows(records, impl="full")
+    assert full["flops_ratio"] == 1.0 and full["flops_per_token"] > 0
+    for row in _rows(records, impl="eetrain", exits="fixed:4"):
+        assert row["flops_ratio"] == 1.0 and row["ceiling_flops_fraction"] == 1.0
+    assert "| FLOPs vs full | FLOP ceiling |" in bench.format_table(records).splitlines()[0]
+    records = run_tiny(bench, (1,), new_tokens=3, policies=True, flops=True)
+    for row in _rows(records, impl="eetrain"):
+        assert row["ceiling_depth"] == bench.POLICY_EXIT_LAYER
+        if row["exits"] == "hidden_saturation":  # a cosine of two states: no product, no FLOPs counted
+            assert row["ceiling_flops_fraction"] == 1.0
+        else:  # the head (softmax measures) or the classifier's layers, at every check
+            assert 0 < row["ceiling_flops_fraction"] < 1, row["exits"]

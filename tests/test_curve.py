@@ -185,6 +185,10 @@ def test_train_then_curve_then_curve_on_the_export(tmp_path):
     for row in rows[2:]:
         assert 2.0 <= float(row["mean_exit_layer"]) <= 4.0 and float(row["speedup"]) > 0
         assert 0.0 <= float(row["consistency"]) <= 1.0 and 0.0 < float(row["decision_fraction"]) < 1.0
+        assert float(row["flops_ratio"]) > 0
+    # FLOPs counted on the first 32 examples (all 6): a lower threshold leaves earlier, fewer layers and checks
+    assert float(full["flops_ratio"]) == 1.0 and oracle["flops_ratio"] == ""
+    assert float(rows[2]["flops_ratio"]) < float(rows[3]["flops_ratio"])
     assert (out / "quality_speed.png").stat().st_size > 10_000
     assert "quality-vs-speed sweep" in r.stderr and "Quality vs speed (rougeL" in r.stdout
     # the export carries the trained classifier: the curve on the export sweeps it too, with W&B on

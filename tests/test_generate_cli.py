@@ -217,12 +217,19 @@ def test_bad_decoding_settings_name_the_key():
     for key, value, allowed in (("gather_min_batch", "abc", "null (the measured crossover) or an integer >= 1"),
                                 ("draft_layer", "0", "null (half the model's layers) or an integer >= 1"),
                                 ("temperature", "-1", "a number >= 0"), ("top_p", "0", "0 < top_p <= 1"),
-                                ("top_p", "high", "0 < top_p <= 1")):
+                                ("top_p", "high", "0 < top_p <= 1"),
+                                ("flops_examples", "-1", "null (every example), 0 (no FLOP count) or a number")):
         with pytest.raises(ConfigError, match=rf"decoding.{key}=.*; allowed: {re.escape(allowed)}"):
             decoding_settings(compose([f"decoding.{key}={value}"]))
     cfg = compose(["+decoding.speed=11"])
     with pytest.raises(ConfigError, match=r"decoding: unknown key\(s\) \['speed'\]"):
         decoding_settings(cfg)
+
+
+def test_flops_examples_choose_the_batches_counted():
+    counted = {n: decoding_settings(compose(["decoding.batch_size=4", f"decoding.flops_examples={n}"])).flops_batches
+               for n in ("0", "1", "8", "10", "null")}
+    assert counted == {"0": 0, "1": 1, "8": 2, "10": 3, "null": None}
 
 
 @pytest.mark.slow
@@ -263,6 +270,12 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
     assert summary["policy"] == "hidden_saturation:0.99" and summary["strategy"] == "parallel"
     assert summary["examples"] == 4 and summary["batch_size"] == 4
     assert "token consistency with the full model" in r.stdout
+    # FLOPs counted on the first 32 examples (decoding.flops_examples, the default): all four here
+    assert summary["flops_examples"] == 4 and summary["prefill_flops_per_example"] > 0
+    assert 0 < summary["flops_per_token"] and summary["flops_ratio"] == pytest.approx(
+        summary["flops_per_token"] / summary["full_flops_per_token"])
+    assert re.search(r"FLOPs per token \(decoding, counted on 4 examples\): early exit [\d.]+ [kMG], full model "
+                     r"[\d.]+ [kMG] \([\d.]+ of it\)", r.stdout)
 
     r = cli(  # LayerSkip's draft-and-verify with sampling: speculative sampling
         "+experiment=generate", f"model.name_or_path={out / 'export'}", f"hydra.run.dir={gen}",

@@ -11,7 +11,9 @@ Writes to the run directory:
 * `quality_speed.csv`: one row per (policy, threshold) with `policy, threshold, mean_exit_layer,
   speedup, normalized_latency` (early-exit time per token over the full model's), `consistency` (token
   agreement with the full model's output), `sequence_consistency`, `decision_fraction` (share of the
-  decode time spent deciding), the task metrics (0-100) and `<metric>_ratio` (over the full model's);
+  decode time spent deciding), `flops_ratio` (decoding FLOPs per token over the full model's, counted on
+  the batches of the first `decoding.flops_examples` examples, decoded once more untimed; `eetrain.decoding.flops`), the
+  task metrics (0-100) and `<metric>_ratio` (over the full model's);
   a `full` row, and an `oracle` row whose mean exit layer is the earliest layer from which each token of
   the full model's output keeps the last layer's top-1 (teacher-forced);
 * `quality_speed.png`: the headline metric against the speed-up, one line per policy, the full model as
@@ -41,6 +43,7 @@ from eetrain.task_metrics import corpus_scores
 
 from .calibration import batches
 from .decisions import CANDIDATE_MEASURES, schedule_for
+from .flops import flops_per_token
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
 from .settings import CLASSIFIER_FILE, check_schedule, decoding_settings, policy_fields
@@ -248,16 +251,16 @@ def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str, key: st
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
-    cols = ("policy", "threshold", "mean_exit_layer", "speedup", "consistency", "decision_fraction", metric,
-            f"{metric}_ratio")
-    head = f"{'policy':<28}{'threshold':>10}{'mean exit':>10}{'speed-up':>10}{'consist.':>10}{'decide':>8}" \
-           f"{metric:>10}{'ratio':>8}"
-    lines = [head]
+    cols = ("policy", "threshold", "mean_exit_layer", "speedup", "flops_ratio", "consistency", "decision_fraction",
+            metric, f"{metric}_ratio")
+    widths = (28, 10, 10, 10, 8, 10, 8, 10, 8)
+    names = ("policy", "threshold", "mean exit", "speed-up", "FLOPs", "consist.", "decide", metric, "ratio")
+    lines = [names[0].ljust(widths[0]) + "".join(n.rjust(w) for n, w in zip(names[1:], widths[1:], strict=True))]
     for r in rows:
         v = [r.get(c) for c in cols]
         num = [("" if x is None or (isinstance(x, float) and math.isnan(x)) else
                 (f"{x:.3f}" if isinstance(x, float) else str(x))) for x in v[1:]]
-        lines.append(f"{str(v[0]):<28}{num[0]:>10}{num[1]:>10}{num[2]:>10}{num[3]:>10}{num[4]:>8}{num[5]:>10}{num[6]:>8}")
+        lines.append(str(v[0]).ljust(widths[0]) + "".join(x.rjust(w) for x, w in zip(num, widths[1:], strict=True)))
     return "\n".join(lines)
 
 
@@ -308,13 +311,16 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
             print(f"[curve] decoding.policy.candidates={schedule['candidates']} scores {', '.join(CANDIDATE_MEASURES)} "
                   f"checks on top-k tokens; {', '.join(without)} decode(s) without it")
     generate(backbone, prompts[0], None, **kwargs)  # warm-up: first-call costs stay out of the table
+    counted = prompts if dec.flops_batches is None else prompts[: dec.flops_batches]
+    full_flops = flops_per_token([generate(backbone, b, None, **kwargs, count_flops=True) for b in counted])
     full = [generate(backbone, b, None, **kwargs) for b in progress(prompts, "full-model decoding", unit="batch")]
     full_seqs = [s for o in full for s in o.sequences()]
     full_scores = corpus_scores(metrics, texts(backbone, full_seqs), refs)
     rows: list[dict[str, Any]] = [{
         "policy": "full", "threshold": None, "mean_exit_layer": float(L), "speedup": 1.0,
         "normalized_latency": 1.0, "consistency": 1.0, "sequence_consistency": 1.0,
-        "decision_fraction": 0.0, **full_scores, f"{metric}_ratio": 1.0,
+        "decision_fraction": 0.0, "flops_ratio": 1.0 if counted else float("nan"), **full_scores,
+        f"{metric}_ratio": 1.0,
         "tokens": int(_sum(full, "num_tokens")), "seconds": _sum(full, "seconds"),
     }]
     if settings.oracle:
@@ -329,6 +335,9 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         seqs = [s for o in ee for s in o.sequences()]
         scores = corpus_scores(metrics, texts(backbone, seqs), refs)
         rows.append(curve_row(spec.name, value_label(value), ee, paired, full_seqs, scores, full_scores, metric))
+        kw = {**kwargs, **schedule_for(policy, schedule)}
+        rows[-1]["flops_ratio"] = flops_per_token([generate(backbone, b, policy, **kw, count_flops=True)
+                                                   for b in counted]) / full_flops
     if dec.adaptive_threshold is not None:
         rows += adaptive_rows(backbone, specs, prompts, dec.adaptive_threshold, kwargs, schedule, full_seqs, metrics,
                               refs, full_scores, metric)

@@ -36,6 +36,7 @@ accepting its own drafts and moving on at its own cache slots (LayerSkip decodes
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
 
 from .decisions import LayerDecider, ScheduledExits, describe, with_check_every
+from .flops import FlopCount
 
 STRATEGIES = ("copy", "parallel", "self_speculative")
 BATCH_MODES = ("auto", "ride_along", "gather")
@@ -89,6 +91,9 @@ class GenerateOutput:
     keys/values included) + decision_seconds (exit decisions, the exit head when a measure needs it)
     + head_seconds (the head for tokens that exited without logits) + other_seconds (bookkeeping).
     layer_calls: layer runs (one per layer per step); checks: (row, layer) exit checks scored.
+
+    FLOPs (with `count_flops=True`, `eetrain.decoding.flops`; None otherwise): flops, all that ran in the
+    call; prefill_flops, the encoder's / prompt's part; decode_flops = flops - prefill_flops.
     """
 
     tokens: Tensor
@@ -110,6 +115,19 @@ class GenerateOutput:
     agreement: AgreementPairs | None = None  # with agreement=True: FREE's (confidence, agrees) pairs
     rollbacks: int = 0  # with rollback: how often a check replaced a token, and the tokens decoded after
     discarded_tokens: int = 0  # a replaced one (the one in flight included) that were thrown away
+    flops: int | None = None
+    prefill_flops: int | None = None
+
+    @property
+    def decode_flops(self) -> int | None:
+        return None if self.flops is None or self.prefill_flops is None else self.flops - self.prefill_flops
+
+    @property
+    def flops_per_token(self) -> float:
+        """Decoding FLOPs per generated token (the prefill's left out: early exit does not change it)."""
+        if self.decode_flops is None or not self.num_tokens:
+            return float("nan")
+        return self.decode_flops / self.num_tokens
 
     @property
     def other_seconds(self) -> float:
@@ -282,6 +300,7 @@ def generate(
     record: bool = False,
     agreement: bool = False,
     rollback: float | None = None,
+    count_flops: bool = False,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row of `batch` with early exits.
 
@@ -317,44 +336,64 @@ def generate(
             on its own (rows then sit at their own steps), in the ``gather`` batch mode so that a row's
             tokens are checked by its own deep passes only: each row's output is what decoding it alone
             gives.
+        count_flops: count the FLOPs that run (`flops`, `prefill_flops`, `flops_per_token` of the output;
+            `eetrain.decoding.flops`). Counting slows the call down: its times then mean nothing.
     """
     _check(backbone, batch, strategy, batch_mode, max_new_tokens, temperature, top_p)
+    counter = FlopCount() if count_flops else None
     was_training = backbone.training
     if was_training:  # eval()/train() walk every module: a cost per call at batch 1, so only when needed
         backbone.eval()
     try:
-        if strategy == "self_speculative":
-            if policy is not None:
-                raise ConfigError(
-                    "decoding.strategy=self_speculative takes no exit policy (it drafts at decoding.draft_layer and "
-                    "verifies every draft with the full model); allowed with a policy: copy, parallel"
-                )
-            sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
-            return _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler, stop_at_eos)
-        decider = _as_decider(policy, backbone, seed, candidates, check_every)
-        if agreement and (strategy != "parallel" or not isinstance(decider, LayerDecider) or decider.policy is None
-                          or not is_confidence(decider.policy)):
-            raise ConfigError(
-                "agreement pairs need strategy=parallel (its deep pass gives an exited token's last-layer "
-                f"prediction) and an exit policy scoring a confidence in [0, 1]; got strategy={strategy!r}, policy "
-                f"{describe(decider.policy if isinstance(decider, LayerDecider) else decider)}"
-            )
-        size = batch["input_ids"].shape[0]
-        device = batch["input_ids"].device
-        if rollback is not None:
-            _check_rollback(rollback, strategy, decider, temperature, record)
-        if batch_mode == "auto":
-            crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
-            batch_mode = "gather" if size >= crossover else "ride_along"
-        sampler = _Sampler(temperature, top_p, seed, device)
-        if record or rollback is not None:  # each row on its own: its own exits, its own deep passes
-            batch_mode = "gather"
-        decoder = _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record,
-                           agreement=agreement, rollback=rollback)
-        return decoder.run(batch, max_new_tokens)
+        with counter if counter is not None else contextlib.nullcontext():
+            if strategy == "self_speculative":
+                if policy is not None:
+                    raise ConfigError(
+                        "decoding.strategy=self_speculative takes no exit policy (it drafts at decoding.draft_layer "
+                        "and verifies every draft with the full model); allowed with a policy: copy, parallel"
+                    )
+                sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
+                out = _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler,
+                                        stop_at_eos, counter)
+            else:
+                decoder = _decoder(backbone, batch, policy, strategy, batch_mode, temperature, top_p, seed,
+                                   gather_min_batch, stop_at_eos, candidates, check_every, record, agreement, rollback)
+                decoder.counter = counter
+                out = decoder.run(batch, max_new_tokens)
     finally:
         if was_training:
             backbone.train()
+    if counter is not None:
+        out.flops, out.prefill_flops = counter.total, counter.marked
+    return out
+
+
+def _decoder(
+    backbone: Any, batch: Mapping[str, Tensor], policy: Any, strategy: str, batch_mode: str, temperature: float,
+    top_p: float, seed: int, gather_min_batch: int | None, stop_at_eos: bool, candidates: int | None,
+    check_every: int | None, record: bool, agreement: bool, rollback: float | None,
+) -> _Decoder:
+    """`generate`'s arguments checked against each other, as the decoder of one call (`copy`, `parallel`)."""
+    decider = _as_decider(policy, backbone, seed, candidates, check_every)
+    if agreement and (strategy != "parallel" or not isinstance(decider, LayerDecider) or decider.policy is None
+                      or not is_confidence(decider.policy)):
+        raise ConfigError(
+            "agreement pairs need strategy=parallel (its deep pass gives an exited token's last-layer "
+            f"prediction) and an exit policy scoring a confidence in [0, 1]; got strategy={strategy!r}, policy "
+            f"{describe(decider.policy if isinstance(decider, LayerDecider) else decider)}"
+        )
+    size = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
+    if rollback is not None:
+        _check_rollback(rollback, strategy, decider, temperature, record)
+    if batch_mode == "auto":
+        crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
+        batch_mode = "gather" if size >= crossover else "ride_along"
+    sampler = _Sampler(temperature, top_p, seed, device)
+    if record or rollback is not None:  # each row on its own: its own exits, its own deep passes
+        batch_mode = "gather"
+    return _Decoder(backbone, decider, strategy, batch_mode, sampler, stop_at_eos, record=record,
+                    agreement=agreement, rollback=rollback)
 
 
 def check_rollback(rollback: Any, strategy: str, temperature: float) -> float:
@@ -391,6 +430,7 @@ class _Decoder:
         agreement: bool = False, rollback: float | None = None,
     ):
         self.bb, self.decider, self.strategy, self.mode = backbone, decider, strategy, mode
+        self.counter: FlopCount | None = None  # counting FLOPs: marks the end of the prefill
         self.rollback = rollback
         self.rolled_back: dict[int, tuple[int, int]] = {}  # row -> (step, the last layer's token) to go back to
         self.rollbacks = self.discarded = 0
@@ -646,6 +686,8 @@ class _Decoder:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         ctx = self.ctx = bb.decode_init(inputs, max_new)
         prefill_seconds = time.perf_counter() - start
+        if self.counter is not None:
+            self.counter.mark()
         prefilled = ctx.prefill_states is not None
         B = self.B = ctx.batch_size
         L = self.L
@@ -832,6 +874,7 @@ def _self_speculative(
     draft_tokens: int,
     sampler: _Sampler,
     stop_at_eos: bool,
+    counter: FlopCount | None = None,
 ) -> GenerateOutput:
     """LayerSkip's self-speculative decoding, every row at once.
 
@@ -841,6 +884,12 @@ def _self_speculative(
     amounts and sit at their own cache slots (per-row slots). Lossless: greedy, a row's output is full
     greedy; sampling, drafts come from the layer-E distribution and `speculative_accept` keeps them so
     that a row's tokens are distributed as the full model's samples.
+
+    No "bonus" token when all k drafts pass (the full model's next token after the last draft, which a
+    separate draft model's verifier gets for one more position): here it needs the last draft's layers
+    1..E, one more draft step, and that step spent on a (k+1)-th draft gives the same tokens (the first k
+    drafts are the same; the (k+1)-th is kept or replaced by that very token) for one more draft-head
+    product: `draft_tokens=k+1` is the bonus.
     """
     L = backbone.num_layers
     E = L // 2 if draft_layer is None else draft_layer
@@ -859,6 +908,8 @@ def _self_speculative(
     start = time.perf_counter()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     ctx = backbone.decode_init(inputs, max_new + k)  # drafts may run k - 1 slots past the last kept token
+    if counter is not None:
+        counter.mark()
     B = ctx.batch_size
     # Rows sit at different slots, so a row's attention spans slots that only rows ahead of it have
     # written: masked, but a masked weight (0) times uninitialised memory (NaN, inf) is still NaN.

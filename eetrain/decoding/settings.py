@@ -64,6 +64,12 @@ class DecodingSettings:
     compare_full: bool
     adaptive_threshold: Any = None  # AdaptiveSettings (FREE's estimator) or None
     rollback: float | None = None  # FREE's RollBack: cross-entropy limit in nats
+    flops_examples: int | None = 32  # the first examples, decoded again with a FLOP counter (None: all)
+
+    @property
+    def flops_batches(self) -> int | None:
+        """Batches whose decodes are counted: enough to cover `flops_examples` (None: all)."""
+        return None if self.flops_examples is None else -(-self.flops_examples // self.batch_size)
 
 
 def _plain(node: Any) -> Any:
@@ -86,6 +92,10 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         positive_int(node.get(key, 1), f"decoding.{key}")
     positive_int(node.get("gather_min_batch"), "decoding.gather_min_batch", null="the measured crossover")
     positive_int(node.get("draft_layer"), "decoding.draft_layer", null="half the model's layers")
+    flops = node.get("flops_examples", 32)
+    if flops is not None and (isinstance(flops, bool) or not isinstance(flops, int) or flops < 0):
+        raise ConfigError(f"decoding.flops_examples={flops!r}; allowed: null (every example), 0 (no FLOP count) "
+                          "or a number of examples >= 1")
     temperature, top_p = node.get("temperature", 0.0), node.get("top_p", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
         raise ConfigError(f"decoding.temperature={temperature!r}; allowed: a number >= 0 (0: greedy)")
@@ -106,6 +116,7 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         compare_full=bool(node.get("compare_full", True)),
         adaptive_threshold=adaptive_settings(node.get("adaptive_threshold")),
         rollback=_rollback(node),
+        flops_examples=flops,
     )
 
 

@@ -2,7 +2,8 @@
 
 Writes `generations.jsonl` (source, output, reference, per-token exit layers, the full model's output)
 and `generation_summary.json`, and prints the summary: tokens/s of both, speed-up, mean exit layer,
-decision share of the time, token consistency with the full model. With W&B on: the histogram of the
+decision share of the time, token consistency with the full model, FLOPs per token of both (counted on
+the batches of the first `decoding.flops_examples` examples, decoded once more untimed). With W&B on: the histogram of the
 tokens' exit layers and the summary (`generate/...`, `eetrain.wandb_panels.log_generation`).
 """
 
@@ -21,6 +22,7 @@ from eetrain.exits.beta_mixture import check_adaptive_policy
 from .adaptive import KEY as ADAPTIVE_KEY
 from .adaptive import AdaptiveThreshold, adaptive_generate
 from .decisions import LayerDecider, check_policy, describe, with_check_every
+from .flops import flops_per_token, format_flops
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
 from .settings import build_policy, check_schedule, decoding_settings, policy_fields, run_policy_fields
@@ -110,6 +112,25 @@ def _summary(
     return out
 
 
+def flops_summary(counted: list[tuple[GenerateOutput, GenerateOutput | None]]) -> dict[str, Any]:
+    """FLOPs of the counted batches' decodes (early exit, and the full model where it ran): per generated
+    token of decoding, their ratio, and the prefill's per example (the same for both)."""
+    if not counted:
+        return {}
+    ee = [e for e, _ in counted]
+    examples = sum(o.tokens.shape[0] for o in ee)
+    out: dict[str, Any] = {
+        "flops_examples": examples,
+        "flops_per_token": flops_per_token(ee),
+        "prefill_flops_per_example": sum(o.prefill_flops for o in ee) / examples,
+    }
+    full = [f for _, f in counted if f is not None]
+    if full:
+        out["full_flops_per_token"] = flops_per_token(full)
+        out["flops_ratio"] = out["flops_per_token"] / out["full_flops_per_token"]
+    return out
+
+
 def task_scores(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
     """The data's text metrics (0-100) of the early-exit outputs against the references, and with
     full-model outputs in `rows` the full model's (`full_<name>`) and the ratio (`<name>_ratio`)."""
@@ -141,6 +162,12 @@ def format_summary(s: dict[str, Any]) -> str:
             f"identical sequences {s['sequence_consistency']:.3f}"
             + (" (sampled: two independent draws)" if s.get("temperature") else ""),
         ]
+    if "flops_per_token" in s:
+        full = (f", full model {format_flops(s['full_flops_per_token'])} ({s['flops_ratio']:.3f} of it)"
+                if "flops_ratio" in s else "")
+        lines.append(f"  FLOPs per token (decoding, counted on {s['flops_examples']} examples): early exit "
+                     f"{format_flops(s['flops_per_token'])}{full}; prefill {format_flops(s['prefill_flops_per_example'])}"
+                     " per example")
     if "rollbacks" in s:
         lines.append(f"  rollback (FREE, > {s['rollback']:g} nats): replaced by the last layer's token {s['rollbacks']}, "
                      f"decoded tokens discarded {s['discarded_tokens']}")
@@ -190,11 +217,12 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
           f"strategy {settings.strategy}" + ("; full-model decoding in the same run" if settings.compare_full else ""))
     from eetrain.progress import progress
 
-    ee, full, rows = [], [], []
+    ee, full, rows, counted = [], [], [], []
     n_batches = -(-len(examples) // settings.batch_size)
-    for chunk, batch in progress(_batches(backbone, examples, settings.batch_size, device), "early-exit generation",
-                                 total=n_batches, unit="batch"):
+    for i, (chunk, batch) in enumerate(progress(_batches(backbone, examples, settings.batch_size, device),
+                                                "early-exit generation", total=n_batches, unit="batch")):
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
+        used = policy  # (FREE's estimator refits after the batch)
         if adaptive is None:
             out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule,
                            rollback=settings.rollback)
@@ -206,6 +234,12 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         ref = generate(backbone, batch, None, strategy="copy", **kwargs) if settings.compare_full else None
         if ref is not None:
             full.append(ref)
+        if settings.flops_batches is None or i < settings.flops_batches:  # the same decodes again, counted
+            counted.append((
+                generate(backbone, batch, used, strategy=settings.strategy, **kwargs, **schedule,
+                         rollback=settings.rollback, count_flops=True),
+                generate(backbone, batch, None, strategy="copy", **kwargs, count_flops=True) if ref else None,
+            ))
         for r, example in enumerate(chunk):
             rows.append({
                 "source": tok.decode(example["source_ids"], skip_special_tokens=True),
@@ -219,6 +253,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     summary = _summary(ee, full or None, settings, label, adaptive, adaptive_seconds)
+    summary.update(flops_summary(counted))
     from eetrain.task_metrics import TEXT_METRICS
 
     headline = getattr(data, "metric", None)  # text tasks; none for plain text (causal LM packing)
