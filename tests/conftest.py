@@ -9,6 +9,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the machine's cores: one thread each, and for the processes tests start. Tiny
+    # models gain little from a second thread, and two workers' threads on two cores wait on each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: the cores this process may run on (not the host's, in a container), at most 8."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
 from eetrain.data.make_demo import DEMO_DIR  # noqa: E402
 
 TOKENIZER = str(DEMO_DIR / "tokenizer")
