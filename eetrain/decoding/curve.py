@@ -12,8 +12,8 @@ Writes to the run directory:
   speedup, normalized_latency` (early-exit time per token over the full model's), `consistency` (token
   agreement with the full model's output), `sequence_consistency`, `decision_fraction` (share of the
   decode time spent deciding), `flops_ratio` (decoding FLOPs per token over the full model's, counted on
-  the batches of the first `decoding.flops_examples` examples, decoded once more untimed; `eetrain.decoding.flops`), the
-  task metrics (0-100) and `<metric>_ratio` (over the full model's);
+  the batches of the first `decoding.flops_examples` examples, decoded once more untimed;
+  `eetrain.decoding.flops`), the task metrics (0-100) and `<metric>_ratio` (over the full model's);
   a `full` row, and an `oracle` row whose mean exit layer is the earliest layer from which each token of
   the full model's output keeps the last layer's top-1 (teacher-forced);
 * `quality_speed.png`: the headline metric against the speed-up, one line per policy, the full model as

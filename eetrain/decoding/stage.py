@@ -3,8 +3,9 @@
 Writes `generations.jsonl` (source, output, reference, per-token exit layers, the full model's output)
 and `generation_summary.json`, and prints the summary: tokens/s of both, speed-up, mean exit layer,
 decision share of the time, token consistency with the full model, FLOPs per token of both (counted on
-the batches of the first `decoding.flops_examples` examples, decoded once more untimed). With W&B on: the histogram of the
-tokens' exit layers and the summary (`generate/...`, `eetrain.wandb_panels.log_generation`).
+the batches of the first `decoding.flops_examples` examples, decoded once more untimed). With W&B on:
+the histogram of the tokens' exit layers and the summary (`generate/...`,
+`eetrain.wandb_panels.log_generation`).
 """
 
 from __future__ import annotations
