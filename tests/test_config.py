@@ -25,6 +25,8 @@ def cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProces
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
     cfg = compose([f"+experiment={experiment}"], return_hydra_config=True)
+    # no shipped value trips the type check of its target's signature
+    assert {"model", "data", "loss", "optimizer", "trainer"} <= set(_type_checked(cfg))
     OmegaConf.resolve(cfg.loss)
     assert cfg.task_name == experiment or experiment in cfg.task_name
     for group in ("model", "data", "loss", "optimizer", "trainer"):
@@ -33,12 +35,29 @@ def test_every_experiment_composes(experiment):
     assert loss.terms
 
 
+def _type_checked(node, key=""):
+    """`check_types` on every `_target_` node under `node`, nested ones too; returns their keys."""
+    from omegaconf import DictConfig
+
+    from eetrain.config import check_types
+
+    if not isinstance(node, DictConfig):
+        return []
+    check_types(node, key)
+    checked = [key] if "_target_" in node else []
+    for k in node:
+        if not OmegaConf.is_interpolation(node, k) and not OmegaConf.is_missing(node, k):
+            checked += _type_checked(node[k], f"{key}.{k}" if key else k)
+    return checked
+
+
 @pytest.mark.parametrize("group", ["model", "data", "loss", "optimizer", "trainer", "logger", "callbacks"])
 def test_every_group_option_composes(group):
     for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
         cfg = compose([f"{group}={option}"], return_hydra_config=True)
         if cfg[group] is not None:
             OmegaConf.to_container(cfg[group], resolve=False)
+            _type_checked(cfg[group], group)
 
 
 def test_demo_is_the_tiny_t5_on_shipped_data():
@@ -233,3 +252,4 @@ def test_check_types_against_the_target_s_signature(values, message):
         assert str(e.value).startswith(message)
     check_types(OmegaConf.create({"_target_": "tests.test_config._target", "count": "${x}", "x": 1}), "t")
     check_types(OmegaConf.create({"_target_": "tests.test_config._target", "count": "???"}), "t")
+
