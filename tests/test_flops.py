@@ -25,6 +25,25 @@ def test_flop_count_of_a_product_and_of_cpu_attention():
     assert count.total - 60 == 2 * (2 * 3 * 6 * 4) + 2 * (2 * 3 * 4 * 6)
 
 
+def test_flop_count_under_inference_mode_equals_torch_s_counter(t5):
+    """Under inference_mode a composite op (matmul) reaches the mode whole: its parts still count; and a
+    whole decode counts what torch's FlopCounterMode counts with the same CPU attention formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from eetrain.decoding.flops import _cpu_attention_flops
+
+    with torch.inference_mode():
+        x, w = torch.randn(2, 3), torch.randn(3, 5)
+        with FlopCount() as count:
+            x @ w
+        assert count.total == 60
+        cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        with FlopCounterMode(display=False, custom_mapping={cpu_attention: _cpu_attention_flops}) as torch_count:
+            generate(t5, one(), "fixed:2", max_new_tokens=4, stop_at_eos=False)
+        out = generate(t5, one(), "fixed:2", max_new_tokens=4, stop_at_eos=False, count_flops=True)
+    assert out.flops == torch_count.get_total_flops() > 0
+
+
 def test_format_flops():
     assert [format_flops(n) for n in (999, 1234, 2.5e6, 3e9, 4.56e12)] == ["999", "1.23 k", "2.5 M", "3 G", "4.56 T"]
 
