@@ -35,8 +35,9 @@ class FlopCount(TorchDispatchMode):
     """Context manager counting the FLOPs of what runs inside it, operator by operator (`FORMULAS`).
 
     torch's `FlopCounterMode` applies the same formulas but also tracks modules for its per-module
-    table: about twice the slowdown (8x against ~4.5x a plain decode of a tiny T5), for nothing a total needs. `total`: FLOPs so far; `mark()` remembers the
-    count at a point (e.g. after the prefill) as `marked`.
+    table: about twice the slowdown (8x against ~4.5x a plain decode of a tiny T5), for nothing a total
+    needs. `total`: FLOPs so far; `mark()` remembers the count at a point (e.g. after the prefill) as
+    `marked`.
     """
 
     def __init__(self) -> None:
