@@ -14,11 +14,12 @@ policies.csv                stage policies    measure, threshold, min_exit_layer
                                               [, online_consistency, online_mean_exit_layer]
 calibration.json            stage policies    [{policy, threshold, epsilon, delta, risk, ...}]
 quality_speed.csv           stage curve       policy, threshold, mean_exit_layer, speedup, consistency,
-                                              decision_fraction, <metrics>, <metric>_ratio (rows
+                                              decision_fraction, flops_ratio, <metrics>, <metric>_ratio (rows
                                               `full` and `oracle` too)
 accuracy_speed.csv          stage classify    the same for classification
 generation_summary.json     stage generate    policy, strategy, num_layers, mean_exit_layer, speedup,
-                                              token_consistency, sequence_consistency, decision_fraction
+                                              token_consistency, sequence_consistency, decision_fraction,
+                                              flops_ratio
 analysis_summary.json       stage analyze     models: headline numbers per analysed model
 suitability.csv             stage analyze     rank, model, num_layers, ee_score, relative_score,
                                               skip_ratio, skip_policy, oracle_skip
@@ -164,7 +165,7 @@ def points(run: Run) -> list[dict[str, Any]]:
                 "run": run.name, "source": source, "policy": r["policy"], "threshold": r.get("threshold"),
                 "mean_exit_layer": r.get("mean_exit_layer"), "num_layers": L, "speedup": r.get("speedup"),
                 "consistency": r.get("consistency"), "decision_fraction": r.get("decision_fraction"),
-                "metric": metric, "score": r.get(metric) if metric else None,
+                "flops_ratio": r.get("flops_ratio"), "metric": metric, "score": r.get(metric) if metric else None,
                 "ratio": r.get(f"{metric}_ratio") if metric else None,
             })
     g = run.summaries.get("generation_summary")
@@ -173,7 +174,7 @@ def points(run: Run) -> list[dict[str, Any]]:
             "run": run.name, "source": "generate", "policy": f"{g.get('policy')} ({g.get('strategy')})",
             "threshold": None, "mean_exit_layer": g.get("mean_exit_layer"), "num_layers": g.get("num_layers") or L,
             "speedup": g.get("speedup"), "consistency": g.get("token_consistency"),
-            "decision_fraction": g.get("decision_fraction"), "metric": None, "score": None, "ratio": None,
+            "decision_fraction": g.get("decision_fraction"), "flops_ratio": g.get("flops_ratio"), "metric": None, "score": None, "ratio": None,
         })
     return out
 
@@ -547,7 +548,8 @@ def report(runs: Sequence[Run], out: Path, title: str, paper: Sequence[PaperNumb
         ("points", "Operating points (measured speed-up)", pts,
          "`source`: quality_speed (stage curve), accuracy_speed (stage classify) or generate; `consistency`: "
          "agreement with the full model's tokens / predictions; `decision_fraction`: share of the time spent "
-         "deciding; `ratio`: score / the full model's."),
+         "deciding; `flops_ratio`: decoding FLOPs per token / the full model's (counted); `ratio`: score / the "
+         "full model's."),
         ("layers", "Per-layer validation report", layers,
          "`agree` / `agree_last`: the exit's top-1 equals the last layer's."),
         ("policies", f"Exit policies (offline, validation records): lowest mean exit at consistency >= {consistency:g}",

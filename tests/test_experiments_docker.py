@@ -139,7 +139,7 @@ def curve_run(d: Path) -> Path:
     d.mkdir(parents=True)
     write_csv(d / "layer_report.csv", [{"layer": i, "loss": 2.0 / i, "acc": 0.5 + 0.05 * i, "agree": 0.6 + 0.1 * i}
                                        for i in range(1, 5)])
-    base = {"normalized_latency": "", "sequence_consistency": "", "rouge1": 60.0, "rouge2": 40.0,
+    base = {"normalized_latency": "", "sequence_consistency": "", "flops_ratio": "", "rouge1": 60.0, "rouge2": 40.0,
             "rougeLsum": 61.0, "tokens": 100, "seconds": 1.0}
     rows = [
         {"policy": "full", "threshold": "", "mean_exit_layer": 4, "speedup": 1, "consistency": 1,
@@ -149,11 +149,11 @@ def curve_run(d: Path) -> Path:
         {"policy": "softmax_gap", "threshold": 0.9, "mean_exit_layer": 3.1, "speedup": 1.21, "consistency": 0.99,
          "decision_fraction": 0.08, "rougeL": 61.9, "rougeL_ratio": 0.998},
         {"policy": "softmax_gap", "threshold": 0.5, "mean_exit_layer": 2.4, "speedup": 1.43, "consistency": 0.96,
-         "decision_fraction": 0.09, "rougeL": 60.5, "rougeL_ratio": 0.976},
+         "decision_fraction": 0.09, "flops_ratio": 0.64, "rougeL": 60.5, "rougeL_ratio": 0.976},
         {"policy": "classifier:calm", "threshold": 0.5, "mean_exit_layer": 2.0, "speedup": 1.7, "consistency": 0.9,
          "decision_fraction": 0.04, "rougeL": 58.0, "rougeL_ratio": 0.935},
     ]
-    write_csv(d / "quality_speed.csv", [{**r, **base} for r in rows])
+    write_csv(d / "quality_speed.csv", [{**base, **r} for r in rows])
     return d
 
 
@@ -254,6 +254,9 @@ def test_demo_report_writes_tables_and_plots(tmp_path: Path) -> None:
     assert "| curve_demo | quality_speed | softmax_gap | 0.5 | 2.400 | 4 | 1.430 |" in md
     for name in ("points", "layers", "analysis", "saturation", "suitability"):
         assert (out / f"{name}.csv").is_file(), name
+    with open(out / "points.csv", newline="") as fh:  # the curve's FLOPs beside its speed-up
+        flops = {(r["policy"], r["threshold"]): r["flops_ratio"] for r in csv.DictReader(fh) if r["run"] == "curve_demo"}
+    assert float(flops["softmax_gap", "0.5"]) == pytest.approx(0.64) and flops["softmax_gap", "0.9"] == ""
     for png in ("quality_speed.png", "layers.png", "stability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in md
