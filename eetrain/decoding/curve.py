@@ -16,8 +16,9 @@ Writes to the run directory:
   `eetrain.decoding.flops`), the task metrics (0-100) and `<metric>_ratio` (over the full model's);
   a `full` row, and an `oracle` row whose mean exit layer is the earliest layer from which each token of
   the full model's output keeps the last layer's top-1 (teacher-forced);
-* `quality_speed.png`: the headline metric against the speed-up, one line per policy, the full model as
-  a point; with W&B on, the table, the plot and one line per policy go to the run too (`curve/...`).
+* `quality_speed.png`: the headline metric against the speed-up and against the FLOPs ratio, one line
+  per policy, the full model as a point; with W&B on, the table, the plot and one line per policy go to
+  the run too (`curve/...`).
 """
 
 from __future__ import annotations
@@ -206,20 +207,29 @@ def plot_quality_speed(
     xlabel: str = "measured speed-up over full-model decoding (x)",
 ) -> Path:
     """The headline metric against the speed-up: one line per policy (threshold labels), the full model
-    as a star at 1.0x."""
-    fig, (ax,) = plots.figure(1, title, width=7.0)
-    for name in dict.fromkeys(r["policy"] for r in rows if r["policy"] not in ("full", "oracle")):
-        pts = sorted((r["speedup"], r[metric], r["threshold"]) for r in rows if r["policy"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        for x, y, t in pts:
-            ax.annotate(f"{t:g}" if isinstance(t, int | float) else str(t), (x, y), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+    as a star at 1.0x; where the rows carry `flops_ratio`, a second panel against the FLOPs."""
+    points = [r for r in rows if r["policy"] not in ("full", "oracle")]
+    panels = [("speedup", xlabel)]
+    if any(isinstance(r.get("flops_ratio"), float) and math.isfinite(r["flops_ratio"]) for r in points):
+        panels.append(("flops_ratio", "decoding FLOPs per token over the full model's"))
+    fig, axes = plots.figure(len(panels), title, width=7.0)
     full = next((r for r in rows if r["policy"] == "full"), None)
-    if full is not None:
-        ax.plot([1.0], [full[metric]], marker="*", markersize=14, color="black", linestyle="none", label="full model")
-        ax.axhline(0.97 * full[metric], color="grey", linewidth=0.8, linestyle=":", label="97% of the full model")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric)
+    for ax, (x_key, label) in zip(axes, panels, strict=True):
+        for name in dict.fromkeys(r["policy"] for r in points):
+            pts = sorted((r[x_key], r[metric], r["threshold"]) for r in points
+                         if r["policy"] == name and r.get(x_key) is not None)
+            if not pts:  # (FREE's adaptive point has no FLOP count)
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            for x, y, t in pts:
+                ax.annotate(f"{t:g}" if isinstance(t, int | float) else str(t), (x, y), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        if full is not None:
+            ax.plot([1.0], [full[metric]], marker="*", markersize=14, color="black", linestyle="none",
+                    label="full model")
+            ax.axhline(0.97 * full[metric], color="grey", linewidth=0.8, linestyle=":", label="97% of the full model")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
     return plots.save(fig, path)
 
 
