@@ -128,7 +128,7 @@ def test_wandb_offline_run_has_every_panel(tmp_path):
         "policies/table", "policies/plot", "policies/consistency_vs_exit", "policies/calibration",
         "generate/exit_layers", "generate/exit_layer_counts", "generate/summary", "curve/quality_speed",
         "generate/adaptive_threshold", "generate/adaptive_threshold_plot",
-        "curve/quality_speed_plot", "curve/quality_speed_png", "curve/quality_speed_lines",
+        "curve/quality_speed_plot", "curve/quality_speed_png", "curve/quality_speed_lines", "curve/quality_speed_flops_plot",
     ]
     missing = [k for k in expected if k.encode() not in data]
     assert not missing, (missing, sorted(_keys(data))[:200])

@@ -249,6 +249,9 @@ def log_wandb(rows: Sequence[Mapping[str, Any]], png: Path, metric: str, key: st
         f"{key}_plot": wandb.plot.scatter(table, "speedup", metric, title=f"{metric} vs speed-up"),
         f"{key}_png": wandb.Image(str(png)),
     }
+    if any(isinstance(r.get("flops_ratio"), float) and math.isfinite(r["flops_ratio"]) for r in rows):
+        logs[f"{key}_flops_plot"] = wandb.plot.scatter(table, "flops_ratio", metric,
+                                                        title=f"{metric} vs decoding FLOPs (of the full model's)")
     # one line per policy over its thresholds, as in the PNG
     names = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] not in ("full", "oracle")))
     if names:
@@ -354,7 +357,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     csv_path = write_csv(rows, out_dir / "quality_speed.csv")
     floor = min_exit_layer(cfg, L)
     png = plot_quality_speed(rows, out_dir / "quality_speed.png", metric,
-                             f"{metric} vs speed-up ({L} layers, min exit {floor}, {dec.strategy}, "
+                             f"{metric} vs speed-up{' and FLOPs' if counted else ''} ({L} layers, min exit {floor}, "
+                             f"{dec.strategy}, "
                              f"{len(examples)} {settings.split} examples)")
     logged = log_wandb(rows, png, metric)
     print(f"\nQuality vs speed ({metric}; speed-up measured against full decoding of the same batches, "
