@@ -17,8 +17,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: the cores this process may run on (not the host's, in a container), at most 8."""
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    """`-n auto`: the cores this process may run on (not the host's, in a container; macOS has no
+    affinity: its core count), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 from eetrain.data.make_demo import DEMO_DIR  # noqa: E402
 
