@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -98,8 +99,12 @@ def main() -> None:
         if e.code == 1 and not _composed:
             sys.exit(2)
         raise
-    except ValueError as e:  # Hydra's check of its own flags, e.g. `-m` with `--cfg job`
-        if _composed:
+    except Exception as e:
+        # Hydra's check of its own flags (a ValueError, e.g. `-m` with `--cfg job`), and its composition
+        # errors where it raises them instead of reporting them (under a debugger or coverage: `sys.gettrace()`)
+        from hydra.errors import HydraException
+
+        if _composed or not isinstance(e, ValueError | HydraException) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"eetrain: error: {e}", file=sys.stderr)
         sys.exit(2)

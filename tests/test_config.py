@@ -83,6 +83,20 @@ def test_unknown_experiment_lists_available(tmp_path):
         assert name in r.stderr
 
 
+def test_composition_errors_exit_2_under_a_debugger_too(tmp_path, monkeypatch):
+    # under a debugger or coverage (a trace function set) Hydra raises its composition errors instead of
+    # reporting them and exiting 1: still one message and eetrain's exit code
+    import hydra._internal.utils
+
+    monkeypatch.setattr(hydra._internal.utils, "is_under_debugger", lambda: True)
+    r = in_process.cli("loss=no_such_loss", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("eetrain: error: In 'config': Could not find 'loss/no_such_loss'")
+    assert "Traceback" not in r.stderr and "calm" in r.stderr
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # asked for the traceback: Hydra's exception as it is
+    r = in_process.cli("loss=no_such_loss", cwd=tmp_path)
+    assert r.returncode == 1 and "MissingConfigException" in r.stderr
+
+
 def test_unknown_group_option_and_key(tmp_path):
     r = in_process.cli("loss=no_such_loss", cwd=tmp_path)
     assert r.returncode == 2 and "Available options in 'loss'" in r.stderr and "calm" in r.stderr
