@@ -119,15 +119,25 @@ class Copied:
     slots: Tensor
 
 
-def project(proj: Callable[[Tensor], Tensor], normed: Tensor, copied: Tensor | None, heads: int) -> tuple[Tensor, Tensor | None]:
-    """`proj` on the queries' states `normed (b, q, d)` and, in the same call, on `copied (n, d)`.
+def with_copied(h: Tensor, copy: Copied | None) -> Tensor:
+    """The queries' states `h (b, q, d)` and the copied positions' states `(n, d)` as one `(b*q + n, d)`
+    tensor, so that a layer normalises them in one call and each projection reads its weights once (decoding
+    is bound by reading weights); `h` itself without copied states."""
+    if copy is None:
+        return h
+    return torch.cat([h.reshape(-1, h.shape[-1]), copy.states])
 
-    Returns `(b, heads, q, d_head)` and `(n, heads, 1, d_head)` (None without copied states)."""
-    b, q, d = normed.shape
-    if copied is None:
-        return proj(normed).view(b, q, heads, -1).transpose(1, 2), None
-    out = proj(torch.cat([normed.reshape(b * q, d), copied]))
-    return out[: b * q].view(b, q, heads, -1).transpose(1, 2), out[b * q :].view(-1, 1, heads, out.shape[-1] // heads).transpose(1, 2)
+
+def project(proj: Callable[[Tensor], Tensor], joint: Tensor, b: int, q: int, heads: int) -> tuple[Tensor, Tensor | None]:
+    """`proj` on `joint`: `(b, q, d)`, or `(b*q + n, d)` from :func:`with_copied`.
+
+    Returns the queries' `(b, heads, q, d_head)` and the copied positions' `(n, heads, 1, d_head)` (None
+    without copied states)."""
+    out = proj(joint)
+    if joint.dim() == 3:
+        return out.view(b, q, heads, -1).transpose(1, 2), None
+    d_head = out.shape[-1] // heads
+    return out[: b * q].view(b, q, heads, d_head).transpose(1, 2), out[b * q :].view(-1, 1, heads, d_head).transpose(1, 2)
 
 
 def write_copied(ctx: DecodeContext, index: int, key: Tensor, value: Tensor, copy: Copied) -> None:

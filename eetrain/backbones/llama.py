@@ -125,18 +125,18 @@ class LlamaBackbone(ExitBackbone):
         block = self.blocks[layer - 1]
         i = layer - 1
         attn, norm = block.self_attn, block.input_layernorm
-        normed = norm(h)
-        b, q, _ = normed.shape
-        copied = None if copy_kv is None else norm(copy_kv.states)
+        b, q, _ = h.shape
+        joint = norm(kv.with_copied(h, copy_kv))
+        normed = joint if copy_kv is None else joint[: b * q].view(b, q, -1)
         heads, kv_heads = self.model.config.num_attention_heads, self.model.config.num_key_value_heads
         query = attn.q_proj(normed).view(b, q, heads, -1).transpose(1, 2)
-        key, copied_key = kv.project(attn.k_proj, normed, copied, kv_heads)
-        value, copied_value = kv.project(attn.v_proj, normed, copied, kv_heads)
+        key, copied_key = kv.project(attn.k_proj, joint, b, q, kv_heads)
+        value, copied_value = kv.project(attn.v_proj, joint, b, q, kv_heads)
         cos, sin = self.model.model.rotary_emb(normed, ctx.positions(slots, rows, q))
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         kv.write_kv(ctx, i, key, value, rows, slots, qmask)
         if copy_kv is not None:
-            cos, sin = self.model.model.rotary_emb(copied, ctx.positions(copy_kv.slots[:, None], copy_kv.rows, 1))
+            cos, sin = self.model.model.rotary_emb(joint, ctx.positions(copy_kv.slots[:, None], copy_kv.rows, 1))
             _, copied_key = apply_rotary_pos_emb(copied_key, copied_key, cos, sin)
             kv.write_copied(ctx, i, copied_key, copied_value, copy_kv)
         out = kv.cached_attention(ctx, i, query, rows, slots, scale=attn.scaling)

@@ -155,13 +155,13 @@ class T5Backbone(ExitBackbone):
         heads, dk = attn.n_heads, attn.key_value_proj_dim
         i = layer - 1
 
-        normed = self_attn.layer_norm(h)
-        copied = None if copy_kv is None else self_attn.layer_norm(copy_kv.states)
-        key, copied_key = kv.project(attn.k, normed, copied, heads)
-        value, copied_value = kv.project(attn.v, normed, copied, heads)
+        joint = self_attn.layer_norm(kv.with_copied(h, copy_kv))
+        key, copied_key = kv.project(attn.k, joint, b, q, heads)
+        value, copied_value = kv.project(attn.v, joint, b, q, heads)
         kv.write_kv(ctx, i, key, value, rows, slots, qmask)
         if copy_kv is not None:
             kv.write_copied(ctx, i, copied_key, copied_value, copy_kv)
+        normed = joint if copy_kv is None else joint[: b * q].view(b, q, -1)
         query = attn.q(normed).view(b, q, heads, dk).transpose(1, 2)
         table = ctx.extra["bias"]
 
