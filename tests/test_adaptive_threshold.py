@@ -358,3 +358,29 @@ def test_the_readme_s_python_loop_runs_as_written(tmp_path):
     scope = {"backbone": backbone, "policy": policy}
     exec(block.replace("print(", "(lambda *a: None)("), scope)
     assert len(scope["estimator"].thresholds) == 2 and scope["out"].num_tokens > 0
+
+
+@pytest.mark.parametrize("strategy", ["copy", "parallel"])
+def test_counted_adaptive_decodes_include_the_estimator_s_work(strategy):
+    """FLOPs of an adaptive decode: the decode's own, plus while the estimator updates what it costs --
+    `copy`'s teacher-forced pass over the output (counted alone here), `parallel`'s head products for
+    the pairs read off the deep passes."""
+    from eetrain.decoding.adaptive import count_adaptive, decoded_records
+    from eetrain.decoding.flops import FlopCount
+
+    bb = make_backbone("t5", initializer_factor=2.0).eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    policy = ExitPolicy("softmax_max", 0.8, min_exit_layer=1)
+    kw = dict(strategy=strategy, max_new_tokens=8, stop_at_eos=False)
+    plain = generate(bb, batch, policy, **kw, count_flops=True)
+    assert (plain.exit_layers < bb.num_layers).any()  # some tokens left early
+    assert count_adaptive(bb, batch, policy, False, **kw).flops == plain.flops  # no update: the decode alone
+    updating = count_adaptive(bb, batch, policy, True, **kw)
+    assert torch.equal(updating.tokens, plain.tokens) and updating.prefill_flops == plain.prefill_flops
+    if strategy == "copy":
+        with FlopCount() as counter:
+            decoded_records(bb, batch, plain, policy)
+        assert counter.total > 0 and updating.flops == plain.flops + counter.total
+    else:
+        assert updating.flops > plain.flops

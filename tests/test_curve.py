@@ -299,13 +299,21 @@ def test_the_curve_adds_free_s_adaptive_threshold_as_a_point(tmp_path):
     assert [r["policy"] for r in rows] == ["full", "softmax_max", "hidden_saturation", "softmax_max (adaptive)"]
     # the same decode by hand: the first batch at the top of FREE's grid, then the refits (two allowed)
     policy = ExitPolicy("softmax_max", 0.9, min_exit_layer=1)
-    estimator, layers = AdaptiveThreshold.start(AdaptiveSettings(max_updates=2)), []
+    estimator, layers, flops, tokens, full = AdaptiveThreshold.start(AdaptiveSettings(max_updates=2)), [], 0, 0, []
     for b in batches(bb, data.split_examples("test")[:6], 2):
         out = generate(bb, b, policy, strategy="parallel", max_new_tokens=8, agreement=estimator.updating)
         layers += out.exit_layers[out.exit_layers > 0].tolist()
+        # FLOPs (every batch counted: flops_examples 32): the same decode counted, FREE's pairs included
+        counted = generate(bb, b, policy, strategy="parallel", max_new_tokens=8, agreement=estimator.updating,
+                           count_flops=True)
+        assert torch.equal(counted.tokens, out.tokens)
+        flops, tokens = flops + counted.decode_flops, tokens + counted.num_tokens
+        full.append(generate(bb, b, None, strategy="parallel", max_new_tokens=8, count_flops=True))
         if estimator.updating:
             value = estimator.update(*batch_pairs(bb, b, out, policy))
             policy = policy if value is None else policy.with_base_threshold(value)
     assert rows[-1]["mean_exit_layer"] == pytest.approx(sum(layers) / len(layers))
+    full_per_token = sum(o.decode_flops for o in full) / sum(o.num_tokens for o in full)
+    assert rows[-1]["flops_ratio"] == pytest.approx(flops / tokens / full_per_token)
     assert rows[-1]["threshold"] == (f"adaptive:{estimator.current:g}" if estimator.current is not None else "adaptive")
     assert (tmp_path / "quality_speed.csv").read_text().count("(adaptive)") == 1

@@ -29,6 +29,7 @@ from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.record import record_exits
 
 from .decisions import with_check_every
+from .flops import FlopCount
 from .generate import GenerateOutput, generate
 
 KEY = "decoding.adaptive_threshold"
@@ -145,6 +146,22 @@ def adaptive_generate(
     if value is not None:
         policy = policy.with_base_threshold(value)
     return out, policy, time.perf_counter() - start
+
+
+def count_adaptive(
+    backbone: Any, batch: Mapping[str, Tensor], policy: ExitPolicy, updating: bool, **kwargs: Any,
+) -> GenerateOutput:
+    """One batch's :func:`adaptive_generate` decode again at the `policy` it used, its FLOPs counted
+    (`generate(..., count_flops=True)`), the estimator's work included while it was `updating` (as its time
+    is early exit's): `parallel`'s agreement pairs (a head product per deep pass); `copy`'s teacher-forced
+    pass, added to the output's `flops`. Decodes only: the estimator does not refit."""
+    parallel = kwargs.get("strategy", "copy") == "parallel"
+    out = generate(backbone, batch, policy, **kwargs, agreement=updating and parallel, count_flops=True)
+    if updating and not parallel and out.num_tokens:
+        with FlopCount() as counter:
+            decoded_records(backbone, batch, out, policy)
+        out.flops += counter.total
+    return out
 
 
 def batch_pairs(backbone: Any, batch: Mapping[str, Tensor], out: GenerateOutput, policy: ExitPolicy) -> tuple[Tensor, Tensor]:

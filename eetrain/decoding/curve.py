@@ -218,7 +218,7 @@ def plot_quality_speed(
         for name in dict.fromkeys(r["policy"] for r in points):
             pts = sorted((r[x_key], r[metric], r["threshold"]) for r in points
                          if r["policy"] == name and r.get(x_key) is not None)
-            if not pts:  # (FREE's adaptive point has no FLOP count)
+            if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
             for x, y, t in pts:
@@ -353,7 +353,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
                                                    for b in counted]) / full_flops
     if dec.adaptive_threshold is not None:
         rows += adaptive_rows(backbone, specs, prompts, dec.adaptive_threshold, kwargs, schedule, full_seqs, metrics,
-                              refs, full_scores, metric)
+                              refs, full_scores, metric, len(counted), full_flops)
     csv_path = write_csv(rows, out_dir / "quality_speed.csv")
     floor = min_exit_layer(cfg, L)
     png = plot_quality_speed(rows, out_dir / "quality_speed.png", metric,
@@ -377,13 +377,15 @@ def adaptive_rows(
     backbone: Any, specs: Sequence[PolicySpec], prompts: Sequence[Mapping[str, torch.Tensor]], settings: Any,
     kwargs: Mapping[str, Any], schedule: Mapping[str, Any], full_seqs: Sequence[Sequence[int]],
     metrics: Sequence[str], refs: Sequence[Any], full_scores: Mapping[str, float], metric: str,
+    counted: int = 0, full_flops: float = float("nan"),
 ) -> list[dict[str, Any]]:
     """`decoding.adaptive_threshold`: one more point per confidence policy, `<policy> (adaptive)`, whose
     threshold FREE's estimator sets batch by batch (the first batch at the top of its grid); its
-    `threshold` is the last one, the estimator's time is early exit's."""
+    `threshold` is the last one, the estimator's time is early exit's, and so are its FLOPs (`flops_ratio`
+    over `full_flops`: the first `counted` batches decoded again at the thresholds they had)."""
     from eetrain.exits.beta_mixture import is_confidence
 
-    from .adaptive import AdaptiveThreshold, adaptive_generate
+    from .adaptive import AdaptiveThreshold, adaptive_generate, count_adaptive
 
     rows = []
     for spec in specs:
@@ -391,8 +393,9 @@ def adaptive_rows(
             continue
         estimator = AdaptiveThreshold.start(settings)
         policy = spec.policy.at_value(settings.high)
-        ee, paired = [], []
+        ee, paired, used = [], [], []
         for b in prompts:
+            used.append((policy, estimator.updating))
             out, policy, seconds = adaptive_generate(backbone, b, policy, estimator, **kwargs,
                                                      **schedule_for(policy, schedule))
             out.seconds += seconds
@@ -403,6 +406,10 @@ def adaptive_rows(
         last = estimator.current
         label = "adaptive" if last is None else f"adaptive:{last:g}"
         rows.append(curve_row(f"{spec.name} (adaptive)", label, ee, paired, full_seqs, scores, full_scores, metric))
+        if counted:
+            outs = [count_adaptive(backbone, b, p, updating, **kwargs, **schedule_for(p, schedule))
+                    for b, (p, updating) in zip(prompts[:counted], used, strict=False)]
+            rows[-1]["flops_ratio"] = flops_per_token(outs) / full_flops
     return rows
 
 

@@ -21,7 +21,7 @@ from eetrain.errors import ConfigError
 from eetrain.exits.beta_mixture import check_adaptive_policy
 
 from .adaptive import KEY as ADAPTIVE_KEY
-from .adaptive import AdaptiveThreshold, adaptive_generate
+from .adaptive import AdaptiveThreshold, adaptive_generate, count_adaptive
 from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .flops import flops_per_token, format_flops
 from .generate import GenerateOutput, generate, require_token_head
@@ -224,6 +224,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
                                                 "early-exit generation", total=n_batches, unit="batch")):
         # early exit and full decoding alternate batch by batch, so machine load hits both alike
         used = policy  # (FREE's estimator refits after the batch)
+        updating = adaptive is not None and adaptive.updating
         if adaptive is None:
             out = generate(backbone, batch, policy, strategy=settings.strategy, **kwargs, **schedule,
                            rollback=settings.rollback)
@@ -236,9 +237,10 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         if ref is not None:
             full.append(ref)
         if settings.flops_batches is None or i < settings.flops_batches:  # the same decodes again, counted
+            same = dict(strategy=settings.strategy, **kwargs, **schedule, rollback=settings.rollback)
             counted.append((
-                generate(backbone, batch, used, strategy=settings.strategy, **kwargs, **schedule,
-                         rollback=settings.rollback, count_flops=True),
+                generate(backbone, batch, used, **same, count_flops=True) if adaptive is None
+                else count_adaptive(backbone, batch, used, updating, **same),
                 generate(backbone, batch, None, strategy="copy", **kwargs, count_flops=True) if ref else None,
             ))
         for r, example in enumerate(chunk):
