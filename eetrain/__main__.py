@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -20,6 +21,7 @@ _composed = False
 def _hydra_main(cfg: DictConfig) -> float | None:
     global _composed
     _composed = True
+    _log_lightning_once()
     from eetrain.train import run
 
     try:
@@ -30,6 +32,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"eetrain: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _log_lightning_once() -> None:
+    """Lightning's package logger prints to stderr with a console handler of its own and also hands its
+    records on to the root logger, where Hydra's logging (a console and `<run dir>/<job>.log`) prints them
+    again: every Lightning message twice. Where Hydra's handlers are there, they alone print it."""
+    import lightning  # noqa: F401 - (adds that handler on import)
+
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
 
 
 def check_overrides(args: list[str]) -> None:

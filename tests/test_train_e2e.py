@@ -32,6 +32,11 @@ def _run(tmp_path: Path, *overrides: str, name: str = "run"):
 def test_demo_short_run_reports_exports_and_checkpoints(tmp_path):
     out, r = _run(tmp_path, *SHORT)
     assert "Per-layer validation report" in r.stdout
+    # Lightning's messages once, in Hydra's format (its own console handler would print them again), and in
+    # the run's log file
+    assert (r.stdout + r.stderr).count("GPU available: False") == 1
+    assert "[lightning.pytorch.utilities.rank_zero][INFO] - GPU available: False" in r.stdout
+    assert "GPU available: False" in (out / "__main__.log").read_text()
     report = pd.read_csv(out / "layer_report.csv")
     assert list(report.layer) == [1, 2, 3, 4] and report.agree.iloc[-1] == 1.0
     # the export loads with plain transformers, and carries the early-exit settings
