@@ -48,6 +48,21 @@ def test_task_scores_hand_checked():
     text = format_summary(summary)
     assert "task metrics over the 2 of 3 examples that have a reference" in text
     assert re.search(r"rougeL vs references +: early exit +100.00 +full model +83.33 +ratio 1.200", text)
+    assert "no token left" not in text and "no token left" not in format_summary({**summary, "min_exit_layer": 2})
+
+
+def test_the_summary_says_why_no_token_left_early():
+    from eetrain.decoding.stage import format_summary
+
+    summary = {"policy": "softmax_gap:0.9", "strategy": "copy", "batch_mode": "ride_along", "batch_size": 1,
+               "examples": 3, "num_layers": 4, "tokens_per_second": 10.0, "mean_exit_layer": 4.0,
+               "decision_fraction": 0.01}
+    assert "no token left" not in format_summary(summary)  # no policy (full model, self-speculative drafts)
+    text = format_summary({**summary, "min_exit_layer": 4})
+    assert "no token left before the last layer: the minimum exit layer is the model's depth (4): set " \
+           "decoding.policy.min_exit_layer lower" in text
+    text = format_summary({**summary, "min_exit_layer": 2})
+    assert "no token left before the last layer: no check reached the threshold: lower decoding.policy.threshold" in text
 
 
 def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):
@@ -248,6 +263,7 @@ def test_train_calibrate_export_policy_then_generate_on_the_export(tmp_path):
     assert policy["threshold"] == calibration[0]["threshold"] and policy["min_exit_layer"] == 2
     summary = json.loads((out / "generation_summary.json").read_text())
     assert summary["policy"] == f"softmax_gap:{policy['threshold']:g}"  # the stage used the calibrated policy
+    assert summary["min_exit_layer"] == 2
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"source", "output", "reference", "exit_layers", "full_output"} <= set(rows[0])
     assert all(2 <= e <= 4 for row in rows for e in row["exit_layers"])

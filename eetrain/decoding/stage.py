@@ -19,6 +19,7 @@ import torch
 from eetrain.backbones.base import pad
 from eetrain.errors import ConfigError
 from eetrain.exits.beta_mixture import check_adaptive_policy
+from eetrain.exits.policy import ExitPolicy
 
 from .adaptive import KEY as ADAPTIVE_KEY
 from .adaptive import AdaptiveThreshold, adaptive_generate, count_adaptive
@@ -179,6 +180,12 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{s['adaptive_updates']} updates on {s['adaptive_pairs']} pairs; the estimator took "
             f"{s['adaptive_seconds']:.2f} s more (counted in early exit's time)"
         )
+    if s.get("min_exit_layer") is not None and s["mean_exit_layer"] >= s["num_layers"]:
+        why = (f"the minimum exit layer is the model's depth ({s['num_layers']}): set decoding.policy.min_exit_layer lower"
+               if s["min_exit_layer"] >= s["num_layers"] else
+               "no check reached the threshold: lower decoding.policy.threshold, or calibrate one "
+               "(+experiment=evaluate model.name_or_path=<export>)")
+        lines.append(f"  no token left before the last layer: {why}")
     if s.get("scored_examples", s["examples"]) < s["examples"]:
         lines.append(f"  task metrics over the {s['scored_examples']} of {s['examples']} examples that have a reference")
     for name in s.get("metrics", []):
@@ -256,6 +263,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     summary = _summary(ee, full or None, settings, label, adaptive, adaptive_seconds)
+    if isinstance(policy, ExitPolicy):
+        summary["min_exit_layer"] = policy.min_exit_layer
     summary.update(flops_summary(counted))
     from eetrain.task_metrics import TEXT_METRICS
 
