@@ -39,7 +39,10 @@ Timing: every implementation of a batch size is warmed up once, then timed ``--r
 the runs interleaved round robin (round r starts one implementation later than round r - 1), so load
 drift on a shared machine hits all alike; ``s_per_token`` is the median wall time, ``speedup`` and
 ``ceiling_fraction`` the median over rounds of the ratio of the two runs of that round
-(``torch.cuda.synchronize`` around each run on CUDA). Importing this module has no side effects (torch and eetrain are imported
+(``torch.cuda.synchronize`` around each run on CUDA); ``ceiling_rounds`` keeps every round's ratio. After
+the table, one line per target the rows can answer, with its verdict on the median (``full`` vs ``hf``;
+the ``CEILING_TARGETS`` rows, with the spread of their rounds; ``gather``'s speed-up growing as the mean
+exit falls at batch >= 64). Importing this module has no side effects (torch and eetrain are imported
 lazily).
 """
 
@@ -69,6 +72,12 @@ CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 LARGE_BATCH = 64  # from here on the rows compare mean exits and gather vs ride_along
 DRAFT_TOKENS = 4  # self_speculative rows: k drafts per round, from the middle layer (LayerSkip's E = L / 2)
 TARGET_FULL_VS_HF = 1.10  # eetrain's decoder without exits may cost at most this x HF generate
+#: the lowest ceiling_fraction each row may reach: (batch, exits, strategy, batch mode, minimum)
+CEILING_TARGETS = (
+    *((1, e, s, "ride_along", 0.85) for e in ("fixed:4", "random:4") for s in ("copy", "parallel")),
+    (8, "random:4", "copy", "ride_along", 0.85),
+    (64, "random:4", "copy", "gather", 0.70),
+)
 
 
 @dataclass(frozen=True)
@@ -464,6 +473,8 @@ def bench_batch(
             d = ceiling_depth(out, batch_size, spec.batch_mode)
             rec["ceiling_depth"] = d
             rec["ceiling_fraction"] = paired_ratio(ceiling[d], run)
+            # each round's ratio: how far the machine's noise spreads the median
+            rec["ceiling_rounds"] = [round(x / y, 4) for x, y in zip(ceiling[d].seconds, run.seconds, strict=True)]
         if id(run) in per_token:  # FLOPs: the arithmetic side of the same ratios
             rec["flops_per_token"] = per_token[id(run)]
             rec["flops_ratio"] = per_token[id(run)] / per_token[id(full)]
@@ -572,7 +583,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def target_lines(records: list[dict[str, Any]]) -> list[str]:
-    """`full` vs `hf` per batch size, against TARGET_FULL_VS_HF."""
+    """The targets the records can answer, one line each with its verdict (on the median): `full` vs `hf`
+    per batch size (TARGET_FULL_VS_HF); each CEILING_TARGETS row's ceiling, with the spread of its rounds;
+    at the largest batch, `gather`'s speed-up growing as the mean exit falls."""
     out = []
     for b in sorted({r["batch"] for r in records}):
         t = {r["impl"]: r["seconds"] for r in records if r["batch"] == b and r["impl"] in ("hf", "full")}
@@ -580,6 +593,26 @@ def target_lines(records: list[dict[str, Any]]) -> list[str]:
             ratio = t["full"] / t["hf"]
             verdict = "met" if ratio <= TARGET_FULL_VS_HF else "NOT met"
             out.append(f"target batch {b}: full <= {TARGET_FULL_VS_HF:.2f} x hf: {ratio:.2f}x -> {verdict}")
+    for b, exits, strategy, mode, low in CEILING_TARGETS:
+        row = next((r for r in records if r["impl"] == "eetrain" and (r["batch"], r["exits"], r["strategy"],
+                    r["batch_mode"]) == (b, exits, strategy, mode) and r.get("ceiling_fraction") is not None), None)
+        if row is None:
+            continue
+        rounds = row.get("ceiling_rounds") or [row["ceiling_fraction"]]
+        spread = (f" (rounds {min(rounds):.2f}-{max(rounds):.2f}, >= {low:.2f} in {sum(x >= low for x in rounds)} "
+                  f"of {len(rounds)})")
+        verdict = "met" if row["ceiling_fraction"] >= low else "NOT met"
+        out.append(f"target batch {b}, {exits}, {strategy}, {mode}: ceiling >= {low:.2f}: "
+                   f"{row['ceiling_fraction']:.2f}{spread} -> {verdict}")
+    big = max((r["batch"] for r in records), default=0)
+    gather = sorted(((r["mean_exit_layer"], r["speedup"], r["exits"]) for r in records if r["batch"] == big
+                     and r["impl"] == "eetrain" and r["batch_mode"] == "gather" and r["exits"].startswith("random:")),
+                    reverse=True)
+    if big >= LARGE_BATCH and len(gather) > 1:
+        grows = all(a[1] < b[1] for a, b in zip(gather, gather[1:], strict=False))
+        chain = " < ".join(f"{x:.2f}x ({e})" for _, x, e in gather)
+        out.append(f"target batch {big}, gather: speed-up grows as the mean exit falls: {chain} -> "
+                   f"{'met' if grows else 'NOT met'}")
     return out
 
 

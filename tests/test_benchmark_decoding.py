@@ -118,11 +118,35 @@ def test_plan_and_crossover(bench):
 def test_table_and_bad_arguments(bench, records):
     table = bench.format_table(records)
     assert table.splitlines()[0].startswith("| batch | impl |") and len(table.splitlines()) == 2 + len(records)
-    assert len(bench.target_lines(records)) == 2
+    lines = bench.target_lines(records)  # full vs hf at batches 1 and 2; the four batch-1 ceilings
+    assert [ln.split(":")[0] for ln in lines[:2]] == ["target batch 1", "target batch 2"] and len(lines) == 6
+    assert all(ln.startswith("target batch 1, ") and " ceiling >= 0.85: " in ln for ln in lines[2:])
+    for r in _rows(records, impl="eetrain"):
+        if r["ceiling_fraction"] is not None:
+            assert r["ceiling_rounds"] == [round(r["ceiling_fraction"], 4)]  # --repeats 1: one round
     with pytest.raises(SystemExit):
         bench.parse_args(["--batches", "1,x"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--shape", "nope"])
+
+
+def test_target_lines_hand_checked(bench):
+    def row(batch, exits, mode, ceiling, speedup, mean, rounds=None):
+        return dict(impl="eetrain", batch=batch, exits=exits, strategy="copy", batch_mode=mode,
+                    ceiling_fraction=ceiling, ceiling_rounds=rounds, speedup=speedup, mean_exit_layer=mean)
+
+    records = [dict(impl="hf", batch=64, seconds=1.0), dict(impl="full", batch=64, seconds=1.05),
+               row(64, "random:4", "gather", 0.68, 1.7, 4.0, [0.62, 0.68, 0.71, 0.75, 0.66]),
+               row(64, "random:3", "gather", 0.8, 2.4, 3.0), row(64, "random:6", "gather", 0.6, 1.3, 6.0),
+               row(64, "random:4", "ride_along", 1.0, 1.6, 4.0)]
+    assert bench.target_lines(records) == [
+        "target batch 64: full <= 1.10 x hf: 1.05x -> met",
+        "target batch 64, random:4, copy, gather: ceiling >= 0.70: 0.68 (rounds 0.62-0.75, >= 0.70 in 2 of 5) -> NOT met",
+        "target batch 64, gather: speed-up grows as the mean exit falls: 1.30x (random:6) < 1.70x (random:4) < "
+        "2.40x (random:3) -> met",
+    ]
+    records[3]["speedup"] = 1.5  # random:3 slower than random:4
+    assert bench.target_lines(records)[-1].endswith("< 1.50x (random:3) -> NOT met")
 
 
 def run_tiny(bench, batches: tuple[int, ...], **kwargs):
