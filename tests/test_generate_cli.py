@@ -58,7 +58,9 @@ def test_the_summary_says_why_no_token_left_early():
                "examples": 3, "num_layers": 4, "tokens_per_second": 10.0, "mean_exit_layer": 4.0,
                "decision_fraction": 0.01}
     assert "no token left" not in format_summary(summary)  # no policy (full model, self-speculative drafts)
+    assert format_summary(summary).startswith("policy softmax_gap:0.9, strategy copy, batch mode ride_along (batch 1), ")
     text = format_summary({**summary, "min_exit_layer": 4})
+    assert text.startswith("policy softmax_gap:0.9 from layer 4, strategy copy, ")
     assert "no token left before the last layer: the minimum exit layer is the model's depth (4): set " \
            "decoding.policy.min_exit_layer lower" in text
     text = format_summary({**summary, "min_exit_layer": 2})

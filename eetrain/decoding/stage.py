@@ -152,7 +152,8 @@ def task_scores(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any
 
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
-        f"policy {s['policy']}, strategy {s['strategy']}, batch mode {s['batch_mode']} (batch {s['batch_size']}), "
+        f"policy {s['policy']}" + (f" from layer {s['min_exit_layer']}" if s.get("min_exit_layer") else "")
+        + f", strategy {s['strategy']}, batch mode {s['batch_mode']} (batch {s['batch_size']}), "
         f"{s['examples']} examples, {s['num_layers']} layers",
         f"  early exit : {s['tokens_per_second']:8.1f} tokens/s  mean exit layer {s['mean_exit_layer']:.2f}  "
         f"decisions {100 * s['decision_fraction']:.1f}% of the time",
