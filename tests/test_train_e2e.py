@@ -45,6 +45,8 @@ def test_demo_short_run_reports_exports_and_checkpoints(tmp_path):
     assert model.config.num_decoder_layers == 4 and tok.eos_token_id == 1
     settings = load_exit_settings(out / "export")
     assert settings["family"] == "t5" and settings["num_layers"] == 4
+    # the demo's exported policy can exit below the last of its 4 layers (the papers' minimum 4 could not)
+    assert settings["policy"]["min_exit_layer"] == 2
     assert settings["trained_exits"]["ce"]["layers"] == [1, 2, 3, 4]
     assert settings["trained_exits"]["ce"]["weights"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     # per-layer metrics in the CSV log
