@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -463,6 +465,41 @@ def test_batched_decisions_equal_per_row_decisions(model, index):
                    stop_at_eos=False)
     for r, (tokens, layers) in enumerate(rows_alone(model, batch, policy, "parallel", 8)):
         assert out.row_exit_layers()[r] == layers and out.sequences()[r] == tokens
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    return copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("index", [5, 6, 8])  # patience, monotonic, three-state MLP
+def test_float64_model_decides_as_exit_layers(model64, index):
+    """A float64 model: top-2 histories in its dtype, a float32 classifier over its kept states."""
+    policy = varied(model64, *policies(model64.hidden_size)[index])
+    out = generate(model64, one(), policy, strategy="parallel", max_new_tokens=8, stop_at_eos=False)
+    ref, exits = reference_generate(model64, SOURCE, 8, "exact", policy)
+    assert out.row_exit_layers()[0] == exits
+    assert out.sequences()[0] == ref
+
+
+@pytest.mark.parametrize("mode", ["gather", "ride_along"])
+def test_float64_history_measure_after_a_row_ended(model64, mode):
+    """Once a row has ended, a step's first check covers some rows only: the placeholders of the other
+    rows' history must take float64 top-2 probabilities (this raised a dtype error)."""
+    bb = copy.deepcopy(model64)
+    batch = padded_batch(bb)
+    policy = ExitPolicy("patience", None, min_exit_layer=1, measure_kwargs={"patience": 1})
+    first = int(generate(bb, batch, policy, max_new_tokens=1, stop_at_eos=False).tokens[0, 0])
+    with torch.no_grad():  # swap the head's rows of end-of-sequence and row 0's first token: row 0 ends at once
+        w, eos = bb.head_weight, bb.eos_token_id
+        w[[eos, first]] = w[[first, eos]]
+    free = generate(bb, batch, policy, batch_mode=mode, max_new_tokens=6, stop_at_eos=False)
+    stopped = generate(bb, batch, policy, batch_mode=mode, max_new_tokens=6)
+    assert stopped.sequences()[0] == [eos]
+    for r, seq in enumerate(free.sequences()):
+        n = seq.index(eos) + 1 if eos in seq else len(seq)
+        assert stopped.sequences()[r] == seq[:n]
+        assert stopped.row_exit_layers()[r] == free.row_exit_layers()[r][:n]
 
 
 def test_time_accounting_adds_up(model):

@@ -261,7 +261,8 @@ class LayerDecider:
                 self.lstm_state = [put_dim1(s, rows, new) for s, new in zip(self.lstm_state, state, strict=True)]
                 logits = clf.head(out)
             elif isinstance(clf, ThreeStateMLP):
-                logits = clf(torch.cat([take(self.prev2), take(self.prev), x], dim=-1))
+                # the kept states are in the model's dtype: a float64 model with a float32 classifier
+                logits = clf(torch.cat([take(self.prev2), take(self.prev), h], dim=-1).to(self.clf_dtype))
             else:
                 logits = clf(x)
             if check:
@@ -277,7 +278,7 @@ class LayerDecider:
                 pred, top2 = logits[:, 0].float(), logits.new_zeros((logits.shape[0], 2), dtype=torch.float32)
             else:
                 pred, top2, _ = summarize_logits(logits)
-            self.history.append((store(self._hist_fill(), pred), store(self._hist_fill(2), top2)))
+            self.history.append((store(self._hist_fill(pred, 0), pred), store(self._hist_fill(top2, 1), top2)))
             if check:
                 preds = torch.stack([p for p, _ in self.history])
                 tops = torch.stack([t for _, t in self.history])
@@ -303,15 +304,13 @@ class LayerDecider:
             self.prev = store(self.prev, h)
         return scores
 
-    def _hist_fill(self, *trailing: int) -> Tensor:
-        """A full-batch placeholder row of the history (rows not observed keep their earlier values)."""
-        size = self.prev.shape[0]
+    def _hist_fill(self, like: Tensor, index: int) -> Tensor:
+        """A full-batch placeholder for entry `index` of a history step (0: predictions, 1: top-2), shaped
+        and typed as `like (n, ...)`: rows not observed keep their earlier values."""
         if self.history:
-            last = self.history[-1][0 if not trailing else 1]
-            return last
-        shape = (size, *trailing)
-        integer = not trailing and not self.scores_history
-        return torch.zeros(shape, dtype=torch.long if integer else torch.float32, device=self.prev.device)
+            return self.history[-1][index]
+        # `like`'s dtype: top-2 probabilities are float64 for a float64 model, float32 otherwise
+        return like.new_zeros((self.prev.shape[0], *like.shape[1:]))
 
 
 def lstm_step(clf: LSTMClassifier, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
