@@ -25,9 +25,12 @@ Batches with per-sample exits (`batch_mode`):
 
 * ``ride_along``: a layer runs for every row while any row still needs it; rows whose token has
   exited ride along (their states of those layers are real), the step ends at the batch's deepest
-  exit. Small batches are memory-bound: a layer costs about the same for 1 row as for 8.
+  exit. Small batches are memory-bound: a layer costs about the same for 1 row as for 8. With
+  ``parallel`` a row's output is the one it gets alone; with ``copy`` it depends on its batch-mates
+  (real states up to the batch's deepest exit, copied above it).
 * ``gather``: each layer computes only the rows still deciding (gathered, scattered back); time
-  follows the batch's *mean* exit layer. Pays once the step is compute-bound (large batches).
+  follows the batch's *mean* exit layer. Pays once the step is compute-bound (large batches). Every
+  row's output is the one it gets alone, with either strategy.
 * ``auto``: ``gather`` from ``gather_min_batch`` rows on (the measured crossover), else ``ride_along``.
 
 ``copy`` and ``parallel`` support both modes; ``self_speculative`` runs every row at once, each row
