@@ -108,6 +108,34 @@ def test_from_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(bb.model_logits(batch), again.model_logits(batch))
 
 
+def test_a_broken_local_model_is_one_message_naming_the_key(tmp_path):
+    import shutil
+
+    from eetrain.backbones import load_backbone
+    from eetrain.checkpointing import export_pretrained
+
+    good = export_pretrained(make_backbone("t5"), tmp_path / "good", {"family": "t5", "num_layers": 3})
+
+    def broken(name, change):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        change(path)
+        return str(path)
+
+    cases = [
+        (broken("no_weights", lambda p: (p / "model.safetensors").unlink()), r"does not load \(OSError"),
+        (broken("cut_weights", lambda p: (p / "model.safetensors").write_bytes(b"\0" * 100)), r"does not load \("),
+        (broken("bad_config", lambda p: (p / "config.json").write_text("not json")), r"does not load \("),
+        (broken("no_tokenizer", lambda p: [(p / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")]),
+         r"no tokenizer files there .*set model.tokenizer"),
+        (broken("bad_settings", lambda p: (p / "early_exit.json").write_text("{")),
+         r"early_exit.json there is not a JSON object"),
+    ]
+    for path, match in cases:
+        with pytest.raises(ConfigError, match=rf"model.name_or_path='{path}'.*{match}"):
+            load_backbone(path)
+
+
 @pytest.mark.parametrize("family,typo,near", [("t5", "num_layer", "num_layers"), ("llama", "hidden_layers", "num_hidden_layers"),
                                              ("bert", "hidden_sizes", "hidden_size")])
 def test_a_config_key_nothing_reads_is_refused(family, typo, near):

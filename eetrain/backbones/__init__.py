@@ -26,13 +26,18 @@ def load_backbone(name_or_path: str, **kwargs: object) -> ExitBackbone:
                           "outputs/<task>/<run>/export) or a local Hugging Face model directory")
     local = Path(str(name_or_path)).expanduser()
     family = "t5"
-    if (local / "early_exit.json").is_file():
-        family = json.loads((local / "early_exit.json").read_text()).get("family", "t5")
-    elif (local / "config.json").is_file():
-        family = json.loads((local / "config.json").read_text()).get("model_type", "t5")
-    elif local.is_dir():
-        raise ConfigError(f"model.name_or_path={name_or_path!r}: no exported model there (no config.json); point it "
-                          "at a run's export/ directory (outputs/<task>/<run>/export) or a local Hugging Face model")
+    for name, key in (("early_exit.json", "family"), ("config.json", "model_type")):
+        if (local / name).is_file():
+            try:
+                family = json.loads((local / name).read_text()).get(key, "t5")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise ConfigError(f"model.name_or_path={name_or_path!r}: {name} there is not a JSON object ({e}); "
+                                  "re-export the model or restore the file") from e
+            break
+    else:
+        if local.is_dir():
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: no exported model there (no config.json); point "
+                              "it at a run's export/ directory (outputs/<task>/<run>/export) or a local Hugging Face model")
     if family not in FAMILIES:
         raise ConfigError(f"model.name_or_path={name_or_path!r} is a {family!r} model; eetrain has adapters for "
                           f"{sorted(FAMILIES)}")

@@ -21,6 +21,7 @@ import copy
 import functools
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -48,6 +49,25 @@ class ExitStates:
     layers: tuple[int, ...]
     hidden: list[Tensor]
     labels: Tensor | None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model", "vocab.txt",
+                   "vocab.json")
+
+
+@contextlib.contextmanager
+def _local_files(key: str, value: str, local: bool) -> Iterator[None]:
+    """Loading from a local directory: a missing, truncated or corrupt file is the user's input (one line
+    naming `key`), not a traceback from inside transformers."""
+    try:
+        yield
+    except Exception as e:
+        if not local or isinstance(e, ConfigError):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{key}={value!r} does not load ({type(e).__name__}: {reason}); it must be a directory "
+                          "written by save_pretrained (config.json, the weights, the tokenizer), such as a "
+                          "run's export/") from e
 
 
 def check_layers(layers: Sequence[int] | None, num_layers: int, key: str = "exit layers") -> tuple[int, ...]:
@@ -205,13 +225,20 @@ class ExitBackbone(nn.Module):
         tok_source = tokenizer or name_or_path
         if tok_source is None:
             raise ConfigError("model.tokenizer is required when the model is built from model.config")
-        tok_path, tok_local = resolve_model(tok_source, key="model.tokenizer" if tokenizer else "model.name_or_path")
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            tok_path, local_files_only=tok_local
-        )
+        tok_key = "model.tokenizer" if tokenizer else "model.name_or_path"
+        tok_path, tok_local = resolve_model(tok_source, key=tok_key)
+        if tok_local and Path(tok_path).is_dir() and not any((Path(tok_path) / f).is_file() for f in TOKENIZER_FILES):
+            # transformers would build a default tokenizer of another vocabulary without a word
+            raise ConfigError(f"{tok_key}={tok_source!r}: no tokenizer files there ({', '.join(TOKENIZER_FILES)}); "
+                              "set model.tokenizer to the directory of the model's tokenizer")
+        with _local_files(tok_key, tok_source, tok_local):
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+                tok_path, local_files_only=tok_local
+            )
         if name_or_path is not None:
             path, local = resolve_model(name_or_path)
-            self.model = self.model_class.from_pretrained(path, local_files_only=local, **(model_kwargs or {}))
+            with _local_files("model.name_or_path", name_or_path, local):
+                self.model = self.model_class.from_pretrained(path, local_files_only=local, **(model_kwargs or {}))
         else:
             values = dict(self.config_defaults(self.tokenizer))
             values.update(config or {})
