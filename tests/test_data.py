@@ -65,6 +65,15 @@ def test_missing_column_names_the_key(tmp_path):
         dm.setup("fit")
 
 
+def test_without_training_only_validation_loads_and_a_number_is_text(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"document": "a", "summary": 123}\n{"document": "b", "summary": null}\n')
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"validation": str(tmp_path / "d.jsonl")},
+                             source_column="document", target_column="summary")
+    with pytest.raises(DataError, match=r"d.jsonl' row 1: data.target_column='summary' is empty \(None\)"):
+        dm.setup("validate")  # a number is read as its text (row 0); without training no train file is needed
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     (tmp_path / "e.csv").write_text("document,summary\n")

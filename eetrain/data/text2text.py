@@ -269,10 +269,14 @@ class SplitDataModule(L.LightningDataModule):
                               "text-to-text data config")
 
     def setup(self, stage: str | None = None) -> None:
-        for role in ("train", "validation"):
-            if role not in self.datasets:
-                self._load(role)
-                print(f"[data] {role}: {self.describe(self.truncation[role])}")
+        # without training (train=false: the report, the stages) the training split is loaded on first use
+        for role in ("train", "validation") if stage in ("fit", None) else ("validation",):
+            self._ensure(role)
+
+    def _ensure(self, role: str) -> None:
+        if role not in self.datasets:
+            self._load(role)
+            print(f"[data] {role}: {self.describe(self.truncation[role])}")
 
     def split_examples(self, split: str, key: str | None = None) -> list[dict[str, Any]]:
         """The tokenised examples of one split, loaded on first use: a role (`train`, `validation`,
@@ -309,6 +313,7 @@ class SplitDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches in a seeded per-epoch order (`ResumableSampler`), split by rank while fitting; after a
         checkpoint is loaded the first epoch starts where the checkpoint's run stopped."""
+        self._ensure("train")
         trainer = self._fitting()
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self.datasets["train"], replicas, rank, shuffle=True, seed=self.shuffle_seed)
