@@ -48,3 +48,11 @@ def positive_int(value: object, key: str, null: str | None = None) -> int | None
         allowed = f"null ({null}) or an integer >= 1" if null is not None else "an integer >= 1"
         raise ConfigError(f"{key}={value!r}; allowed: {allowed}")
     return value
+
+
+def boolean(value: object, key: str) -> bool:
+    """`value` if it is true or false, else a ConfigError naming `key` (a string such as `maybe` or
+    `no` would be truthy or not by accident)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}; allowed: true or false")
+    return value

@@ -16,7 +16,7 @@ from eetrain.backbones.base import ExitBackbone
 from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained, monitor_check
 from eetrain.config import build
 from eetrain.distributed import full_backbone, training_strategy
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, boolean
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
@@ -82,6 +82,8 @@ def run(cfg: DictConfig) -> float:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed={seed!r}; allowed: an integer in 0..{2**32 - 1}")
+    for key in ("train", "export"):
+        boolean(cfg.get(key, True), key)
     L.seed_everything(seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -349,6 +349,10 @@ def test_stage_refuses_another_tokenizer_unless_told(tmp_path):
      "analyze.models[0]: give exactly one of path (an export) or overrides (train one)"),
     (["analyze.models=[{name: a, paht: EMPTY}]"], "analyze.models[0]: unknown key(s) ['paht']"),
     (["analyze.models=[/x/a/export,/y/a/export]"], "analyze.models: names must differ, got ['a', 'a']"),
+    (["analyze.before_last=5"], "analyze.before_last=5; allowed: a list of layer counts"),
+    (["analyze.before_last=[3,10]"], "analyze.before_last=[3, 10]: none below the model's 3 layers; allowed: layer "
+                                     "counts in 1..2"),
+    (["analyze.same_tokenizer=maybe"], "analyze.same_tokenizer='maybe'; allowed: true or false"),
 ])
 def test_bad_analyze_settings_name_the_key(tmp_path, overrides, message):
     (tmp_path / "empty").mkdir()

@@ -188,6 +188,10 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["model=bert_tiny", "data=demo_classification", "model.config.max_position_embeddings=16"],
          "data.max_length=128 is longer than the bert model's 16 positions (model.config.max_position_embeddings)"),
         (["+exits.foo=1"], "exits: unknown key(s) ['foo']; allowed: ['layers', 'min_layer', 'train_below_min']"),
+        (["train=maybe"], "train='maybe'; allowed: true or false"),
+        (["stages=[policies]", "exit.calibration.online=maybe"], "exit.calibration.online='maybe'; allowed: true or false"),
+        (["stages=[policies]", "exit.classifiers.dir=/nonexistent/classifiers"],
+         "exit.classifiers.dir='/nonexistent/classifiers': no such directory"),
         # an interval in steps that a small dataset's epoch does not reach (Lightning checks it once loaded)
         (["trainer.val_check_interval=2000", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"],
          "trainer.val_check_interval=2000: more steps than an epoch has training batches (2); set a smaller"),

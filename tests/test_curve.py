@@ -236,6 +236,7 @@ def test_a_curve_over_per_layer_thresholds(tmp_path):
     ("curve.split=nope", "data.files.nope is not set"),
     ("data.metrics=[rougeX]", "data.metrics: unknown metric 'rougeX' for a text task; allowed: rouge1"),
     ("data.source_column=body", "data.source_column='body'"),
+    ("curve.oracle=maybe", "curve.oracle='maybe'; allowed: true or false"),
 ])
 def test_curve_bad_input_names_the_key(tmp_path, override, message):
     from eetrain.__main__ import user_error

@@ -186,6 +186,11 @@ def test_the_export_s_feature_space_reaches_the_decoder(tmp_path):
         ("decoding.policy.measure=vibes", "decoding.policy.measure='vibes'; allowed"),
         ("decoding.policy.measure=classifier:lstm", "decoding.policy.classifier: no saved lstm classifier"),
         ("decoding.policy.threshold=1.5", "decoding.policy: threshold"),
+        ("decoding.policy.min_exit_layer=[1,2]", r"decoding.policy.min_exit_layer=\[1, 2\]; allowed: an integer >= 1"),
+        ("decoding.policy.min_exit_layer=2.5", r"decoding.policy.min_exit_layer=2.5; allowed: an integer >= 1"),
+        ("decoding.policy.kwargs=abc", r"decoding.policy.kwargs='abc'; allowed: null or a mapping"),
+        ("decoding.policy.kwargs=[1,2]", r"decoding.policy.kwargs=\[1, 2\]; allowed: null or a mapping"),
+        ("decoding.policy.exit_points=3", r"decoding.policy.exit_points=3; allowed: null \(every layer\) or a list"),
     ],
 )
 def test_bad_policy_names_the_key(override, match):
@@ -241,6 +246,47 @@ def test_bad_decoding_settings_name_the_key():
     cfg = compose(["+decoding.speed=11"])
     with pytest.raises(ConfigError, match=r"decoding: unknown key\(s\) \['speed'\]"):
         decoding_settings(cfg)
+    with pytest.raises(ConfigError, match=r"decoding.compare_full='maybe'; allowed: true or false"):
+        decoding_settings(compose(["decoding.compare_full=maybe"]))
+    with pytest.raises(ConfigError, match=r"decoding.batch_mode='gather': self_speculative decodes every row at "
+                                          r"once.*allowed with it: auto"):
+        decoding_settings(compose(["decoding.strategy=self_speculative", "decoding.batch_mode=gather"]))
+
+
+def test_self_speculative_refuses_an_exit_policy_it_would_not_use():
+    from eetrain.decoding.stage import check_config
+
+    bb = make_backbone("t5")
+    cfg = compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.strategy=self_speculative",
+                   "decoding.policy.measure=hidden_saturation", "decoding.policy.threshold=0.9"])
+    with pytest.raises(ConfigError, match=r"decoding.policy.measure='hidden_saturation': decoding.strategy="
+                                          r"self_speculative takes no exit policy"):
+        check_config(cfg, bb)
+    check_config(compose(["+experiment=generate", "model.name_or_path=nowhere", "decoding.strategy=self_speculative",
+                          "decoding.policy.measure=full"]), bb)
+
+
+def test_a_bad_stored_policy_names_the_export_s_file(tmp_path):
+    bb = make_backbone("t5")
+    cfg = compose(["+experiment=generate", f"model.name_or_path={tmp_path}"])
+    for policy, match in (({"measure": "bogus"}, r"decoding.policy.measure='bogus'; allowed"),
+                          ({"measure": "softmax_gap", "threshold": 0.5, "min_exit_layer": "x"},
+                           r"decoding.policy.min_exit_layer='x'; allowed")):
+        (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5", "policy": policy}))
+        where = re.escape(str(tmp_path / "early_exit.json"))
+        with pytest.raises(ConfigError, match=rf"{match}.*the decoding.policy keys not set on the command line "
+                                              rf"come from {where}"):
+            build_policy(policy_fields(cfg, str(tmp_path)), bb, str(tmp_path))
+    from eetrain.decoding.stage import check_config
+
+    (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5", "policy": {"min_exit_layer": 9}}))
+    bb.name_or_path = str(tmp_path)  # as if loaded from there
+    with pytest.raises(ConfigError, match=rf"decoding.policy.min_exit_layer=9 exceeds the model's 3 layers; allowed: "
+                                          rf"1..3 \(the decoding.policy keys not set on the command line come from {where}"):
+        check_config(cfg, bb)
+    (tmp_path / "early_exit.json").write_text('{"family": "t5",\n')  # cut short
+    with pytest.raises(ConfigError, match=rf"{where} is not a JSON object"):
+        policy_fields(cfg, str(tmp_path))
 
 
 def test_flops_examples_choose_the_batches_counted():

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eetrain.errors import ConfigError, check_keys, positive_int
+from eetrain.errors import ConfigError, boolean, check_keys, positive_int
 from eetrain.files import atomic_file
 
 from . import agreement, confidence, gating, oracle, saturation, sublayer, subword, suitability
@@ -121,6 +121,8 @@ def analyze_settings(cfg: Any) -> AnalyzeSettings:
     if target not in ("reference", "greedy"):
         raise ConfigError(f"analyze.target={target!r}; allowed: reference, greedy")
     before = node.get("before_last") or [1, 2, 5, 10]
+    if not isinstance(before, list | tuple):
+        raise ConfigError(f"analyze.before_last={before!r}; allowed: a list of layer counts, e.g. [1,2,5,10]")
     threshold = node.get("similarity_threshold", 0.9)
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not -1 <= threshold <= 1:
         raise ConfigError(f"analyze.similarity_threshold={threshold!r}; allowed: a cosine in [-1, 1]")
@@ -134,7 +136,7 @@ def analyze_settings(cfg: Any) -> AnalyzeSettings:
         max_new_tokens=positive_int(node.get("max_new_tokens"), "analyze.max_new_tokens", "decoding.max_new_tokens"),
         name=None if node.get("name") is None else str(node["name"]),
         models=_entries(node),
-        same_tokenizer=bool(node.get("same_tokenizer", True)),
+        same_tokenizer=boolean(node.get("same_tokenizer", True), "analyze.same_tokenizer"),
         cache_dir=str(node.get("cache_dir") or "outputs/analyze_models"),
         top_k=positive_int(node.get("top_k", 10), "analyze.top_k"),
         consistency=_fraction(node.get("consistency", 0.99), "analyze.consistency"),
@@ -161,6 +163,9 @@ def check_config(cfg: Any, backbone: Any) -> None:
                           "regression (num_labels=1): stages=[classify] writes its per-layer scores (layer_scores.csv)")
     if settings.min_exit_layer > backbone.num_layers:
         raise ConfigError(f"analyze.min_exit_layer={settings.min_exit_layer}; allowed: 1..{backbone.num_layers}")
+    if all(k >= backbone.num_layers for k in settings.before_last):  # deeper counts are left out of the table
+        raise ConfigError(f"analyze.before_last={list(settings.before_last)}: none below the model's "
+                          f"{backbone.num_layers} layers; allowed: layer counts in 1..{backbone.num_layers - 1}")
     if settings.target == "greedy" and backbone.head_kind != "token":
         raise ConfigError("analyze.target=greedy needs a token head (T5, LLaMA); a classifier has no output "
                           "to generate: use analyze.target=reference")
@@ -340,7 +345,10 @@ def _models(cfg: Any, settings: AnalyzeSettings, backbone: Any, data: Any, out_d
         path = entry.path if entry.path is not None else _trained_export(entry, settings)
         if entry.path is not None:
             _check_export(path, key)
-        other = load_backbone(path).to(device)
+        try:
+            other = load_backbone(path).to(device)
+        except ConfigError as e:  # name the analyze key that chose this model, not model.name_or_path
+            raise ConfigError(f"{key}={path!r}: {str(e).replace(f'model.name_or_path={path!r}', 'the model there')}") from e
         if other.head_kind != backbone.head_kind:
             raise ConfigError(f"{key}={path!r} has a {other.head_kind} head, the model a {backbone.head_kind} head; "
                               "analyse models of one kind together")

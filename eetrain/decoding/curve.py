@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from eetrain.analysis import plots
-from eetrain.errors import ConfigError, check_keys, positive_int
+from eetrain.errors import ConfigError, boolean, check_keys, positive_int
 from eetrain.exits.classifiers import CLASSIFIERS, load_classifier
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import PolicySpec, classifier_settings, exit_points, min_exit_layer, policy_specs
@@ -71,7 +71,7 @@ def curve_settings(cfg: Any) -> CurveSettings:
         policies=tuple(str(p) for p in policies),
         split=str(node.get("split") or "test"),
         max_examples=max_examples,
-        oracle=bool(node.get("oracle", True)),
+        oracle=boolean(node.get("oracle", True), "curve.oracle"),
     )
 
 

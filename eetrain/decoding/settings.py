@@ -8,17 +8,18 @@ unless `decoding.policy.*` overrides a field; `decoding.policy.measure=full` dec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from eetrain.errors import ConfigError, check_keys, positive_int
+from eetrain.errors import ConfigError, boolean, check_keys, positive_int
 from eetrain.exits.classifiers import CLASSIFIERS, FEATURES, load_classifier
 from eetrain.exits.measures import MEASURES
 from eetrain.exits.policy import ExitPolicy
@@ -87,6 +88,9 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         raise ConfigError(f"decoding.strategy={node.get('strategy')!r}; allowed: {', '.join(STRATEGIES)}")
     if node.get("batch_mode", "auto") not in BATCH_MODES:
         raise ConfigError(f"decoding.batch_mode={node.get('batch_mode')!r}; allowed: {', '.join(BATCH_MODES)}")
+    if node["strategy"] == "self_speculative" and node.get("batch_mode", "auto") != "auto":
+        raise ConfigError(f"decoding.batch_mode={node['batch_mode']!r}: self_speculative decodes every row at once, "
+                          "each at its own cache slots (no ride_along or gather); allowed with it: auto")
     positive_int(node.get("max_examples"), "decoding.max_examples", null="the whole split")
     for key in ("max_new_tokens", "batch_size", "draft_tokens"):
         positive_int(node.get(key, 1), f"decoding.{key}")
@@ -113,7 +117,7 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         split=str(node.get("split", "test")),
         max_examples=node.get("max_examples"),
         batch_size=int(node.get("batch_size", 1)),
-        compare_full=bool(node.get("compare_full", True)),
+        compare_full=boolean(node.get("compare_full", True), "decoding.compare_full"),
         adaptive_threshold=adaptive_settings(node.get("adaptive_threshold")),
         rollback=_rollback(node),
         flops_examples=flops,
@@ -134,7 +138,14 @@ def stored_policy(model_dir: str | os.PathLike[str] | None) -> dict[str, Any] | 
     path = Path(str(model_dir)).expanduser() / SETTINGS_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("policy")
+    try:
+        settings = json.loads(path.read_text())
+        policy = settings.get("policy")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a JSON object ({e}); re-export the model or restore the file") from e
+    if policy is not None and not isinstance(policy, dict):
+        raise ConfigError(f"{path}: 'policy' must be a JSON object of decoding.policy's keys, got {policy!r}")
+    return policy
 
 
 def load_export_policy(
@@ -189,13 +200,37 @@ def check_schedule(fields: Mapping[str, Any]) -> dict[str, Any]:
 def build_policy(
     fields: Mapping[str, Any], backbone: Any, model_dir: str | None, horizon: int | None = None
 ) -> ExitPolicy | None:
-    """An `ExitPolicy` from policy fields (None for `measure: full`); errors name `decoding.policy.*`.
+    """An `ExitPolicy` from policy fields (None for `measure: full`); errors name `decoding.policy.*`
+    (and the export's file, where the keys not set on the command line come from).
     The check schedule (`check_every`, `candidates`) goes to `generate` (see `check_schedule`).
     horizon: the decay's N when `decay.N` is null (CALM's N: the most tokens generated)."""
+    with naming_the_export(model_dir):
+        return _build_policy(fields, backbone, model_dir, horizon)
+
+
+@contextlib.contextmanager
+def naming_the_export(model_dir: str | None) -> Iterator[None]:
+    """A policy error also names the export's file when the policy's unset keys come from it."""
+    try:
+        yield
+    except ConfigError as e:
+        if stored_policy(model_dir) is None:
+            raise
+        where = Path(str(model_dir)).expanduser() / SETTINGS_FILE
+        raise ConfigError(f"{e} (the decoding.policy keys not set on the command line come from {where})") from e
+
+
+def _build_policy(
+    fields: Mapping[str, Any], backbone: Any, model_dir: str | None, horizon: int | None
+) -> ExitPolicy | None:
     measure = fields.get("measure")
     if measure == "full":
         return None
-    kwargs = dict(fields.get("kwargs") or {})
+    raw_kwargs = fields.get("kwargs") or {}
+    if not isinstance(raw_kwargs, Mapping):
+        raise ConfigError(f"decoding.policy.kwargs={raw_kwargs!r}; allowed: null or a mapping of the measure's "
+                          "arguments (e.g. decoding.policy.kwargs={patience:2})")
+    kwargs = dict(raw_kwargs)
     threshold: Any = fields.get("threshold")
     if isinstance(measure, str) and measure.startswith("classifier:"):
         kind = measure.split(":", 1)[1]
@@ -233,6 +268,10 @@ def build_policy(
         shape = decay_settings(decay, "decoding.policy.decay", horizon or 64)
         threshold = replace(shape, lam=float(threshold))
     points = fields.get("exit_points")
+    if points is not None and not isinstance(points, list | tuple):
+        raise ConfigError(f"decoding.policy.exit_points={points!r}; allowed: null (every layer) or a list of layers, "
+                          "e.g. [2,4,6]")
+    min_exit_layer = positive_int(fields.get("min_exit_layer", 4), "decoding.policy.min_exit_layer")
     features = fields.get("features")  # null: the classifier's own space, else raw
     if features is not None and features not in FEATURES:
         raise ConfigError(f"decoding.policy.features={features!r}; allowed: null, {', '.join(FEATURES)}")
@@ -240,7 +279,7 @@ def build_policy(
         return ExitPolicy(
             measure,
             threshold=threshold,
-            min_exit_layer=int(fields.get("min_exit_layer", 4)),
+            min_exit_layer=min_exit_layer,
             measure_kwargs=kwargs,
             exit_points=tuple(points) if points else None,
             features=features,
@@ -262,7 +301,8 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
     policy = _calibrated(cfg, backbone, out_dir, export_dir)
     if policy is None:
         fields = policy_fields(cfg, None)
-        fields["min_exit_layer"] = min(int(fields.get("min_exit_layer", 4)), backbone.num_layers)
+        fields["min_exit_layer"] = min(positive_int(fields.get("min_exit_layer", 4), "decoding.policy.min_exit_layer"),
+                                       backbone.num_layers)
         policy = {**fields, "calibrated": False}
     else:
         policy.update({k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None})

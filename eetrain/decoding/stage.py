@@ -27,7 +27,14 @@ from .decisions import LayerDecider, check_policy, describe, with_check_every
 from .flops import flops_per_token, format_flops
 from .generate import GenerateOutput, generate, require_token_head
 from .metrics import sequence_consistency, token_consistency
-from .settings import build_policy, check_schedule, decoding_settings, policy_fields, run_policy_fields
+from .settings import (
+    build_policy,
+    check_schedule,
+    decoding_settings,
+    naming_the_export,
+    policy_fields,
+    run_policy_fields,
+)
 
 
 def check_config(cfg: Any, backbone: Any) -> None:
@@ -37,10 +44,16 @@ def check_config(cfg: Any, backbone: Any) -> None:
     E, L = settings.draft_layer, backbone.num_layers
     if settings.strategy == "self_speculative" and E is not None and not 1 <= E < L:
         raise ConfigError(f"decoding.draft_layer={E}; allowed: 1..{L - 1} (below the model's {L} layers)")
+    node = (cfg.get("decoding") or {}).get("policy") or {}
+    if settings.strategy == "self_speculative" and node.get("measure") not in (None, "full"):
+        raise ConfigError(f"decoding.policy.measure={node.get('measure')!r}: decoding.strategy=self_speculative takes no "
+                          "exit policy (it drafts at decoding.draft_layer and verifies every draft with the full "
+                          "model); allowed with a policy: copy, parallel")
     fields = policy_fields(cfg, backbone.name_or_path)
     policy = build_policy(fields, backbone, backbone.name_or_path, horizon=settings.max_new_tokens)
     if policy is not None:
-        check_policy(policy, backbone.num_layers, backbone.hidden_size)
+        with naming_the_export(backbone.name_or_path):
+            check_policy(policy, backbone.num_layers, backbone.hidden_size)
         LayerDecider(with_check_every(policy, fields.get("check_every"), backbone.num_layers), backbone,
                      backbone.num_layers, candidates=fields.get("candidates"))
     if settings.adaptive_threshold is not None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, boolean
 
 from .calibration import PVALUES
 from .classifiers import CLASSIFIERS, FEATURES, ExitClassifier, load_classifier
@@ -391,7 +391,7 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
         val_fraction=val_fraction,
         dir=None if node.get("dir") is None else Path(str(node["dir"])).expanduser(),
         thresholds=tuple(values),
-        on_policy=bool(node.get("on_policy", False)),
+        on_policy=boolean(node.get("on_policy", False), "exit.classifiers.on_policy"),
         on_policy_examples=_int(node.get("on_policy_examples", 128), f"{k}.on_policy_examples", lo=1),
         on_policy_threshold=_probability(node.get("on_policy_threshold", 0.9), f"{k}.on_policy_threshold"),
         features=feature_space(cfg),
@@ -468,12 +468,12 @@ def calibration_settings(cfg: Any) -> CalibrationSettings:
         epsilon=out["epsilon"],
         delta=out["delta"],
         risk=risk,
-        per_sequence=bool(node.get("per_sequence", True)),
+        per_sequence=boolean(node.get("per_sequence", True), "exit.calibration.per_sequence"),
         reduction=reduction,
         pvalue=pvalue,
         candidates=None if candidates is None else tuple(_number_list(candidates, f"{k}.candidates")),
         calibration_fraction=fraction,
-        online=bool(node.get("online", False)),
+        online=boolean(node.get("online", False), "exit.calibration.online"),
         online_examples=_int(node.get("online_examples", 64), f"{k}.online_examples", lo=1),
         online_split=str(node.get("online_split", "validation")),
         risk_against=against,
@@ -500,7 +500,7 @@ def record_settings(cfg: Any) -> RecordSettings:
     return RecordSettings(
         max_tokens=None if max_tokens is None else _int(max_tokens, "exit.record.max_tokens", lo=1),
         hidden_dtype=dtype,
-        save=bool(node.get("save", True)),
+        save=boolean(node.get("save", True), "exit.record.save"),
     )
 
 
@@ -560,6 +560,9 @@ def check_config(cfg: Any, backbone: Any) -> None:
                 except ValueError as e:
                     raise ConfigError(f"exit.calibration.candidates[{j}] for {name!r}: {e}") from e
     stages = list(cfg.get("stages") or [])
+    if classifiers.dir is not None and "exit_classifiers" not in stages and not classifiers.dir.is_dir():
+        raise ConfigError(f"exit.classifiers.dir={str(classifiers.dir)!r}: no such directory; point it at the "
+                          "directory the exit_classifiers stage wrote (<run>/exit_classifiers) or add that stage")
     floor = min_exit_layer(cfg, num_layers)
     if "exit_classifiers" in stages and classifiers.kinds:
         try:
