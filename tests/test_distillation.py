@@ -128,6 +128,17 @@ def test_distillation_loss_hand_computed():
     assert pairs == ((1, 3), (1, 4)) and loss.item() == pytest.approx(2.005)
 
 
+@pytest.mark.parametrize("mapping", ["last", "uniform", "uniform_deep", "closest"])
+def test_a_batch_without_scored_positions_distils_nothing(mapping):
+    """N = 0 (every target position padding): a zero loss with zero gradients, not NaN (the CE gives 0)."""
+    students = [torch.zeros(0, 8, requires_grad=True) for _ in range(2)]
+    teachers = {layer: torch.zeros(0, 8) for layer in range(1, 5)}
+    loss, pairs = layerwise_distillation_loss(students, teachers, mapping, 4)
+    assert loss.item() == 0.0 and pairs == ()
+    loss.backward()
+    assert all(s.grad is not None and s.grad.shape == (0, 8) for s in students)
+
+
 def _closest_reference(students, teachers, num_layers):
     """Brute force: every MSE with F.mse_loss, the walk written out with explicit candidate lists."""
     shallow = len(students)

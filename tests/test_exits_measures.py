@@ -81,6 +81,15 @@ def test_entropy_raw_and_registered_scores_by_hand() -> None:
     )
 
 
+def test_entropy_of_masked_logits_equals_that_of_their_probabilities() -> None:
+    """A -inf logit (a masked token) has p = 0 and adds nothing: H([0.9, 0.1, 0]) = 0.3251 nats."""
+    logits = torch.tensor([[[math.log(0.9), math.log(0.1), float("-inf")]]])
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert entropy(logits).item() == pytest.approx(h, abs=1e-6)
+    assert entropy(probs=torch.softmax(logits, -1)).item() == pytest.approx(h, abs=1e-6)
+    assert normalized_entropy(logits).item() == pytest.approx(h / math.log(3), abs=1e-6)
+
+
 def test_hidden_saturation_by_hand() -> None:
     # token 0: [1,0] -> [1,1] -> [0,1];  token 1: [1,0] -> [2,0] -> [-1,0]
     hidden = torch.tensor(

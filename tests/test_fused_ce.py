@@ -85,9 +85,10 @@ def test_naive_reference_is_plain_cross_entropy():
     torch.testing.assert_close(loss, sum(a * e for a, e in zip(alphas, expected, strict=True)))
 
 
-def test_zero_alpha_exit_is_skipped():
+@pytest.mark.parametrize("impl", ["chunked", "naive"])
+def test_zero_alpha_exit_is_skipped(impl):
     feats, weight, b, labels = make_inputs()
-    loss, per_layer, grads = run("chunked", feats, weight, b, labels, [0.0, 1.0, 0.0])
+    loss, per_layer, grads = run(impl, feats, weight, b, labels, [0.0, 1.0, 0.0])
     assert torch.isnan(per_layer[0]) and torch.isnan(per_layer[2])
     assert torch.equal(grads["feat0"], torch.zeros(N, D))
     assert torch.equal(grads["feat2"], torch.zeros(N, D))
@@ -334,3 +335,12 @@ def test_bad_inputs():
         call(feats, weight, labels.float(), alphas)
     with pytest.raises(ValueError, match="at least one"):
         call([], weight, labels, [])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])  # int8 holds the -100 padding
+@pytest.mark.parametrize("impl", ["chunked", "naive"])
+def test_any_integer_label_dtype(impl, dtype):
+    feats, weight, b, labels = make_inputs()
+    want = multi_exit_cross_entropy(feats, weight, labels, [0.5, 1.0, 1.0], bias=b, impl=impl)[0]
+    got = multi_exit_cross_entropy(feats, weight, labels.to(dtype), [0.5, 1.0, 1.0], bias=b, impl=impl)[0]
+    assert torch.equal(got, want)

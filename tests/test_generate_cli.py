@@ -28,6 +28,8 @@ def test_token_and_sequence_consistency_hand_checked():
     assert token_consistency([[9, 9, 9, 9]], [[9, 9]]) == 1.0  # extra early-exit tokens are not counted
     with pytest.raises(ValueError):
         token_consistency([[1]], [])
+    with pytest.raises(ValueError, match="1 early-exit sequences but 0 full-model sequences"):
+        sequence_consistency([[1]], [])
 
 
 def test_task_scores_hand_checked():

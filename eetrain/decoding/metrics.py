@@ -22,6 +22,8 @@ def token_consistency(outputs: Sequence[Sequence[int]], full: Sequence[Sequence[
 
 def sequence_consistency(outputs: Sequence[Sequence[int]], full: Sequence[Sequence[int]]) -> float:
     """Share of sequences identical to the full model's."""
+    if len(outputs) != len(full):
+        raise ValueError(f"{len(outputs)} early-exit sequences but {len(full)} full-model sequences")
     if not full:
         return float("nan")
     return sum(list(o) == list(f) for o, f in zip(outputs, full, strict=True)) / len(full)

@@ -333,7 +333,8 @@ def entropy(logits: Tensor | None = None, *, probs: Tensor | None = None) -> Ten
     """
     if logits is not None and probs is None:
         logp = torch.log_softmax(_full(logits), dim=-1)
-        return -(logp.exp() * logp).sum(dim=-1)
+        # a masked (-inf) logit has p = 0 and contributes 0, not 0 * -inf = NaN
+        return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
     p = to_probs(logits, probs=probs)
     return -torch.special.xlogy(p, p).sum(dim=-1)
 

@@ -146,10 +146,13 @@ def layerwise_distillation_loss(
 
     students: L_s tensors (N, d), entry j-1 the (final-normed, possibly projected) state of layer j;
     teachers: {layer: (N, d)} for at least `teacher_layers(mapping, L, L_s)`; they are detached here.
-    Returns (scalar float32 loss = mean over pairs of MSE(s_j, stopgrad(t_m(j))), the pairs).
+    Returns (scalar float32 loss = mean over pairs of MSE(s_j, stopgrad(t_m(j))), the pairs); with N = 0, a
+    zero that keeps the graph and no pairs.
     """
     shallow = len(students)
     check_shallow_layer(shallow, num_layers)
+    if students[0].shape[0] == 0:  # no scored position in the batch: nothing to distil (as the CE's 0), no NaN
+        return torch.stack([s.float().sum() for s in students]).sum() * 0.0, ()
     mse = None
     if mapping == "closest":
         layers = teacher_layers(mapping, num_layers, shallow)

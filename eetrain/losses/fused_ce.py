@@ -353,7 +353,10 @@ def _naive(feats, weight, bias, labels, cfg: _Cfg) -> tuple[Tensor, Tensor]:
                 )
             per_layer[i] = ce.detach()
             terms.append(alpha * ce)
-    loss = torch.stack(terms).sum() if terms else _zero_with_graph([weight, bias, *feats], device)
+    # exits of weight 0 still get (zero) gradients, as with "chunked" (DDP expects one for every input)
+    loss = _zero_with_graph([weight, bias, *feats], device)
+    if terms:
+        loss = loss + torch.stack(terms).sum()
     return loss, per_layer
 
 
@@ -479,6 +482,7 @@ def multi_exit_cross_entropy(
     """
     feats = _as_feature_list(features)
     _validate(feats, weight, labels, bias, label_smoothing, chunk_size, impl)
+    labels = labels.long()  # any integer dtype: gather and F.cross_entropy take int64 only
     alphas = _as_alpha_list(layer_weights, len(feats))
 
     # One host sync for the whole call; every implementation needs the count (mean / empty batch).
