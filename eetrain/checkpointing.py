@@ -211,8 +211,9 @@ def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | No
     check_keys(scheduler, ("name", "warmup_ratio", "warmup_steps"), "scheduler")
     from transformers import SchedulerType
 
-    # the schedules transformers builds from warmup and total steps alone (min_lr / decay-step ones need more)
-    needs_more = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+    # the schedules transformers builds from warmup and total steps alone (min_lr / decay-step ones need more;
+    # greedy's GreedyLR is no torch LRScheduler, which Lightning refuses)
+    needs_more = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
     name, names = scheduler.get("name"), [t.value for t in SchedulerType if t.value not in needs_more]
     if name is not None and name not in names:
         raise ConfigError(f"scheduler.name={name!r}; allowed: {', '.join(names)}")

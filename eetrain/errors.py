@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message alone (no traceback) and exits non-zero."""
 
+import math
+
 
 class EetrainError(Exception):
     """A problem with the user's input (config, data, paths), explained in the message."""
@@ -56,3 +58,17 @@ def boolean(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}; allowed: true or false")
     return value
+
+
+def number(value: object, key: str, *, above: float | None = None, at_least: float | None = None) -> float:
+    """`value` as a finite float (true/false, strings, NaN and inf refused), above `above` / at least
+    `at_least` when given; else a ConfigError naming `key`."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok and above is not None:
+        ok = value > above
+    if ok and at_least is not None:
+        ok = value >= at_least
+    if not ok:
+        bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+        raise ConfigError(f"{key}={value!r}; allowed: a finite number{bound}")
+    return float(value)

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from eetrain.errors import ConfigError, check_keys, positive_int
+from eetrain.errors import ConfigError, check_keys, number, positive_int
 from eetrain.losses.joint import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
 from eetrain.progress import training_progress_bar
@@ -26,10 +26,9 @@ def heads_settings(cfg: Any) -> dict[str, Any]:
     node = dict(((cfg.get("exit") or {}).get("heads")) or {})
     check_keys(node, {"epochs", "lr", "weight_decay"}, "exit.heads")
     epochs = positive_int(node.get("epochs", 2), "exit.heads.epochs")
-    lr = node.get("lr", 1e-3)
-    if not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError(f"exit.heads.lr={lr!r}; allowed: a number > 0")
-    return {"epochs": epochs, "lr": float(lr), "weight_decay": float(node.get("weight_decay", 0.0))}
+    lr = number(node.get("lr", 1e-3), "exit.heads.lr", above=0)
+    return {"epochs": epochs, "lr": lr, "weight_decay": number(node.get("weight_decay", 0.0), "exit.heads.weight_decay",
+                                                                 at_least=0)}
 
 
 def check_config(cfg: Any, backbone: Any) -> None:

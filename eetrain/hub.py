@@ -62,7 +62,7 @@ def resolve_model(name_or_path: str, key: str = "model.name_or_path") -> tuple[s
     raise HubUnreachableError(
         f"{key}={name_or_path!r} is a hub name, but the Hugging Face hub is unreachable and the model "
         f"is not in the local cache.\nPoint {key} at a local directory saved with save_pretrained "
-        f"(e.g. {key}=/models/t5-large), or run once with internet to fill the cache."
+        f"(e.g. {key}=/models/{name_or_path.rstrip('/').split('/')[-1]}), or run once with internet to fill the cache."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from eetrain.backbones.base import ExitBackbone
-from eetrain.errors import NonFiniteLossError
+from eetrain.errors import ConfigError, NonFiniteLossError
 from eetrain.layer_metrics import LayerStats, layer_predictions
 from eetrain.losses.joint import JointLoss, LossOutput, TrainStep
 from eetrain.resume import rng_states, set_rng_states
@@ -146,7 +147,11 @@ class EarlyExitModule(L.LightningModule):
             return optimizer
         from transformers import get_scheduler
 
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):  # max_steps=-1 and max_epochs=-1: training never ends
+            raise ConfigError(f"scheduler.name={self.scheduler['name']!r} spreads over the run's steps, and this run "
+                              "is unbounded: set trainer.max_steps or trainer.max_epochs, or scheduler.name=constant")
+        total = int(total)
         warmup = self.scheduler.get("warmup_steps") or int(self.scheduler.get("warmup_ratio", 0.0) * total)
         sched = get_scheduler(self.scheduler["name"], optimizer, num_warmup_steps=warmup, num_training_steps=total)
         if self.scheduler["name"] == "reduce_lr_on_plateau":  # steps on a metric: the last exit's validation loss

@@ -48,7 +48,10 @@ def _resolve(target: str) -> Any:
 
 
 def _names(cfg: DictConfig) -> list[str]:
-    names = list(cfg.get("stages") or [])
+    value = cfg.get("stages") or []
+    if isinstance(value, str):  # stages=policies: one stage, not its letters
+        raise ConfigError(f"stages={value!r}; allowed: a list of stages, e.g. stages=[{value}]")
+    names = list(value)
     for name in names:
         if name not in STAGES:
             raise ConfigError(f"stages: unknown stage {name!r}; allowed: {', '.join(sorted(STAGES))}")

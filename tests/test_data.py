@@ -74,6 +74,14 @@ def test_without_training_only_validation_loads_and_a_number_is_text(tmp_path):
         dm.setup("validate")  # a number is read as its text (row 0); without training no train file is needed
 
 
+def test_a_number_as_prefix_is_its_text(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"document": "a", "summary": "b"}\n')
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"validation": str(tmp_path / "d.jsonl")},
+                             source_column="document", target_column="summary", prefix=123)  # data.prefix=123
+    assert dm.sources([{"document": "a"}]) == ["123a"]
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     (tmp_path / "e.csv").write_text("document,summary\n")

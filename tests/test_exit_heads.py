@@ -205,5 +205,7 @@ def test_bad_heads_settings_name_the_key():
         heads_settings(compose(["+exit.heads.speed=1"]))
     with pytest.raises(ConfigError, match=r"exit.heads.epochs=0; allowed: an integer >= 1"):
         heads_settings(compose(["exit.heads.epochs=0"]))
-    with pytest.raises(ConfigError, match=r"exit.heads.lr=-1.0; allowed: a number > 0"):
-        heads_settings(compose(["exit.heads.lr=-1.0"]))
+    for key, value, allowed in (("lr", "-1.0", "> 0"), ("lr", "true", "> 0"), ("lr", "inf", "> 0"),
+                                ("weight_decay", "-1", ">= 0"), ("weight_decay", "abc", ">= 0")):
+        with pytest.raises(ConfigError, match=rf"exit.heads.{key}=.*; allowed: a finite number {allowed}"):
+            heads_settings(compose([f"exit.heads.{key}={value}"]))

@@ -19,7 +19,7 @@ def test_calm_weights_by_hand():
 
 @pytest.mark.parametrize(
     "weights, match",
-    [([0.5, 0.5], "has 2 values but there are 3 exit layers"), ([1.0, -1.0, 1.0], "must be >= 0"),
+    [([0.5, 0.5], "has 2 values but there are 3 exit layers"), ([1.0, -1.0, 1.0], "must be finite, >= 0"), ([1.0, float("inf"), 1.0], "must be finite"),
      ("steep", "allowed: calm, uniform, geometric")],
 )
 def test_bad_weights_name_the_key(weights, match):

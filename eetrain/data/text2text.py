@@ -428,7 +428,7 @@ class Text2TextDataModule(SplitDataModule):
             sources = {source_column: f"data.source_column={source_column!r}"}
             self.column_keys = f"data.source_column={source_column!r} and data.target_column={target_column!r}"
         self.fields = {**sources, target_column: f"data.target_column={target_column!r}"}
-        self.prefix = prefix or ""  # null: no prefix
+        self.prefix = "" if prefix is None else str(prefix)  # null: no prefix
         self.max_lengths = (int(max_source_length), int(max_target_length))
 
     def sources(self, rows: list[dict[str, Any]]) -> list[str]:

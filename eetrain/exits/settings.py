@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eetrain.errors import ConfigError, boolean
+from eetrain.errors import ConfigError, boolean, number
 
 from .calibration import PVALUES
 from .classifiers import CLASSIFIERS, FEATURES, ExitClassifier, load_classifier
@@ -367,9 +367,7 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
     val_fraction = _float(node.get("val_fraction", 0.1), f"{k}.val_fraction")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"{k}.val_fraction={val_fraction!r} must lie in [0, 1)")
-    lr = _float(node.get("lr", 1e-3), f"{k}.lr")
-    if lr <= 0:
-        raise ConfigError(f"{k}.lr={lr!r} must be > 0")
+    lr = number(node.get("lr", 1e-3), f"{k}.lr", above=0)
     thresholds = node.get("thresholds")
     if thresholds is None:
         thresholds = exit_node(cfg).get("thresholds") or []
@@ -382,7 +380,7 @@ def classifier_settings(cfg: Any) -> ClassifierSettings:
         epochs=_int(node.get("epochs", 5), f"{k}.epochs", lo=1),
         batch_size=_int(node.get("batch_size", 256), f"{k}.batch_size", lo=1),
         lr=lr,
-        weight_decay=_float(node.get("weight_decay", 0.0), f"{k}.weight_decay"),
+        weight_decay=number(node.get("weight_decay", 0.0), f"{k}.weight_decay", at_least=0),
         calm_hidden=None if calm_hidden is None else _int(calm_hidden, f"{k}.calm_hidden", lo=1),
         mlp_width=None if node.get("mlp_width") is None else _int(node["mlp_width"], f"{k}.mlp_width", lo=1),
         lstm_hidden_size=_int(node.get("lstm_hidden_size", 250), f"{k}.lstm_hidden_size", lo=1),

@@ -62,7 +62,9 @@ class Curriculum:
         if self.kind == "rotational":
             return rotational_exits(exits, step, self.every)
         if total_steps < 1:
-            raise ValueError(f"the gradual curriculum needs the number of training steps; got {total_steps}")
+            raise ConfigError(f"loss.terms.ce.curriculum.kind=gradual needs the number of training steps, and this run "
+                              f"has none bounded ({total_steps}): set trainer.max_steps or trainer.max_epochs, or use "
+                              "kind=rotational")
         return gradual_exits(exits, step, total_steps)
 
     def __repr__(self) -> str:
@@ -103,7 +105,7 @@ class LayerDropout:
     """
 
     def __init__(self, p_max: float = 0.2, seed: int = 0, key: str = "loss.layer_dropout"):
-        if not (isinstance(p_max, (int, float)) and math.isfinite(p_max) and 0.0 <= p_max <= 1.0):
+        if isinstance(p_max, bool) or not (isinstance(p_max, (int, float)) and math.isfinite(p_max) and 0.0 <= p_max <= 1.0):
             raise ConfigError(f"{key}.p_max={p_max!r} must be within [0, 1] (0 disables layer dropout)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"{key}.seed={seed!r} must be an integer (the layer-dropout draws' seed)")

@@ -148,6 +148,9 @@ class ExitCrossEntropy(nn.Module):
         self.e_scale = e_scale
         # A plain mapping (an override without _target_) is accepted like the instantiated object.
         self.curriculum = Curriculum(**curriculum) if isinstance(curriculum, Mapping) else curriculum
+        if self.curriculum is not None and not isinstance(self.curriculum, Curriculum):
+            raise ConfigError(f"{key}.curriculum={curriculum!r}; allowed: null or a mapping {{kind: rotational|gradual, "
+                              "every: R}} (e.g. loss.terms.ce.curriculum={kind: rotational})")
         self.label_smoothing = label_smoothing
         self.impl = impl
         self.chunk_size = chunk_size
@@ -225,6 +228,9 @@ class JointLoss(nn.Module):
             raise ConfigError(f"loss.terms {bad} are not torch.nn.Module terms (e.g. eetrain.losses.ExitCrossEntropy)")
         self.terms = nn.ModuleDict(dict(terms))
         self.layer_dropout = LayerDropout(**layer_dropout) if isinstance(layer_dropout, Mapping) else layer_dropout
+        if self.layer_dropout is not None and not isinstance(self.layer_dropout, LayerDropout):
+            raise ConfigError(f"loss.layer_dropout={layer_dropout!r}; allowed: null or a mapping {{p_max: P}} "
+                              "(e.g. loss.layer_dropout={p_max: 0.2})")
 
     def extra_repr(self) -> str:
         return f"layer_dropout={self.layer_dropout!r}" if self.layer_dropout is not None else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,8 +59,8 @@ def layer_weights(
     values = [float(v) for v in scheme]
     if len(values) != n:
         raise ConfigError(f"{key} has {len(values)} values but there are {n} exit layers {list(layers)}")
-    if any(v < 0 for v in values) or not any(v > 0 for v in values):
-        raise ConfigError(f"{key}={values}: weights must be >= 0 and not all zero")
+    if any(not math.isfinite(v) or v < 0 for v in values) or not any(v > 0 for v in values):
+        raise ConfigError(f"{key}={values}: weights must be finite, >= 0 and not all zero")
     return torch.tensor(values)
 
 
