@@ -280,6 +280,9 @@ def check_config(cfg: Any, backbone: Any) -> None:
         if problem:
             raise ConfigError(f"{key} (exit.policies.{name}): {problem}; or set classify.policies=[] for the "
                               "per-layer scores alone")
+    from eetrain.decoding.curve import check_saved_classifiers
+
+    check_saved_classifiers(cfg, backbone, settings.policies, "classify.policies")
 
 
 def _batches(

@@ -237,6 +237,8 @@ def test_a_curve_over_per_layer_thresholds(tmp_path):
     ("data.metrics=[rougeX]", "data.metrics: unknown metric 'rougeX' for a text task; allowed: rouge1"),
     ("data.source_column=body", "data.source_column='body'"),
     ("curve.oracle=maybe", "curve.oracle='maybe'; allowed: true or false"),
+    ("curve.policies=[softmax_gap,classifier:calm]", "curve.policies[1]='classifier:calm': no saved calm classifier"),
+    ("decoding.strategy=self_speculative", "decoding.strategy=self_speculative is lossless"),
 ])
 def test_curve_bad_input_names_the_key(tmp_path, override, message):
     from eetrain.__main__ import user_error

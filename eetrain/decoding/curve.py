@@ -281,12 +281,42 @@ def check_config(cfg: Any, backbone: Any) -> None:
     """Validate `curve` and `decoding` before any training."""
     require_token_head(backbone, "stages=[curve] decodes text: it")
     settings = curve_settings(cfg)
-    decoding_settings(cfg, backbone.name_or_path)
+    if decoding_settings(cfg, backbone.name_or_path).strategy == "self_speculative":
+        raise ConfigError(SPECULATIVE_CURVE)
     names = [n for n in settings.policies if not n.startswith("classifier:")]
     curve_specs(cfg, backbone, names, Path("."), None)
     for i, n in enumerate(settings.policies):
         if n.startswith("classifier:") and n.split(":", 1)[1] not in CLASSIFIERS:
             raise ConfigError(f"curve.policies[{i}]={n!r}; classifier kinds: {sorted(CLASSIFIERS)}")
+    check_saved_classifiers(cfg, backbone, settings.policies, "curve.policies")
+
+
+SPECULATIVE_CURVE = ("decoding.strategy=self_speculative is lossless (no threshold to sweep); allowed for the curve: "
+                     "copy, parallel")
+
+
+def check_saved_classifiers(cfg: Any, backbone: Any, names: Sequence[str], key: str) -> None:
+    """Before any training: a `classifier:<kind>` policy that no stage of this run trains must be saved
+    where the stage will look (exit.classifiers.dir or the run's exit_classifiers/, the loaded export)."""
+    if "exit_classifiers" in list(cfg.get("stages") or []):
+        return
+    settings = classifier_settings(cfg)
+    try:
+        out_dir: Path | None = Path(str(cfg.paths.output_dir))
+    except Exception:  # noqa: BLE001 - composed outside a Hydra run (tests, notebooks): no run directory yet
+        out_dir = None
+    for i, name in enumerate(names):
+        kind = name.split(":", 1)[1] if name.startswith("classifier:") else None
+        if kind not in CLASSIFIERS:
+            continue  # measures, and unknown kinds (refused with the allowed ones by the callers)
+        paths = [settings.path(kind, out_dir)] if out_dir is not None or settings.dir is not None else []
+        if backbone.name_or_path is not None:
+            paths.append(Path(str(backbone.name_or_path)) / CLASSIFIER_FILE.format(kind=kind))
+        if not any(p.is_file() for p in paths):
+            stage = key.split(".", 1)[0]
+            where = " or ".join(map(str, paths)) or "exit.classifiers.dir (not set)"
+            raise ConfigError(f"{key}[{i}]={name!r}: no saved {kind} classifier at {where}; train it with "
+                              f"stages=[exit_classifiers,{stage}] or set exit.classifiers.dir")
 
 
 def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, Any]]:
@@ -300,8 +330,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     settings = curve_settings(cfg)
     dec = decoding_settings(cfg, model_dir)
     if dec.strategy == "self_speculative":
-        raise ConfigError("decoding.strategy=self_speculative is lossless (no threshold to sweep); "
-                          "allowed for the curve: copy, parallel")
+        raise ConfigError(SPECULATIVE_CURVE)
     specs = curve_specs(cfg, backbone, settings.policies, out_dir, model_dir)
     schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
     metric = str(getattr(data, "metric", None) or "rougeL")
