@@ -56,13 +56,14 @@ class Curriculum:
             raise ConfigError(f"{key}.every={every!r} must be an integer >= 1 (R: every R-th exit trains)")
         self.kind = kind
         self.every = every
+        self.key = key
 
     def active(self, exits: Sequence[int], step: int, total_steps: int) -> tuple[int, ...]:
         """The subset of `exits` (ascending) that gets a loss at optimizer step `step` of `total_steps`."""
         if self.kind == "rotational":
             return rotational_exits(exits, step, self.every)
         if total_steps < 1:
-            raise ConfigError(f"loss.terms.ce.curriculum.kind=gradual needs the number of training steps, and this run "
+            raise ConfigError(f"{self.key}.kind=gradual needs the number of training steps, and this run "
                               f"has none bounded ({total_steps}): set trainer.max_steps or trainer.max_epochs, or use "
                               "kind=rotational")
         return gradual_exits(exits, step, total_steps)
