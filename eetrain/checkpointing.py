@@ -204,7 +204,10 @@ def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | No
         except Exception as e:  # noqa: BLE001 - built on a stand-in, only its settings can be wrong
             given = getattr(factory, "keywords", {}) or {}
             texts = [f"optimizer.{k}={v!r}" for k, v in given.items() if isinstance(v, str)]
-            hint = f" (text where a number may be expected: {', '.join(texts)})" if texts else ""
+            # torch's own words may name no setting (a short `betas` gives "list index out of range")
+            hint = (f" (text where a number may be expected: {', '.join(texts)})" if texts else
+                    f" (the optimizer's settings: {', '.join(f'optimizer.{k}={v!r}' for k, v in given.items())})"
+                    if given else "")
             raise ConfigError(f"optimizer: {str(e).splitlines()[0]}{hint}") from e
     if not scheduler:
         return

@@ -141,7 +141,7 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["+loss/terms@loss.terms.kd=kd"], "loss.terms.kd.shallow_layer is not set (??? in the config)"),
         (["loss.terms.ce.label_smoothing=1.5"], "loss.terms.ce.label_smoothing=1.5; allowed: a number in [0, 1)"),
         (["loss=layerskip", "loss.layer_dropout.seed=abc"], "loss.layer_dropout.seed='abc' must be an integer"),
-        (["+optimizer.betas=[0.9]"], "optimizer: "),
+        (["+optimizer.betas=[0.9]"], "optimizer: list index out of range (the optimizer's settings: "),
         (["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
         (["scheduler.name=zigzag"], "scheduler.name='zigzag'; allowed: linear, cosine"),
         (["scheduler.name=warmup_stable_decay"], "scheduler.name='warmup_stable_decay'; allowed: linear, cosine"),
