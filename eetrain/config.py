@@ -32,7 +32,12 @@ def shallow_exit(*, _root_: DictConfig) -> int | None:
     if layers is None:
         return None
     if isinstance(layers, DictConfig) and set(layers) == {"shallow"}:
-        return layers.shallow
+        shallow = layers.shallow
+        if isinstance(shallow, bool) or not isinstance(shallow, int) or shallow < 1:
+            raise ConfigError(
+                f"exits.layers.shallow={shallow!r} must be an integer >= 1 (FREE's shallow exit L_s, below the last layer)"
+            )
+        return shallow
     shown = OmegaConf.to_container(layers, resolve=True) if OmegaConf.is_config(layers) else layers
     raise ConfigError(
         f"exits.layers={shown!r}: the free loss needs exits.layers={{shallow: L_s}} (its shallow exit; the last "

@@ -38,6 +38,7 @@ def test_layerskip_recipe_runs(tmp_path):
     "overrides, message",
     [
         (["+experiment=free_demo", "exits.layers={shallow:4}"], "exits.layers.shallow=4 must be within 1..3"),
+        (["+experiment=free_demo", "exits.layers.shallow=abc"], "exits.layers.shallow='abc' must be an integer >= 1"),
         (["+experiment=free_demo", "loss.terms.kd.shallow_layer=4"], "loss.terms.kd.shallow_layer=4 must be within 1..3"),
         (["+experiment=free_demo", "loss.terms.kd.alpha=-0.5"], "loss.terms.kd.alpha=-0.5 must be a finite number >= 0"),
         (["+experiment=free_demo", "loss.terms.kd.mapping=nearest"], "allowed: last, uniform, uniform_deep, closest"),
