@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from eetrain.errors import ConfigError
 
@@ -42,6 +42,15 @@ CHECKS: dict[str, str] = {
 }
 
 
+#: stage name -> (the key naming the split it reads, the split when that key is unset or null)
+SPLITS: dict[str, tuple[str, str]] = {
+    "generate": ("decoding.split", "test"),
+    "curve": ("curve.split", "test"),
+    "classify": ("classify.split", "validation"),
+    "analyze": ("analyze.split", "validation"),
+}
+
+
 def _resolve(target: str) -> Any:
     module_name, _, fn = target.rpartition(".")
     return getattr(importlib.import_module(module_name), fn)
@@ -66,6 +75,19 @@ def check_stages(cfg: DictConfig, backbone: Any) -> None:
         if check and check not in done:
             _resolve(check)(cfg, backbone)
             done.add(check)
+
+
+def check_splits(cfg: DictConfig, data: Any) -> None:
+    """The split each configured stage reads is in the data (`check_split`: local files), so a misspelt
+    `decoding.split` fails before training, not after it."""
+    if not hasattr(data, "check_split"):
+        return
+    names = _names(cfg)
+    keys = [SPLITS[name] for name in names if name in SPLITS]
+    if "policies" in names and OmegaConf.select(cfg, "exit.calibration.online", default=False) is True:
+        keys.append(("exit.calibration.online_split", "validation"))
+    for key, default in keys:
+        data.check_split(str(OmegaConf.select(cfg, key, default=None) or default), key)
 
 
 def run_stages(cfg: DictConfig, backbone: Any, data: Any, out_dir: Path) -> None:

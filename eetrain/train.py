@@ -100,6 +100,10 @@ def run(cfg: DictConfig) -> float:
     data = build(cfg.data, "data", tokenizer=backbone.tokenizer, collate_fn=backbone.collate)
     if hasattr(data, "check_fits"):  # eetrain's data modules: classes for a BERT head, texts for T5 / LLaMA
         data.check_fits(backbone)
+    if cfg.get("stages"):
+        from eetrain.stages import check_splits
+
+        check_splits(cfg, data)  # a stage's split that the files lack fails now, not after the fit
     data.shuffle_seed = int(cfg.seed)  # the training order: one seeded permutation per epoch, resumable
     module = EarlyExitModule(
         backbone,

@@ -1,3 +1,4 @@
+import re
 import time
 
 import pytest
@@ -158,6 +159,9 @@ def test_exactly_one_source_required():
         T5Backbone(tokenizer=TOKENIZER)
     with pytest.raises(ConfigError, match=r"model.config.num_heads='x' must be an integer >= 1"):
         T5Backbone(config={"d_model": 32, "num_heads": "x"}, tokenizer=TOKENIZER)
+    with pytest.raises(ConfigError, match=r"model.config.num_labels=2.5 must be an integer >= 1 \(model/bert_\*.yaml take "
+                                          r"it from data.num_labels\)"):
+        make_backbone("bert", num_labels=2.5)
     with pytest.raises(ConfigError, match="not a valid T5Config"):
         T5Backbone(config={"d_model": 32, "dropout_rate": "x"}, tokenizer=TOKENIZER)
 
@@ -187,3 +191,16 @@ def test_lora_trains_only_adapters_and_exports_merged(tmp_path, family, targets)
 def test_bad_lora_config_names_the_key():
     with pytest.raises(ConfigError, match="model.lora"):
         make_backbone("t5", lora={"r": 4, "no_such_option": 1})
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"r": "abc", "target_modules": ["q", "v"]}, "model.lora.r='abc'; allowed: an integer >= 1"),
+        ({"r": 0, "target_modules": ["q", "v"]}, "model.lora.r=0; allowed: an integer >= 1"),
+        ({"r": 4, "lora_alpha": "abc", "target_modules": ["q", "v"]}, "model.lora.lora_alpha='abc'; allowed: a finite number > 0"),
+    ],
+)
+def test_lora_rank_and_alpha_are_checked_by_name(lora, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_backbone("t5", lora=lora)

@@ -314,7 +314,9 @@ def test_bad_split_names_the_key_and_the_available(tmp_path):
     ("squad", ["data.metric=rougeL"], ConfigError, r"data.metric='rougeL'.*allowed: squad_f1, squad_em"),
     ("squad", ["data.source_template='no fields'"], ConfigError, r"data.source_template='no fields' must name"),
     ("glue_rte", ["data.text_columns=[a,b,c]"], ConfigError, r"data.text_columns=\['a', 'b', 'c'\] must name one"),
-    ("glue_stsb", ["data.num_labels=0"], ConfigError, r"data.num_labels=0 must be >= 1"),
+    ("glue_stsb", ["data.num_labels=0"], ConfigError, r"data.num_labels=0; allowed: an integer >= 1 \(1 = regression\)"),
+    ("glue_stsb", ["data.num_labels=2.5"], ConfigError, r"data.num_labels=2.5; allowed: an integer >= 1"),
+    ("glue_sst2", ["data.max_length=abc"], ConfigError, r"data.max_length='abc'; allowed: an integer >= 1"),
     ("glue_rte", ["data.hf_name=null"], ConfigError, r"set data.hf_name .* or data.files"),
 ])
 def test_bad_settings(name, overrides, error, message, tokenizer):
@@ -329,3 +331,30 @@ def test_every_data_config_is_covered():
     shipped = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")}
     plain_text = {"text", "wikitext103"}  # packed plain text: tests/test_llama_recipes.py
     assert shipped == set(TEXT) | {f"glue_{t}" for t in GLUE} | {"demo", "local", "demo_classification"} | plain_text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stages=[generate]", "decoding.split=nosuch"], r"decoding.split='nosuch': data.files.nosuch is not set"),
+    (["stages=[curve]", "curve.split=null", "data.files.test=null"], r"curve.split='test': data.files.test is not set"),
+    (["stages=[classify]", "classify.split=dev"], r"classify.split='dev': data.files.dev is not set"),
+    (["stages=[analyze]", "analyze.split=test", "data.files.test=/no/such.jsonl"],
+     r"analyze.split='test': data.files.test='/no/such.jsonl': no such file"),
+    (["stages=[policies]", "exit.calibration.online=true", "exit.calibration.online_split=dev"],
+     r"exit.calibration.online_split='dev': data.files.dev is not set"),
+])
+def test_a_stage_split_the_files_lack_fails_before_training(overrides, message, tokenizer):
+    from eetrain.stages import check_splits
+
+    cfg = compose(["+experiment=demo", *overrides])
+    data = instantiate(cfg.data, tokenizer=tokenizer, collate_fn=list)
+    with pytest.raises((ConfigError, DataError), match=message):
+        check_splits(cfg, data)
+    assert not data.datasets  # nothing was loaded to find out
+
+
+def test_stage_splits_the_files_have_pass(tokenizer):
+    from eetrain.stages import check_splits
+
+    cfg = compose(["+experiment=demo", "stages=[generate,curve,classify,analyze,policies]",
+                   "exit.calibration.online=true", "decoding.split=validation", "curve.split=test"])
+    check_splits(cfg, instantiate(cfg.data, tokenizer=tokenizer, collate_fn=list))

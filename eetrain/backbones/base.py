@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from eetrain.backbones.kv import Copied, DecodeContext, Slots
-from eetrain.errors import ConfigError
+from eetrain.errors import ConfigError, number, positive_int
 from eetrain.hub import resolve_model
 
 EXIT_HEADS = ("shared", "per_layer")
@@ -159,7 +159,8 @@ class ExitHead(nn.Module):
 
 #: config sizes that must be positive integers when given (Hugging Face's names across the families)
 SIZES = ("num_layers", "num_decoder_layers", "num_hidden_layers", "d_model", "hidden_size", "d_ff",
-         "intermediate_size", "d_kv", "num_heads", "num_attention_heads", "num_key_value_heads", "vocab_size")
+         "intermediate_size", "d_kv", "num_heads", "num_attention_heads", "num_key_value_heads", "vocab_size",
+         "num_labels")
 
 
 def _refuse_unread_keys(cfg: Any, given: Mapping[str, Any]) -> None:
@@ -245,7 +246,8 @@ class ExitBackbone(nn.Module):
             for name in SIZES:  # counts and widths that transformers takes as given (0 layers: an empty stack)
                 v = (config or {}).get(name)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                    raise ConfigError(f"model.config.{name}={v!r} must be an integer >= 1")
+                    source = " (model/bert_*.yaml take it from data.num_labels)" if name == "num_labels" else ""
+                    raise ConfigError(f"model.config.{name}={v!r} must be an integer >= 1{source}")
             try:
                 cfg = self.config_class(**values)
             except Exception as e:  # transformers 5 raises its own validation errors
@@ -311,6 +313,11 @@ class ExitBackbone(nn.Module):
         """
         from peft import LoraConfig, get_peft_model
 
+        # peft checks neither (a string rank fails deep inside it with "'<=' not supported ...")
+        if "r" in lora:
+            positive_int(lora["r"], "model.lora.r")
+        if "lora_alpha" in lora:
+            number(lora["lora_alpha"], "model.lora.lora_alpha", above=0)
         try:
             config = LoraConfig(**lora)
         except TypeError as e:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from eetrain.data.text2text import SplitDataModule, check_headline_metric
-from eetrain.errors import ConfigError, DataError
+from eetrain.errors import ConfigError, DataError, positive_int
 
 
 class ClassificationDataModule(SplitDataModule):
@@ -43,10 +43,9 @@ class ClassificationDataModule(SplitDataModule):
         columns = [text_columns] if isinstance(text_columns, str) else [str(c) for c in text_columns]
         if len(columns) not in (1, 2):
             raise ConfigError(f"data.text_columns={columns} must name one column (a sentence) or two (a pair)")
-        if int(num_labels) < 1:
-            raise ConfigError(f"data.num_labels={num_labels} must be >= 1 (1 = regression)")
-        if int(max_length) < 1:
-            raise ConfigError(f"data.max_length={max_length} must be >= 1")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConfigError(f"data.num_labels={num_labels!r}; allowed: an integer >= 1 (1 = regression)")
+        positive_int(max_length, "data.max_length")
         super().__init__(tokenizer, collate_fn, hf_name, hf_config, files, batch_size, eval_batch_size, num_workers,
                          {"train": train_split, "validation": val_split, "test": test_split})
         self.metric, self.metrics = check_headline_metric(metric, metrics, "label")

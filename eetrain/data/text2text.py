@@ -63,6 +63,21 @@ def _local_file(
     )
 
 
+def local_path(
+    files: Mapping[str, Any] | None, split: str, role: str, also: Sequence[str] = (), formats: Mapping[str, str] = _FORMATS
+) -> tuple[str, Path, str]:
+    """(files key, path, `datasets` builder) of a split's local file (`_local_file`); a ConfigError when no
+    key serves it, a DataError when the file is missing or of an unknown format."""
+    key, value = _local_file(files, split, role, also, formats)
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise DataError(f"data.files.{key}={str(path)!r}: no such file")
+    fmt = formats.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"data.files.{key}={str(path)!r}: unknown format; allowed: {', '.join(sorted(formats))}")
+    return key, path, fmt
+
+
 def load_rows(
     split: str,
     hf_name: str | None,
@@ -108,13 +123,7 @@ def load_rows(
             ) from None
         where = f"data.hf_name={hf_name!r} split {split!r}"
     else:
-        key, value = _local_file(files, split, role, also, formats)
-        path = Path(value).expanduser()
-        if not path.exists():
-            raise DataError(f"data.files.{key}={str(path)!r}: no such file")
-        fmt = formats.get(path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"data.files.{key}={str(path)!r}: unknown format; allowed: {', '.join(sorted(formats))}")
+        key, path, fmt = local_path(files, split, role, also, formats)
         where = f"data.files.{key}={str(path)!r}"
         if path.stat().st_size == 0:
             raise DataError(f"{where} is empty")
@@ -277,6 +286,19 @@ class SplitDataModule(L.LightningDataModule):
         if role not in self.datasets:
             self._load(role)
             print(f"[data] {role}: {self.describe(self.truncation[role])}")
+
+    def check_split(self, split: str, key: str) -> None:
+        """Fail now, naming `key`, when local files have nothing for `split` (a role or a split name, as
+        in `split_examples`): before training, not when a stage asks for the split after it. A hub
+        dataset's splits are known only once it loads."""
+        if self.source["hf_name"] is not None:
+            return
+        role = split if split in self.splits else next((r for r, s in self.splits.items() if s == split), split)
+        name = self.splits.get(role, role)
+        try:
+            local_path(self.source["files"], name, role, [r for r, s in self.splits.items() if s == name], self.formats)
+        except (ConfigError, DataError) as e:
+            raise type(e)(f"{key}={split!r}: {e}") from None
 
     def split_examples(self, split: str, key: str | None = None) -> list[dict[str, Any]]:
         """The tokenised examples of one split, loaded on first use: a role (`train`, `validation`,
