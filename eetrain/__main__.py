@@ -64,6 +64,7 @@ def check_overrides(args: list[str]) -> None:
                     "special characters (e.g. 'exits.layers=[2,4]', 'data.prefix=\"a, b\"'), "
                     "see https://hydra.cc/docs/advanced/override_grammar/basic/"
                 ) from None
+    check_slurm(args)
     lists = [a for a in args if a.lstrip("+").startswith("exits.layers=") and a.split("=", 1)[1].lstrip()[:1] in ("[", "{")]
     if not lists:
         return
@@ -92,6 +93,21 @@ def check_overrides(args: list[str]) -> None:
         f"exits.layers={value}: this config sets exits.layers to the mapping {current}, which another form cannot "
         f"replace on the command line; use '~exits.layers' '+exits.layers={value}'"
     )
+
+
+def check_slurm(args: list[str]) -> None:
+    """`hydra/launcher=slurm` submits with SLURM's `srun`/`sbatch`: without them (not on a cluster's login
+    node) submitit stops in a traceback after Hydra has started; say so at once."""
+    import shutil
+
+    from eetrain.errors import ConfigError
+
+    slurm = any(a.lstrip("+") in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") for a in args)
+    if slurm and ({"-m", "--multirun"} & set(args)) and shutil.which("srun") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm: no `srun` on PATH, so this is not a SLURM cluster's login node; submit from "
+            "one, or drop hydra/launcher=slurm to run the sweep here (hydra/launcher=submitit_local: local processes)"
+        )
 
 
 def main() -> None:

@@ -42,6 +42,24 @@ def test_default_launcher_is_hydras_own():
     assert "submitit" not in cfg.hydra.launcher._target_
 
 
+def test_slurm_sweep_off_a_cluster_is_one_line(monkeypatch, tmp_path, capsys):
+    from eetrain.__main__ import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    monkeypatch.setattr(sys, "argv", ["eetrain", "-m", "hydra/launcher=slurm", "+experiment=demo"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "hydra/launcher=slurm: no `srun` on PATH" in err and "Traceback" not in err
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    from eetrain.__main__ import check_slurm
+
+    check_slurm(["-m", "hydra/launcher=slurm"])  # on a login node: submitit's turn
+    check_slurm(["hydra/launcher=slurm"])  # without -m Hydra runs the job here; no launcher involved
+
+
 def _slurm_env(monkeypatch, restarts: int | None, srun: bool = False):
     for key in list(os.environ):
         if key.startswith("SLURM_"):
