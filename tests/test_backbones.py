@@ -204,3 +204,41 @@ def test_bad_lora_config_names_the_key():
 def test_lora_rank_and_alpha_are_checked_by_name(lora, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         make_backbone("t5", lora=lora)
+
+
+def test_lora_on_bert_trains_its_new_classifier_whole(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from eetrain.losses import ExitCrossEntropy, JointLoss
+
+    bb = make_backbone("bert", lora={"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+    trainable = [n for n, p in bb.named_parameters() if p.requires_grad]
+    assert {n for n in trainable if "lora_" not in n} == {
+        "model.classifier.modules_to_save.default.weight", "model.classifier.modules_to_save.default.bias"}
+    before = bb.head_weight.detach().clone()
+    batch = bb.collate(examples())
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=0.5)
+    JointLoss({"ce": ExitCrossEntropy("calm")})(bb(batch), bb).total.backward()
+    opt.step()
+    assert not torch.equal(bb.head_weight, before)  # the exits read the trained copy ...
+    bb.eval()
+    with torch.no_grad():
+        mine = bb.exit_logits(bb(batch).hidden[-1])
+        torch.testing.assert_close(mine, bb.model_logits(batch))  # ... which the model's own forward uses
+    bb.save_pretrained(str(tmp_path / "m"))
+    plain = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**bb.model_inputs(batch)).logits, mine, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, targets, head", [
+    ("t5", ["q", "lm_head"], "lm_head"), ("llama", ["q_proj", "lm_head"], "lm_head"),
+])
+def test_lora_on_the_shared_head_is_refused(family, targets, head):
+    extra = {"tie_word_embeddings": False} if family == "llama" else {}
+    with pytest.raises(ConfigError, match=re.escape(f"puts LoRA on the model's head {head!r}, which the exits read as "
+                                                    f"one weight matrix; train it whole with "
+                                                    f"model.lora.modules_to_save=[{head}]")):
+        make_backbone(family, lora={"r": 4, "target_modules": targets}, **extra)
+    bb = make_backbone(family, lora={"r": 4, "target_modules": targets[:1], "modules_to_save": [head]}, **extra)
+    assert bb.head_weight.requires_grad

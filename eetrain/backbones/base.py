@@ -191,6 +191,9 @@ class ExitBackbone(nn.Module):
     head_kind: ClassVar[str] = "token"
     #: an encoder-decoder reads every example's source with its encoder: an empty one cannot run
     needs_source: ClassVar[bool] = False
+    #: modules a pretrained checkpoint leaves untrained (a task's new classifier): under LoRA they train
+    #: whole (peft's `modules_to_save`, as its SEQ_CLS task type does), else they would stay random
+    task_heads: ClassVar[tuple[str, ...]] = ()
 
     @property
     def max_positions(self) -> int | None:
@@ -318,6 +321,8 @@ class ExitBackbone(nn.Module):
             positive_int(lora["r"], "model.lora.r")
         if "lora_alpha" in lora:
             number(lora["lora_alpha"], "model.lora.lora_alpha", above=0)
+        if self.task_heads and "modules_to_save" not in lora:  # (modules_to_save: null keeps them frozen)
+            lora["modules_to_save"] = list(self.task_heads)
         try:
             config = LoraConfig(**lora)
         except TypeError as e:
@@ -326,6 +331,18 @@ class ExitBackbone(nn.Module):
             self.__dict__["_peft"] = get_peft_model(self.model, config)
         except ValueError as e:
             raise ConfigError(f"model.lora: {e}") from e
+        from peft.tuners.lora import LoraLayer
+
+        head = self.head_modules()[1]
+        if isinstance(head, LoraLayer):
+            # every exit reads the head as one weight matrix (exit_logits, the fused CE): a LoRA delta
+            # on it would train nothing and be left out of every exit's logits
+            name = next(n for n, m in self.model.named_modules() if m is head)
+            raise ConfigError(
+                f"model.lora.target_modules={lora.get('target_modules')!r} puts LoRA on the model's head "
+                f"{name!r}, which the exits read as one weight matrix; train it whole with "
+                f"model.lora.modules_to_save=[{name}], or leave it out of target_modules"
+            )
 
     # --- family-specific parts -------------------------------------------------------------
     @classmethod

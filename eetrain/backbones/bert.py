@@ -16,6 +16,7 @@ class BertBackbone(ExitBackbone):
     model_class = BertForSequenceClassification
     config_class = BertConfig
     head_kind = "sequence"
+    task_heads = ("classifier",)  # new in every fine-tuning of a pretrained BERT
 
     @classmethod
     def config_defaults(cls, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
