@@ -318,6 +318,8 @@ def test_bad_split_names_the_key_and_the_available(tmp_path):
     ("glue_stsb", ["data.num_labels=2.5"], ConfigError, r"data.num_labels=2.5; allowed: an integer >= 1"),
     ("glue_sst2", ["data.max_length=abc"], ConfigError, r"data.max_length='abc'; allowed: an integer >= 1"),
     ("glue_rte", ["data.hf_name=null"], ConfigError, r"set data.hf_name .* or data.files"),
+    ("glue_stsb", ["data.metrics=[accuracy,pearson]"], ConfigError,
+     r"data.metrics=\['accuracy', 'pearson'\]: accuracy score\(s\) class ids, and data.num_labels=1 is regression"),
 ])
 def test_bad_settings(name, overrides, error, message, tokenizer):
     cfg = compose([f"data={name}", *overrides]).data
@@ -358,3 +360,14 @@ def test_stage_splits_the_files_have_pass(tokenizer):
     cfg = compose(["+experiment=demo", "stages=[generate,curve,classify,analyze,policies]",
                    "exit.calibration.online=true", "decoding.split=validation", "curve.split=test"])
     check_splits(cfg, instantiate(cfg.data, tokenizer=tokenizer, collate_fn=list))
+
+
+@pytest.mark.parametrize("name, outputs", [("glue_sst2", 3), ("glue_stsb", 3), ("glue_sst2", 1)])
+def test_a_head_for_another_number_of_classes_is_refused(name, outputs, tokenizer):
+    from tests.conftest import make_backbone
+
+    data = instantiate(compose([f"data={name}"]).data, tokenizer=tokenizer, collate_fn=list)
+    with pytest.raises(ConfigError, match=rf"model.config.num_labels={outputs} \(the head's outputs\) differs from "
+                                          rf"data.num_labels={data.num_labels}"):
+        data.check_fits(make_backbone("bert", num_labels=outputs))
+    data.check_fits(make_backbone("bert", num_labels=data.num_labels))

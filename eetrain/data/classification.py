@@ -49,6 +49,10 @@ class ClassificationDataModule(SplitDataModule):
         super().__init__(tokenizer, collate_fn, hf_name, hf_config, files, batch_size, eval_batch_size, num_workers,
                          {"train": train_split, "validation": val_split, "test": test_split})
         self.metric, self.metrics = check_headline_metric(metric, metrics, "label")
+        classes = [m for m in self.metrics if m in ("accuracy", "f1", "matthews")]
+        if num_labels == 1 and classes:
+            raise ConfigError(f"data.metrics={list(self.metrics)}: {', '.join(classes)} score(s) class ids, and "
+                              "data.num_labels=1 is regression (real scores); allowed there: pearson, spearman")
         self.text_columns = tuple(columns)
         self.label_column = label_column
         self.num_labels = int(num_labels)
@@ -61,6 +65,13 @@ class ClassificationDataModule(SplitDataModule):
 
     def check_fits(self, backbone: Any) -> None:
         super().check_fits(backbone)
+        outputs = getattr(backbone.model.config, "num_labels", self.num_labels)
+        if outputs != self.num_labels:  # too few outputs index out of range; one reads class ids as scores
+            raise ConfigError(
+                f"model.config.num_labels={outputs} (the head's outputs) differs from data.num_labels={self.num_labels} "
+                "(the data's classes; 1 = regression): set them alike (model/bert_*.yaml take data.num_labels unless "
+                "model.config.num_labels is set; an export keeps the head it was trained with)"
+            )
         limit = backbone.max_positions
         if limit is not None and self.max_length > limit:
             raise ConfigError(f"data.max_length={self.max_length} is longer than the {backbone.family} model's "
