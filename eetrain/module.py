@@ -51,11 +51,18 @@ class EarlyExitModule(L.LightningModule):
         out = self.loss(states, self.backbone, step)
         if not torch.isfinite(out.total):
             per_layer = {i: round(float(v), 4) for i, v in out.layer_ce.items()}
+            trainer = self._trainer
+            precision = str(trainer.precision) if trainer is not None else ""
+            remedy = ("float16 weights and optimizer state (trainer.precision=16-true) overflow and underflow easily: "
+                      "use bf16-true, 16-mixed or 32" if precision == "16-true" else
+                      "lower optimizer.lr, check the data, or use trainer.precision=32")
+            callback = trainer.checkpoint_callback if trainer is not None else None
+            last = callback.last_model_path if callback is not None else ""
             raise NonFiniteLossError(
                 f"non-finite loss {float(out.total)} at global step {self.global_step} "
-                f"(terms {({k: float(v) for k, v in out.logs.items()})}, per-layer CE {per_layer}); "
-                "lower optimizer.lr, check the data, or use trainer.precision=32. "
-                "The last checkpoint written before this step is intact."
+                f"(terms {({k: float(v) for k, v in out.logs.items()})}, per-layer CE {per_layer}); {remedy}. "
+                + (f"The last checkpoint written before this step, {last}, is intact." if last
+                   else "No checkpoint was written before this step.")
             )
         return states, out
 

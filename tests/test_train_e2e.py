@@ -110,8 +110,35 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
     loader = torch.utils.data.DataLoader(examples(), batch_size=2, collate_fn=bb.collate)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         default_root_dir=tmp_path)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at global step 0 .*per-layer CE"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at global step 0 .*per-layer CE") as info:
         trainer.fit(module, train_dataloaders=loader)
+    assert str(info.value).endswith("No checkpoint was written before this step.")
+
+
+@pytest.mark.parametrize("precision, remedy", [
+    ("32-true", "lower optimizer.lr, check the data, or use trainer.precision=32"),
+    ("16-true", "(trainer.precision=16-true) overflow and underflow easily: use bf16-true, 16-mixed or 32"),
+])
+def test_nan_loss_names_the_checkpoint_it_leaves_and_the_remedy(tmp_path, precision, remedy):
+    bb = make_backbone("t5")
+
+    class PoisonSecondStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                with torch.no_grad():
+                    bb.model.decoder.final_layer_norm.weight.fill_(float("nan"))
+
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    module = EarlyExitModule(bb, JointLoss({"ce": ExitCrossEntropy()}), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    loader = torch.utils.data.DataLoader(examples() * 2, batch_size=2, collate_fn=bb.collate)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                        precision=precision, callbacks=[PoisonSecondStep(), checkpoints])
+    with pytest.raises(NonFiniteLossError, match=r"at global step 1 ") as info:
+        trainer.fit(module, train_dataloaders=loader)
+    message = str(info.value)
+    assert remedy in message
+    assert message.endswith(f"The last checkpoint written before this step, {tmp_path / 'ckpt' / 'last.ckpt'}, is intact.")
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
 def test_atomic_checkpoint_keeps_old_file_on_failure(tmp_path):
