@@ -282,3 +282,24 @@ def test_policies_exit_only_at_the_configured_exit_points():
     assert row["mean_exit_layer"] == 6.0  # 3 and 5 carry no exit, 1 is below the minimum
     (row,) = evaluate_records([spec], record([0.9, 0.1, 0.9, 0.7, 0.9, 0.1]))
     assert row["mean_exit_layer"] == 4.0
+
+
+def test_on_an_export_the_minimum_exit_layer_is_the_exports_own(tmp_path, saved_model):
+    from eetrain.exits.settings import min_exit_layer
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "early_exit.json").write_text(json.dumps({"policy": {"measure": "softmax_gap", "min_exit_layer": 2}}))
+    for experiment in ("evaluate", "curve"):
+        cfg = compose([f"+experiment={experiment}", f"model.name_or_path={export}"])
+        assert cfg.exit.min_exit_layer is None and min_exit_layer(cfg, 4) == 2
+        assert min_exit_layer(compose([f"+experiment={experiment}", f"model.name_or_path={export}",
+                                       "exit.min_exit_layer=3"]), 4) == 3  # the command line wins
+        assert min_exit_layer(compose([f"+experiment={experiment}", f"model.name_or_path={export}",
+                                       "exits.min_layer=3"]), 4) == 3  # the shared floor still applies
+    plain = compose(["+experiment=evaluate", f"model.name_or_path={saved_model}"])  # no early_exit.json: 4
+    assert min_exit_layer(plain, 8) == 4
+    with pytest.raises(ConfigError, match=re.escape(
+            "exit.min_exit_layer=4 (null, and model.name_or_path stores no policy in an early_exit.json: CALM's 4) "
+            "exceeds the model depth: it has 3 exit layers")):
+        min_exit_layer(plain, 3)

@@ -138,22 +138,38 @@ def feature_space(cfg: Any) -> str:
     return str(value)
 
 
+def export_min_exit_layer(cfg: Any) -> tuple[Any, str]:
+    """The minimum exit layer of the policy `model.name_or_path`'s `early_exit.json` stores, else 4 (CALM's
+    and MEE's); and where it came from, for errors."""
+    from eetrain.decoding.settings import stored_policy
+
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    stored = stored_policy(model.get("name_or_path") if model is not None else None) or {}
+    value = stored.get("min_exit_layer")
+    if value is None:
+        return 4, " (null, and model.name_or_path stores no policy in an early_exit.json: CALM's 4)"
+    return value, " (null: the export's, from its early_exit.json)"
+
+
 def min_exit_layer(cfg: Any, num_layers: int) -> int:
-    """The minimum exit layer of every policy: ``max(exit.min_exit_layer, exits.min_layer)``.
+    """The minimum exit layer of every policy: ``max(exit.min_exit_layer, exits.min_layer)``; a null
+    ``exit.min_exit_layer`` is the export's (`export_min_exit_layer`).
 
     Raises ``ConfigError`` naming the key when it exceeds the model depth ``L``; at ``L`` itself no
     token can exit early, which is allowed (the table then shows no saving) but printed.
     """
     node = exit_node(cfg)
-    value = _int(node.get("min_exit_layer", 4), "exit.min_exit_layer", lo=1)
-    key = "exit.min_exit_layer"
+    value, key, note = node.get("min_exit_layer", 4), "exit.min_exit_layer", ""
+    if value is None:  # the experiments on an export: the minimum it was trained and exported with
+        value, note = export_min_exit_layer(cfg)
+    value = _int(value, key, lo=1)
     shared = (cfg.get("exits") or {}).get("min_layer") if hasattr(cfg, "get") else None
     if shared is not None and _int(shared, "exits.min_layer", lo=1) > value:
         value, key = int(shared), "exits.min_layer"
     if value > num_layers:
         raise ConfigError(
-            f"{key}={value} exceeds the model depth: it has {num_layers} exit layers; set "
-            f"{key} to a value in 1..{num_layers} (CALM/MEE use 4 where the depth allows)"
+            f"{key}={value}{note if key == 'exit.min_exit_layer' else ''} exceeds the model depth: it has "
+            f"{num_layers} exit layers; set {key} to a value in 1..{num_layers} (CALM/MEE use 4 where the depth allows)"
         )
     return value
 
