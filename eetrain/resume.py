@@ -2,8 +2,8 @@
 
 Lightning restores weights, optimizer, LR scheduler and loop counters from `ckpt_path`; the data module
 restores the position inside the epoch (`eetrain.data.sampler`); the module saves and restores the global
-RNG states with the functions here. A SLURM job that was requeued (`SLURM_RESTART_COUNT` > 0) and has no
-`ckpt_path` resumes from its run directory's newest checkpoint (`requeue_checkpoint`).
+RNG states with the functions here. A SLURM job that was requeued (`SLURM_RESTART_COUNT` > 0) resumes from its
+run directory's newest checkpoint (`requeue_checkpoint`), also when it was started from a `ckpt_path`.
 """
 
 from __future__ import annotations
@@ -65,16 +65,16 @@ def requeue_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def resume_path(cfg: DictConfig, out_dir: str | Path) -> str | None:
-    """`ckpt_path` as given (a path, or Lightning's `last` / `hpc`); when it is null, a requeued SLURM job's
-    newest checkpoint (printed), else None (a fresh start)."""
+    """A requeued SLURM job's newest checkpoint in its own run directory (printed): it is ahead of any
+    `ckpt_path` the job was started from; else `ckpt_path` as given (a path, or Lightning's `last`), else
+    None (a fresh start)."""
     given = cfg.get("ckpt_path")
-    if given is not None:
-        return str(given)
     found = requeue_checkpoint(out_dir)
     if found is not None:
-        print(f"[resume] SLURM requeue {slurm_restart_count()}: resuming from {found}")
+        print(f"[resume] SLURM requeue {slurm_restart_count()}: resuming from {found}"
+              + (f" (not ckpt_path={given}, which this job started from)" if given is not None else ""))
         return str(found)
-    return None
+    return None if given is None else str(given)
 
 
 def slurm_plugins(cfg: DictConfig) -> list[Any]:

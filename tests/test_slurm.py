@@ -84,13 +84,18 @@ def test_requeued_job_resumes_from_the_newest_checkpoint(tmp_path, monkeypatch, 
     hpc.write_bytes(b"x")
     os.utime(last, (time.time() - 60, time.time() - 60))
     assert resume_path(cfg, tmp_path) == str(hpc)
-    # a first run, and an explicit ckpt_path, are left alone
+    # a job started from ckpt_path: requeued, its own newer checkpoint wins (it is further along)
+    given = compose(["ckpt_path=/some/where.ckpt"])
+    assert resume_path(given, tmp_path) == str(hpc)
+    assert "(not ckpt_path=/some/where.ckpt, which this job started from)" in capsys.readouterr().out
+    # a first run is left alone: a fresh start, or the ckpt_path given
     _slurm_env(monkeypatch, restarts=0)
     assert resume_path(cfg, tmp_path) is None
+    assert resume_path(given, tmp_path) == "/some/where.ckpt"
     _slurm_env(monkeypatch, restarts=None)
     assert resume_path(cfg, tmp_path) is None
     _slurm_env(monkeypatch, restarts=2)
-    assert resume_path(compose(["ckpt_path=/some/where.ckpt"]), tmp_path) == "/some/where.ckpt"
+    assert resume_path(given, tmp_path / "elsewhere") == "/some/where.ckpt"  # requeued before any save
 
 
 def test_slurm_environment_with_auto_requeue(monkeypatch):
