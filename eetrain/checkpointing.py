@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from eetrain.backbones.base import ExitBackbone
 from eetrain.errors import ConfigError, check_keys
@@ -241,6 +242,20 @@ def checkable_checkpoint(path: Any) -> bool:
     return not Path(text).expanduser().is_dir()
 
 
+def check_named_checkpoint(name: str, out_dir: Path) -> None:
+    """Lightning's `ckpt_path` names resolve in this run's directory, which a new run has just made: `best`
+    never holds one yet, and `last` / `hpc` only when the run directory is an old run's (`hydra.run.dir`).
+    Lightning warns and trains from scratch; here that is an error naming what to set."""
+    resume = "resume from a file (ckpt_path=<run>/checkpoints/last.ckpt), or pin the run directory: hydra.run.dir=<run>"
+    if name == "best":
+        raise ConfigError(f"ckpt_path=best is Lightning's best checkpoint of the fit under way, which a new run does "
+                          f"not have; {resume} ckpt_path=last")
+    found = [out_dir / "checkpoints" / "last.ckpt"] if name == "last" else list(out_dir.glob("hpc_ckpt_*.ckpt"))
+    if not any(p.is_file() for p in found):
+        where = out_dir / "checkpoints" / "last.ckpt" if name == "last" else out_dir / "hpc_ckpt_*.ckpt"
+        raise ConfigError(f"ckpt_path={name}: there is no {where} (this run's directory); {resume} ckpt_path={name}")
+
+
 def check_run_inputs(cfg: Any, module: Any) -> None:
     """Before any training or evaluation: unknown `exits` keys, trainer counts Lightning divides by,
     `optimizer.lr`, the optimizer and scheduler settings, and `ckpt_path` (a checkpoint file against
@@ -253,6 +268,8 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     check_learning_rate(cfg.get("optimizer"))
     check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
     path = cfg.get("ckpt_path")
+    if path is not None and cfg.get("train", True) and str(path) in LIGHTNING_CKPT_NAMES:
+        check_named_checkpoint(str(path), Path(str(cfg.paths.output_dir)))
     if path is not None and checkable_checkpoint(path):
         ckpt = check_checkpoint(path, module)
         if cfg.get("train", True):
@@ -280,6 +297,32 @@ def check_head_layers(model_cfg: Any, backbone: ExitBackbone) -> None:
             f"exit heads, but model.exit_head={model_cfg.get('exit_head') or 'null (here: shared)'} gives every "
             "exit the model's own head; set model.exit_head=per_layer, or drop model.exit_head_layers"
         )
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` (the best `monitor` of every validation, `last.ckpt`) where
+    `every_n_train_steps` only adds a `last.ckpt` every N optimizer steps: in Lightning's it replaces the
+    saves at validation, so the last steps and the best score went unsaved and the top-k file of a step
+    carried the score of an earlier validation. When SIGTERM stops the fit (preemption, `scancel`),
+    Lightning ends after the current step; `last.ckpt` is written there, so the resumed run loses nothing."""
+
+    def __init__(self, *args: Any, every_n_train_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_every_n_train_steps = every_n_train_steps or 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        n = self.last_every_n_train_steps
+        if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+            saved = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            # not a save of this step's top-k: a validation right after it (the epoch's end) still saves
+            self._last_global_step_saved = saved
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class MonitorCheck(L.Callback):

@@ -34,6 +34,13 @@ class NonFiniteLossError(EetrainError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+class StoppedBySignal(EetrainError):
+    """SIGTERM stopped the run (preemption, `scancel`, `kill`): it exits 143, as a shell reports a process
+    that signal ended, so schedulers and `&&` chains do not take it for a finished run."""
+
+    exit_code = 143
+
+
 def check_keys(node: object, allowed: "set[str] | tuple[str, ...]", key: str) -> None:
     """ConfigError naming `key` when the mapping `node` has keys outside `allowed`."""
     unknown = sorted(set(node) - set(allowed))  # type: ignore[call-overload]

@@ -10,13 +10,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from eetrain.backbones.base import ExitBackbone
 from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained, monitor_check
 from eetrain.config import build
 from eetrain.distributed import full_backbone, training_strategy
-from eetrain.errors import ConfigError, boolean
+from eetrain.errors import ConfigError, StoppedBySignal, boolean
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
@@ -140,6 +141,14 @@ def run(cfg: DictConfig) -> float:
             # ckpt_path, or for a requeued SLURM job its run's newest checkpoint
             try:
                 trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+            except SIGTERMException:  # Lightning stops after the current step (a SystemExit with code 0)
+                callback = trainer.checkpoint_callback
+                last = getattr(callback, "last_model_path", "") if callback is not None else ""
+                raise StoppedBySignal(
+                    f"stopped by SIGTERM after global step {trainer.global_step}; "
+                    + (f"{last} holds it: resume with ckpt_path={last}" if last else
+                       "no checkpoint was written (callbacks.model_checkpoint is off)")
+                ) from None
             except MisconfigurationException as e:  # found once metrics exist: a monitor nothing logs
                 if "monitor" not in str(e):
                     raise

@@ -7,9 +7,11 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -172,3 +174,53 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     ref_losses, resumed_losses = tiny_runs.step_losses(tmp_path / "reference"), tiny_runs.step_losses(tmp_path / "resumed")
     assert list(resumed_losses.index) == [9, 10, 11]
     assert resumed_losses.tolist() == ref_losses.loc[[9, 10, 11]].tolist()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_stops_after_and_exits_143(tmp_path):
+    """SIGTERM (preemption, scancel) mid epoch 1: Lightning ends after the current step (11), last.ckpt is
+    written there (the every-3-steps one was 9), the run exits 143 naming it, and the restart from it ends
+    with the uninterrupted run's weights."""
+    data = tiny_runs.write_data(tmp_path / "data", train=32)
+    common = [*data, "data.batch_size=4", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+              "callbacks.model_checkpoint.every_n_train_steps=3", "model.config.dropout_rate=0.1"]
+    stopped_dir, marker = tmp_path / "stopped", tmp_path / "stalled"
+    proc = tiny_runs.start(stopped_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
+                           "+callbacks.stall.at_step=10", f"+callbacks.stall.marker={marker}",
+                           "+callbacks.stall.until_sigterm=true")
+    try:
+        _wait_for(marker, proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = stopped_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 11
+    log = Path(f"{stopped_dir}.log").read_text()
+    assert f"eetrain: error: stopped by SIGTERM after global step 11; {last} holds it: resume with ckpt_path={last}" in log
+    assert not (stopped_dir / "export").exists()
+
+    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
+    tiny_runs.run_here(tmp_path / "reference", *common)
+    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
+    different = [k for k in reference if not torch.equal(reference[k], again[k])]
+    assert not different, different
+
+
+def test_checkpoints_every_n_steps_keep_the_saves_at_validation(tmp_path):
+    """every_n_train_steps adds last.ckpt saves; the best checkpoint is still chosen at each validation with
+    the score of the weights it holds, and the last step is saved."""
+    data = tiny_runs.write_data(tmp_path / "data", train=24)
+    run_dir = tmp_path / "run"
+    tiny_runs.run_here(run_dir, *data, "data.batch_size=4", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
+                       "callbacks.model_checkpoint.every_n_train_steps=2", "export=false")
+    ckpts = run_dir / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 10  # the end of the fit
+    val = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["val/loss"]).set_index("step")["val/loss"]
+    (best,) = [p for p in ckpts.glob("epoch*.ckpt")]
+    state = torch.load(best, weights_only=False)
+    callback = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert state["global_step"] in (5, 10) and best.name.endswith(f"step{state['global_step']:06d}.ckpt")
+    assert callback["best_model_score"].item() == pytest.approx(val.min(), rel=1e-6)
+    assert callback["best_model_score"].item() == pytest.approx(val.loc[state["global_step"] - 1], rel=1e-6)

@@ -100,15 +100,18 @@ def export_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 class Stall(L.Callback):
     """A test-only callback: before optimizer step `at_step` + 1 it writes `marker` and waits to be killed,
-    so a test can SIGKILL the run at a known point (steps after the last checkpoint already taken)."""
+    so a test can SIGKILL the run at a known point (steps after the last checkpoint already taken); with
+    `until_sigterm`, it waits for a SIGTERM and goes on."""
 
-    def __init__(self, at_step: int, marker: str):
-        self.at_step, self.marker = at_step, Path(marker)
+    def __init__(self, at_step: int, marker: str, until_sigterm: bool = False):
+        self.at_step, self.marker, self.until_sigterm = at_step, Path(marker), until_sigterm
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_step:
             self.marker.write_text(str(trainer.global_step))
-            time.sleep(3600)
+            end = time.monotonic() + 3600
+            while time.monotonic() < end and not (self.until_sigterm and trainer.received_sigterm):
+                time.sleep(0.1)  # (until_sigterm: then this step runs, and Lightning stops after it)
 
 
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
