@@ -30,8 +30,44 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         err = user_error(e)
         if err is None:
             raise
+        code = getattr(err, "exit_code", 2)
+        job = _sweep_job_here()
+        if job is not None and code == 2:
+            # a sweep's jobs in this process (Hydra's basic launcher): one job's bad input must not end the
+            # sweep (exiting here would); `main` reports the failed jobs and exits 2 once all have run
+            _failed_jobs.append(job)
+            print(f"eetrain: error: sweep job {job}: {err}", file=sys.stderr)
+            return None
         print(f"eetrain: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(code)
+
+
+#: the sweep jobs of this process that stopped on bad input ("#<num> (<overrides>)")
+_failed_jobs: list[str] = []
+
+
+def _sweep_job_here() -> str | None:
+    """"#<num> (<overrides>)" when this job is one of a multirun's that Hydra runs in this process, else None
+    (a single run; or a launcher's own process per job, e.g. SLURM's, where the exit code is the report)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    swept = set()
+    for arg in sys.argv[1:]:
+        if "=" in arg and not arg.startswith("-"):
+            override = parser.parse_override(arg)
+            if override.is_sweep_override():
+                swept.add(override.get_key_element())
+    mine = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept]
+    return f"#{hc.job.num} ({','.join(mine) or hc.runtime.output_dir})"
 
 
 def _log_lightning_once() -> None:
@@ -119,8 +155,13 @@ def main() -> None:
     except EetrainError as err:
         print(f"eetrain: error: {err}", file=sys.stderr)
         sys.exit(2)
+    _failed_jobs.clear()
     try:
         _hydra_main()
+        if _failed_jobs:
+            print(f"eetrain: error: {len(_failed_jobs)} sweep job(s) stopped on bad input: {', '.join(_failed_jobs)} "
+                  "(each one's error is above)", file=sys.stderr)
+            sys.exit(2)
     except SystemExit as e:
         # Hydra reports an unknown key, config group option or override syntax (naming the key and the
         # options) and exits 1, as it does for a crash; bad input exits 2 everywhere else in eetrain.

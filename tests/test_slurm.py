@@ -160,3 +160,19 @@ def test_sweep_submits_one_sbatch_array_with_our_settings(tmp_path):
                  "--time=90", "--signal=USR2@120", "--job-name=eetrain-calm_t5"):
         assert f"#SBATCH {line}" in sbatch, line
     assert "srun" in sbatch and "submitit.core._submit" in sbatch
+
+
+def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
+    """`-m` with Hydra's own launcher: job #0's bad input is reported with its overrides, job #1 still runs,
+    and the sweep exits 2 naming the failed job."""
+    from tests.in_process import cli
+
+    data = tiny_runs.write_data(tmp_path / "data", train=8)
+    r = cli("-m", *tiny_runs.TINY, *data, "data.batch_size=4", "trainer.max_steps=1", "export=false",
+            "exits.min_layer=9,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, threads=1)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "eetrain: error: sweep job #0 (exits.min_layer=9): exits.min_layer=9" in r.stderr
+    assert "eetrain: error: 1 sweep job(s) stopped on bad input: #0 (exits.min_layer=9)" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "sweep" / "1" / "checkpoints" / "last.ckpt").exists()  # job #1 ran to the end
+    assert not (tmp_path / "sweep" / "0" / "checkpoints").exists()
