@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,18 @@ def test_monitor_check_after_the_sanity_validation():
     later = monitor_check({"model_checkpoint": ModelCheckpoint(monitor="val/rougeL"),
                            "generation_metrics": GenerationMetrics()})
     later.on_sanity_check_end(sanity, None)
+
+
+def test_lightning_checkpoint_names_resolve_in_this_runs_directory(tmp_path):
+    from eetrain.checkpointing import check_named_checkpoint
+
+    with pytest.raises(ConfigError, match="ckpt_path=best is Lightning's best checkpoint"):
+        check_named_checkpoint("best", tmp_path)
+    for name in ("last", "hpc"):
+        with pytest.raises(ConfigError, match=f"ckpt_path={name}: there is no {re.escape(str(tmp_path))}/"):
+            check_named_checkpoint(name, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"x")
+    check_named_checkpoint("last", tmp_path)  # hydra.run.dir=<an old run> ckpt_path=last
+    check_named_checkpoint("hpc", tmp_path)
