@@ -440,3 +440,24 @@ def test_task_metric_callback_logs_early_exit_only_where_a_policy_decides(strate
     # self_speculative takes no exit policy (and its text is the full model's): no early-exit metric
     want = {"val/rougeL"} | ({"val/rougeL_early_exit", "val/early_exit_mean_layer"} if strategy == "copy" else set())
     assert set(logged) == want
+
+
+def test_an_uncalibrated_export_keeps_the_trained_exits_only(tmp_path):
+    """exits.min_layer / exits.layers say which exits were trained: the exported policy exits at those only."""
+    from eetrain.decoding.settings import export_policy
+
+    bb = make_backbone("t5", num_decoder_layers=4, num_layers=2)
+    (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5"}))
+    stored = export_policy(compose(["exit.min_exit_layer=1", "exits.min_layer=3", "exits.layers=[2,3,4]"]), bb,
+                           tmp_path / "run", tmp_path)
+    assert stored["min_exit_layer"] == 3 and stored["exit_points"] == [3, 4] and stored["calibrated"] is False
+    policy = build_policy(policy_fields(compose(["+experiment=generate", f"model.name_or_path={tmp_path}"]),
+                                        str(tmp_path)), bb, str(tmp_path))
+    assert policy.min_exit_layer == 3 and tuple(policy.exit_points) == (3, 4)  # what generate decodes with
+    stored = export_policy(compose(["exit.min_exit_layer=2", "exits.layers=[2,4]"]), bb, tmp_path / "run", tmp_path)
+    assert stored["min_exit_layer"] == 2 and stored["exit_points"] == [2, 4]
+    stored = export_policy(compose(["exit.min_exit_layer=2"]), bb, tmp_path / "run", tmp_path)  # every layer
+    assert stored["min_exit_layer"] == 2 and stored.get("exit_points") is None
+    policy = build_policy(policy_fields(compose(["+experiment=generate", f"model.name_or_path={tmp_path}"]),
+                                        str(tmp_path)), bb, str(tmp_path))
+    assert policy.min_exit_layer == 2

@@ -301,8 +301,15 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
     policy = _calibrated(cfg, backbone, out_dir, export_dir)
     if policy is None:
         fields = policy_fields(cfg, None)
-        fields["min_exit_layer"] = min(positive_int(fields.get("min_exit_layer", 4), "decoding.policy.min_exit_layer"),
-                                       backbone.num_layers)
+        L = backbone.num_layers
+        floor = positive_int(fields.get("min_exit_layer", 4), "decoding.policy.min_exit_layer")
+        shared = (cfg.get("exits") or {}).get("min_layer")  # exits below it were not trained to exit
+        if shared is not None:
+            floor = max(floor, positive_int(shared, "exits.min_layer"))
+        fields["min_exit_layer"] = min(floor, L)
+        points = exit_points(cfg, L)  # only the trained exits (exits.layers), as the calibrated policy does
+        if fields.get("exit_points") is None and points is not None and len(points) < L:
+            fields["exit_points"] = list(points)
         policy = {**fields, "calibrated": False}
     else:
         policy.update({k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None})
