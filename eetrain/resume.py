@@ -8,6 +8,7 @@ run directory's newest checkpoint (`requeue_checkpoint`), also when it was start
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import signal
@@ -16,6 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from eetrain.errors import ConfigError
@@ -91,3 +96,52 @@ def slurm_plugins(cfg: DictConfig) -> list[Any]:
     except KeyError:
         raise ConfigError(f"slurm.requeue_signal={name!r} is not a signal name; e.g. SIGUSR1, SIGUSR2") from None
     return [SLURMEnvironment(auto_requeue=bool(settings.get("auto_requeue", True)), requeue_signal=signum)]
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, continuing the `metrics.csv` it finds (`continue_from`)."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # Lightning's warns that earlier logs are deleted; this writer keeps them
+
+    def continue_from(self, step: int | None) -> None:
+        """Keep the file's rows of steps before `step` (this run's first logged step: a resumed run logs the
+        steps after its checkpoint again) and take its columns as the known ones, so appending works."""
+        path = self.metrics_file_path
+        if not self._fs.isfile(path):
+            return
+        with self._fs.open(path, "r", newline="") as fh:
+            reader = csv.DictReader(fh)
+            header, rows = sorted(reader.fieldnames or []), list(reader)
+        if step is not None:
+            rows = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+        with self._fs.open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = header
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSVLogger (`<save_dir>/<name>/<version>/metrics.csv`), which on a resume into the same
+    run directory (a requeued job, `hydra.run.dir=<run> ckpt_path=last`) continues `metrics.csv` instead of
+    losing the rows logged before the interruption: Lightning's rewrote it with the new rows' columns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._continued = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if not self._continued:
+            self._continued = True
+            self.experiment.continue_from(step)
+        super().log_metrics(metrics, step)

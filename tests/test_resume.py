@@ -224,3 +224,26 @@ def test_checkpoints_every_n_steps_keep_the_saves_at_validation(tmp_path):
     assert state["global_step"] in (5, 10) and best.name.endswith(f"step{state['global_step']:06d}.ckpt")
     assert callback["best_model_score"].item() == pytest.approx(val.min(), rel=1e-6)
     assert callback["best_model_score"].item() == pytest.approx(val.loc[state["global_step"] - 1], rel=1e-6)
+
+
+def test_csv_logger_continues_the_metrics_of_a_resumed_run(tmp_path):
+    """A run resumed in its own directory from its step-3 checkpoint logs steps 3.. again: the file keeps
+    steps 0-2 from before, gets the new rows (and a new column) appended, and never warns it deletes logs."""
+    import warnings
+
+    from eetrain.resume import CSVLogger
+
+    first = CSVLogger(tmp_path, name="csv", version="")
+    for step in range(5):
+        first.log_metrics({"train/loss": 10.0 - step}, step=step)
+    first.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = CSVLogger(tmp_path, name="csv", version="")
+        again.log_metrics({"train/loss": 7.5, "val/loss": 8.0}, step=3)
+        again.log_metrics({"train/loss": 6.5}, step=4)
+        again.save()
+    table = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    assert table["step"].tolist() == [0, 1, 2, 3, 4]
+    assert table["train/loss"].tolist() == [10.0, 9.0, 8.0, 7.5, 6.5]
+    assert table["val/loss"].iloc[3] == 8.0 and table["val/loss"].isna().sum() == 4

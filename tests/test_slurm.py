@@ -128,6 +128,8 @@ def test_requeued_run_continues_in_its_run_directory(tmp_path, monkeypatch):
     assert f"[resume] SLURM requeue 1: resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in r.stdout
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1
+    steps = tiny_runs.step_losses(run_dir)  # metrics.csv goes on: the first run's rows are kept
+    assert list(steps.index) == [0, 1, 2, 3]
 
 
 def test_sweep_submits_one_sbatch_array_with_our_settings(tmp_path):
