@@ -98,6 +98,26 @@ def slurm_plugins(cfg: DictConfig) -> list[Any]:
     return [SLURMEnvironment(auto_requeue=bool(settings.get("auto_requeue", True)), requeue_signal=signum)]
 
 
+def continued_wandb_run(node: Any, out_dir: str | Path, resume: str | None) -> dict[str, Any]:
+    """A W&B logger's `id` / `resume` arguments for a run that resumes from a checkpoint in its own run
+    directory (a requeued job, `hydra.run.dir=<run> ckpt_path=last`): the W&B run that directory already
+    has goes on (`resume="allow"`) instead of a new one starting. Empty for other loggers, a fresh start,
+    a checkpoint from elsewhere, or an `id` the config sets."""
+    out_dir = Path(out_dir)
+    if resume is None or node.get("id") is not None or not str(node.get("_target_", "")).endswith("WandbLogger"):
+        return {}
+    here = resume in ("last", "hpc") or Path(resume).expanduser().resolve().is_relative_to(out_dir.resolve())
+    if not here:
+        return {}
+    runs = sorted((out_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    runs = [p for p in runs if p.is_dir() and p.name != "latest-run"]
+    if not runs:
+        return {}
+    run_id = runs[-1].name.rsplit("-", 1)[1]  # run-<date>_<time>-<id>, offline-run-<date>_<time>-<id>
+    print(f"[resume] W&B: continuing run {run_id} of {out_dir / 'wandb'}")
+    return {"id": run_id, "resume": "allow"}
+
+
 class _ContinuedWriter(ExperimentWriter):
     """Lightning's CSV writer, continuing the `metrics.csv` it finds (`continue_from`)."""
 

@@ -21,7 +21,7 @@ from eetrain.errors import ConfigError, StoppedBySignal, boolean
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
-from eetrain.resume import resume_path, slurm_plugins
+from eetrain.resume import continued_wandb_run, resume_path, slurm_plugins
 from eetrain.wandb_panels import log_export_artifact
 
 
@@ -113,7 +113,9 @@ def run(cfg: DictConfig) -> float:
         scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.get("scheduler") else None,
     )
     check_run_inputs(cfg, module)  # optimizer.lr, and ckpt_path against this model (fit and train=false alike)
-    loggers = [build(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items()]
+    resume = resume_path(cfg, out_dir) if cfg.get("train", True) else None
+    loggers = [build(c, f"logger.{k}", **continued_wandb_run(c, out_dir, resume))
+               for k, c in (cfg.get("logger") or {}).items()]
     named = {k: build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None}
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
         named = {k: c for k, c in named.items() if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)}
@@ -140,7 +142,7 @@ def run(cfg: DictConfig) -> float:
         if cfg.get("train", True):
             # ckpt_path, or for a requeued SLURM job its run's newest checkpoint
             try:
-                trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+                trainer.fit(module, datamodule=data, ckpt_path=resume)
             except SIGTERMException:  # Lightning stops after the current step (a SystemExit with code 0)
                 callback = trainer.checkpoint_callback
                 last = getattr(callback, "last_model_path", "") if callback is not None else ""

@@ -178,3 +178,34 @@ def test_a_table_column_may_mix_numbers_and_labels():
     t = table([{"policy": "full", "threshold": None}, {"policy": "softmax_gap", "threshold": 0.9},
                {"policy": "softmax_gap (adaptive)", "threshold": "adaptive:0.3"}])
     assert t.columns == ["policy", "threshold"] and [row[1] for row in t.data] == [None, 0.9, "adaptive:0.3"]
+
+
+def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
+    """A requeued job (same run directory) logs to the W&B run it started, not a new one."""
+    from tests import tiny_runs
+
+    data = tiny_runs.write_data(tmp_path / "data", train=16)
+    out = tmp_path / "run"
+    common = [*data, "data.batch_size=8", "export=false", "logger=wandb"]
+    tiny_runs.run_here(out, *common, "trainer.max_epochs=1")
+    (first,) = (out / "wandb").glob("offline-run-*")
+    run_id = first.name.rsplit("-", 1)[1]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    r = tiny_runs.run_here(out, *common, "trainer.max_epochs=2")
+    assert f"[resume] W&B: continuing run {run_id} of {out / 'wandb'}" in r.stdout
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {run_id}
+
+
+def test_which_runs_continue_a_wandb_run(tmp_path):
+    from eetrain.resume import continued_wandb_run
+
+    node = {"_target_": "lightning.pytorch.loggers.WandbLogger", "id": None}
+    (tmp_path / "wandb" / "offline-run-20261202_061500-abc123").mkdir(parents=True)
+    inside = str(tmp_path / "checkpoints" / "last.ckpt")
+    assert continued_wandb_run(node, tmp_path, inside) == {"id": "abc123", "resume": "allow"}
+    assert continued_wandb_run(node, tmp_path, "last") == {"id": "abc123", "resume": "allow"}
+    assert continued_wandb_run(node, tmp_path, None) == {}  # a fresh start
+    assert continued_wandb_run(node, tmp_path, "/elsewhere/last.ckpt") == {}  # another run's checkpoint: a new run
+    assert continued_wandb_run({**node, "id": "mine"}, tmp_path, inside) == {}  # the config's id wins
+    assert continued_wandb_run({"_target_": "eetrain.resume.CSVLogger"}, tmp_path, inside) == {}
