@@ -461,3 +461,16 @@ def test_an_uncalibrated_export_keeps_the_trained_exits_only(tmp_path):
     policy = build_policy(policy_fields(compose(["+experiment=generate", f"model.name_or_path={tmp_path}"]),
                                         str(tmp_path)), bb, str(tmp_path))
     assert policy.min_exit_layer == 2
+
+
+def test_an_export_says_when_calibration_found_no_threshold(tmp_path, capsys):
+    from eetrain.decoding.settings import export_policy
+
+    bb = make_backbone("t5")
+    (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5"}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "calibration.json").write_text(json.dumps([{"policy": "softmax_gap", "threshold": None}]))
+    stored = export_policy(compose(["exit.min_exit_layer=2"]), bb, run, tmp_path)
+    assert stored["calibrated"] is False and stored["threshold"] == 0.9
+    assert "[export] LTT calibration found no threshold that holds (calibration.json)" in capsys.readouterr().out

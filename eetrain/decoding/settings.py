@@ -311,6 +311,10 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
         if fields.get("exit_points") is None and points is not None and len(points) < L:
             fields["exit_points"] = list(points)
         policy = {**fields, "calibrated": False}
+        if (out_dir / "calibration.json").is_file():  # the policies stage ran, and no threshold held
+            print(f"[export] LTT calibration found no threshold that holds (calibration.json), so {settings_path} "
+                  f"keeps the configured decoding.policy ({policy['measure']}, threshold {policy.get('threshold')}, "
+                  "calibrated: false); more calibration examples or a looser exit.calibration.epsilon may find one")
     else:
         policy.update({k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None})
     policy["strategy"] = decoding_settings(cfg).strategy  # the strategy it was chosen (and calibrated) for
