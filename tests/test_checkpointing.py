@@ -99,7 +99,13 @@ def test_run_inputs_leave_lightning_s_names_and_sharded_directories_to_lightning
     (tmp_path / "last.ckpt" / "latest").write_text("global_step2")  # DeepSpeed's marker
     for name in ("last", "hpc", "best", "registry:model:latest", "s3://bucket/last.ckpt", str(tmp_path / "last.ckpt")):
         assert not checkable_checkpoint(name)
+    for name in ("registry:model:latest", "s3://bucket/last.ckpt", str(tmp_path / "last.ckpt")):
         check_run_inputs(OmegaConf.create({"optimizer": {"lr": 1e-3}, "ckpt_path": name}), _module())
+    # last / hpc / best: looked for in the run's directory (test_lightning_checkpoint_names_resolve_...)
+    run = OmegaConf.create({"optimizer": {"lr": 1e-3}, "ckpt_path": "last", "paths": {"output_dir": str(tmp_path)}})
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    check_run_inputs(run, _module())
     assert checkable_checkpoint(tmp_path / "missing.ckpt")
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         check_run_inputs(OmegaConf.create({"optimizer": {"lr": 1e-3}, "ckpt_path": str(tmp_path / "x.ckpt")}), _module())
