@@ -321,8 +321,11 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, SIGTERMException) and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if isinstance(exception, SIGTERMException):
+            #: SIGTERM came during a validation of the fit: a resume does not run that one again
+            self.stopped_in_validation = bool(trainer.validating)
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class MonitorCheck(L.Callback):

@@ -63,14 +63,16 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def status_line(desc: str, n: int, total: float | None, elapsed: float, unit: str = "it") -> str:
-    """`desc: n/total [elapsed 0:00:12, ETA 0:00:28, 4.00 s/point]` (no total: no ETA)."""
+def status_line(desc: str, n: int, total: float | None, elapsed: float, unit: str = "it", start: int = 0) -> str:
+    """`desc: n/total [elapsed 0:00:12, ETA 0:00:28, 4.00 s/point]` (no total: no ETA). start: items done
+    before `elapsed` began (a run resumed mid-epoch), left out of the rate."""
     head = f"{desc}: {n}/{total}" if total is not None and math.isfinite(total) else f"{desc}: {n}"
     parts = [f"elapsed {format_seconds(elapsed)}"]
-    if n > 0:
+    done = n - start
+    if done > 0:
         if total is not None and math.isfinite(total):
-            parts.append(f"ETA {format_seconds(elapsed / n * max(total - n, 0))}")
-        per = elapsed / n
+            parts.append(f"ETA {format_seconds(elapsed / done * max(total - n, 0))}")
+        per = elapsed / done
         parts.append(f"{per:.1f} s/{unit}" if per >= 1 else f"{1 / per if per else float('inf'):.1f} {unit}/s")
     elif total:
         parts.append("ETA ?")
@@ -205,6 +207,7 @@ class LineProgressBar(ProgressBar):
         self.interval = float(interval_s)
         self._enabled = True
         self._t0 = self._last = self._v0 = self._vlast = 0.0
+        self._n0 = 0  # batches of the epoch done before this process (a resume mid-epoch)
 
     def disable(self) -> None:
         self._enabled = False
@@ -230,8 +233,14 @@ class LineProgressBar(ProgressBar):
         return "  ".join(f"{k}={float(v):.4g}" if isinstance(v, int | float) or hasattr(v, "item") else f"{k}={v}"
                          for k, v in items.items())
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run resumed mid-epoch starts there, without on_train_epoch_start
+        self._t0 = self._last = time.monotonic()
+        self._n0 = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = self._last = time.monotonic()
+        self._n0 = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -239,7 +248,7 @@ class LineProgressBar(ProgressBar):
         if now - self._last >= self.interval:
             self._last = now
             line = status_line(f"{self._epoch(trainer)} training", batch_idx + 1, self.total_train_batches,
-                               now - self._t0, "batch")
+                               now - self._t0, "batch", self._n0)
             self._write(f"{line}  {self._metrics(trainer, pl_module)}".rstrip())
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -258,7 +267,7 @@ class LineProgressBar(ProgressBar):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         n = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         line = status_line(f"{self._epoch(trainer)} training", n, self.total_train_batches,
-                           time.monotonic() - self._t0, "batch")
+                           time.monotonic() - self._t0, "batch", self._n0)
         self._write(f"{line}  {self._metrics(trainer, pl_module)}".rstrip())
 
 

@@ -90,9 +90,16 @@ def check_splits(cfg: DictConfig, data: Any) -> None:
         data.check_split(str(OmegaConf.select(cfg, key, default=None) or default), key)
 
 
+#: the stage under way (for a run stopped by a signal to say where)
+running: str | None = None
+
+
 def run_stages(cfg: DictConfig, backbone: Any, data: Any, out_dir: Path) -> None:
+    global running
     for name in _names(cfg):
+        running = name
         _resolve(STAGES[name])(cfg, backbone, data, out_dir)
+        running = None
         if name == "exit_classifiers" and (out_dir / "export").is_dir():
             # the export carries every trained classifier, so curves and generate on it can use them
             from eetrain.decoding.settings import export_classifiers

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +148,10 @@ def run(cfg: DictConfig) -> float:
             except SIGTERMException:  # Lightning stops after the current step (a SystemExit with code 0)
                 callback = trainer.checkpoint_callback
                 last = getattr(callback, "last_model_path", "") if callback is not None else ""
+                lost = (" (it came during validation: the resumed run does not repeat that one)"
+                        if getattr(callback, "stopped_in_validation", False) else "")
                 raise StoppedBySignal(
-                    f"stopped by SIGTERM after global step {trainer.global_step}; "
+                    f"stopped by SIGTERM after global step {trainer.global_step}{lost}; "
                     + (f"{last} holds it: resume with ckpt_path={last}" if last else
                        "no checkpoint was written (callbacks.model_checkpoint is off)")
                 ) from None
@@ -172,6 +176,8 @@ def run(cfg: DictConfig) -> float:
             data.setup("validate")
         if not trainer.is_global_zero:
             return float("nan")
+        phase = ["the per-layer report"]  # what SIGTERM would cut short from here on (`_stop_after_fit`)
+        _stop_after_fit(cfg, trainer, phase)
         data.setup("validate")  # under ddp_spawn the fit ran in child processes: load here too
         # Lightning moves the module back to the CPU when fit ends (and train=false never moved it): the
         # report and the stages run on the trainer's device, where their speed-ups mean something
@@ -183,6 +189,7 @@ def run(cfg: DictConfig) -> float:
         print(format_table(rows))
         write_rows(rows, out_dir / "layer_report.csv")
         if cfg.get("export", True):
+            phase[0] = "the export"
             where = export_pretrained(backbone, out_dir / "export", exit_settings(cfg, backbone, loss, rows))
             from eetrain.decoding.settings import export_policy
 
@@ -192,13 +199,38 @@ def run(cfg: DictConfig) -> float:
             # Later stages (e.g. exit classifiers on the frozen backbone) run on the trained model.
             from eetrain.stages import run_stages
 
+            phase[0] = "the stages"
             run_stages(cfg, backbone, data, out_dir)
         if (out_dir / "export").is_dir():
             # after the stages, which add the classifiers and the calibrated policy to the export
             log_export_artifact(out_dir / "export", trainer)  # callbacks.wandb_panels.export_artifact=true
         return rows[-1]["loss"]
     finally:
+        if signal.getsignal(signal.SIGTERM) is _stop_after_fit.handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
 
             wandb.finish()
+
+
+def _stop_after_fit(cfg: DictConfig, trainer: L.Trainer, phase: list[str]) -> None:
+    """After the fit Lightning hands SIGTERM back to its default (the process just ends): make it one line
+    saying what it cut short, with the command that redoes that part without training."""
+    from eetrain import stages
+
+    callback = trainer.checkpoint_callback
+    weights = getattr(callback, "last_model_path", "") or cfg.get("ckpt_path") or cfg.get("model", {}).get("name_or_path")
+
+    def handler(signum: int, frame: Any) -> None:
+        where = phase[0] if phase[0] != "the stages" else f"stage {stages.running or '(between stages)'}"
+        redo = f"train=false ckpt_path={weights}" if str(weights).endswith(".ckpt") else "train=false"
+        raise StoppedBySignal(
+            f"stopped by SIGTERM after training, in {where}; what the run wrote before is intact, the rest is "
+            f"missing (an export's policy stays uncalibrated until `policies` runs): redo it with {redo} and "
+            f"the same settings (stages=[...] as needed)"
+        )
+
+    _stop_after_fit.handler = handler
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

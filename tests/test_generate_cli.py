@@ -67,6 +67,11 @@ def test_the_summary_says_why_no_token_left_early():
            "decoding.policy.min_exit_layer lower" in text
     text = format_summary({**summary, "min_exit_layer": 2})
     assert "no token left before the last layer: no check reached the threshold: lower decoding.policy.threshold" in text
+    text = format_summary({**summary, "min_exit_layer": 3, "exit_points": [2, 4]})
+    assert "no token left before the last layer: the policy's exit points [2, 4] (the trained exits) leave none from " \
+           "layer 3 below the last" in text
+    text = format_summary({**summary, "min_exit_layer": 2, "exit_points": [2, 4]})
+    assert "no check reached the threshold" in text
 
 
 def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):

@@ -247,3 +247,26 @@ def test_csv_logger_continues_the_metrics_of_a_resumed_run(tmp_path):
     assert table["step"].tolist() == [0, 1, 2, 3, 4]
     assert table["train/loss"].tolist() == [10.0, 9.0, 8.0, 7.5, 6.5]
     assert table["val/loss"].iloc[3] == 8.0 and table["val/loss"].isna().sum() == 4
+
+
+def test_sigterm_after_the_fit_says_what_it_cut_short():
+    import types
+
+    from eetrain import stages
+    from eetrain.config import compose
+    from eetrain.errors import StoppedBySignal
+    from eetrain.train import _stop_after_fit
+
+    trainer = types.SimpleNamespace(checkpoint_callback=types.SimpleNamespace(last_model_path="/r/checkpoints/last.ckpt"))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        _stop_after_fit(compose([]), trainer, ["the stages"])
+        stages.running = "policies"
+        with pytest.raises(StoppedBySignal, match=r"stopped by SIGTERM after training, in stage policies; .*redo it "
+                                                  r"with train=false ckpt_path=/r/checkpoints/last.ckpt") as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert info.value.exit_code == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        stages.running = None

@@ -42,6 +42,9 @@ def test_status_line_and_line_progress(capsys, monkeypatch):
     assert status_line("sweep", 2, 4, 10.0, "point") == "sweep: 2/4 [elapsed 0:00:10, ETA 0:00:10, 5.0 s/point]"
     assert status_line("records", 0, 8, 0.0) == "records: 0/8 [elapsed 0:00:00, ETA ?]"
     assert status_line("gen", 3, None, 3725.0, "batch").startswith("gen: 3 [elapsed 1:02:05, 1241.7 s/batch")
+    # resumed mid-epoch after batch 3: the rate and the ETA count the batches run since
+    assert status_line("Epoch 2/3 training", 5, 6, 4.0, "batch", start=3) == (
+        "Epoch 2/3 training: 5/6 [elapsed 0:00:04, ETA 0:00:02, 2.0 s/batch]")
     monkeypatch.delenv("EETRAIN_PROGRESS", raising=False)
     # not a terminal (pytest captures stderr): plain lines, first and last always
     assert list(progress([1, 2, 3], "sweep", unit="point", interval=1e9)) == [1, 2, 3]

@@ -195,10 +195,16 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{s['adaptive_seconds']:.2f} s more (counted in early exit's time)"
         )
     if s.get("min_exit_layer") is not None and s["mean_exit_layer"] >= s["num_layers"]:
-        why = (f"the minimum exit layer is the model's depth ({s['num_layers']}): set decoding.policy.min_exit_layer lower"
-               if s["min_exit_layer"] >= s["num_layers"] else
-               "no check reached the threshold: lower decoding.policy.threshold, or calibrate one "
-               "(+experiment=evaluate model.name_or_path=<export>)")
+        L, floor = s["num_layers"], s["min_exit_layer"]
+        points = s.get("exit_points")
+        if floor >= L:
+            why = f"the minimum exit layer is the model's depth ({L}): set decoding.policy.min_exit_layer lower"
+        elif points is not None and not any(floor <= p < L for p in points):
+            why = (f"the policy's exit points {points} (the trained exits) leave none from layer {floor} below the "
+                   f"last; decoding.policy.exit_points names others")
+        else:
+            why = ("no check reached the threshold: lower decoding.policy.threshold, or calibrate one "
+                   "(+experiment=evaluate model.name_or_path=<export>)")
         lines.append(f"  no token left before the last layer: {why}")
     if s.get("scored_examples", s["examples"]) < s["examples"]:
         lines.append(f"  task metrics over the {s['scored_examples']} of {s['examples']} examples that have a reference")
@@ -279,6 +285,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     summary = _summary(ee, full or None, settings, label, adaptive, adaptive_seconds)
     if isinstance(policy, ExitPolicy):
         summary["min_exit_layer"] = policy.min_exit_layer
+        if policy.exit_points is not None:
+            summary["exit_points"] = sorted(policy.exit_points)
     summary.update(flops_summary(counted))
     from eetrain.task_metrics import TEXT_METRICS
 
