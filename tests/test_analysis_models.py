@@ -322,12 +322,12 @@ def test_stage_refuses_another_tokenizer_unless_told(tmp_path):
     cfg = stage_cfg(tmp_path / "run", f"analyze.compare={tmp_path / 'bigger'}", "analyze.max_examples=2",
                     "analyze.analyses=[oracle]")
     bb, data = build(cfg)
-    check_config(cfg, bb)  # the export is there; the tokenizer is known only once it loads
-    with pytest.raises(ConfigError) as info:
-        run_stage(cfg, bb, data, tmp_path / "run")
-    msg = str(info.value)
-    assert msg.startswith(f"analyze.compare={str(tmp_path / 'bigger')!r} has another tokenizer")
-    assert "analyze.same_tokenizer=false" in msg
+    for stage in (lambda: check_config(cfg, bb), lambda: run_stage(cfg, bb, data, tmp_path / "run")):
+        with pytest.raises(ConfigError) as info:  # before training already, and again once it loads
+            stage()
+        msg = str(info.value)
+        assert msg.startswith(f"analyze.compare={str(tmp_path / 'bigger')!r} has another tokenizer")
+        assert "analyze.same_tokenizer=false" in msg
     cfg = stage_cfg(tmp_path / "run", f"analyze.compare={tmp_path / 'bigger'}", "analyze.max_examples=2",
                     "analyze.analyses=[oracle]", "analyze.same_tokenizer=false")
     run_stage(cfg, bb, data, tmp_path / "run")
@@ -375,7 +375,16 @@ def test_exports_are_named_after_their_run_directory(tmp_path):
                     f"model.name_or_path={main}", "model.config=null", "model.tokenizer=null")
     bb, data = build(cfg)
     with pytest.raises(ConfigError, match="analyze: two models are named 'run1'; set analyze.name"):
+        check_config(cfg, bb)  # before any training
+    with pytest.raises(ConfigError, match="analyze: two models are named 'run1'; set analyze.name"):
         run_stage(cfg, bb, data, tmp_path / "out")
+
+
+def test_a_model_with_another_head_is_refused_before_training(tmp_path):
+    bert = export_pretrained(make_backbone("bert"), tmp_path / "bert" / "export",
+                             {"family": "bert", "head_kind": "sequence", "num_layers": 3})
+    with pytest.raises(ConfigError, match=f"analyze.compare={str(bert)!r} has a sequence head, the model a token head"):
+        check_config(compose([f"analyze.compare={bert}"]), make_backbone("t5"))
 
 
 def test_analyze_is_a_registered_stage():
@@ -419,3 +428,18 @@ def test_cli_analyze_experiment_on_an_export(tmp_path):
     assert "Early-exit suitability" in r.stdout
     assert csv(out, "oracle").model.unique().tolist() == ["m"]
     assert math.isfinite(csv(out, "suitability").ee_score.iloc[0])
+
+
+def test_gating_decays_over_data_max_target_length_as_decoding_does(tmp_path):
+    """decay.N: null is data.max_target_length for the policies stage and decoding; gating uses the same N
+    (it took the longest sequence of the analysed sample)."""
+    tables = []
+    for n in ("null", "40"):
+        out = tmp_path / n
+        cfg = stage_cfg(out, "analyze.analyses=[gating]", "analyze.max_examples=4",
+                        f"exit.policies.softmax_gap_decaying.decay.N={n}")
+        bb, data = build(cfg)
+        run_stage(cfg, bb, data, out)
+        table = csv(out, "gating")
+        tables.append(table[table.policy.str.startswith("softmax_gap_decaying")].reset_index(drop=True))
+    assert len(tables[0]) and tables[0].equals(tables[1])

@@ -156,8 +156,47 @@ def _check_export(path: str, key: str) -> None:
                           "export/ directory (outputs/<task>/<run>/export) or a local Hugging Face model")
 
 
+def _main_name(settings: AnalyzeSettings, backbone: Any) -> str:
+    """The analysed model's name in the tables; a ConfigError when an `analyze.models` entry has it too."""
+    name = settings.name or (_path_name(str(backbone.name_or_path)) if backbone.name_or_path else "model")
+    if any(m.name == name for m in settings.models):
+        raise ConfigError(f"analyze: two models are named {name!r}; set analyze.name or give the other "
+                          "a name ({name: ..., path: ...})")
+    return name
+
+
+def _check_other_model(path: str, key: str, backbone: Any, same_tokenizer: bool) -> None:
+    """What can be told of another export before training: its head kind (early_exit.json) and, for the
+    shared-data comparison, its tokenizer (`_models` checks the loaded model again)."""
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        return
+    settings = local / "early_exit.json"
+    if settings.is_file():
+        try:
+            kind = json.loads(settings.read_text()).get("head_kind")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            kind = None  # the loader names a broken file
+        if kind is not None and kind != backbone.head_kind:
+            raise ConfigError(f"{key}={path!r} has a {kind} head, the model a {backbone.head_kind} head; "
+                              "analyse models of one kind together")
+    if same_tokenizer and any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        if not _same_vocab(AutoTokenizer.from_pretrained(str(local)), backbone.tokenizer):
+            raise ConfigError(_OTHER_TOKENIZER.format(key=key, path=path))
+
+
+_OTHER_TOKENIZER = (
+    "{key}={path!r} has another tokenizer than model.name_or_path; the shared-data comparison "
+    "(analyze.same_tokenizer=true: the same tokens for every model) needs one tokenizer; set "
+    "analyze.same_tokenizer=false to let each model read the data with its own"
+)
+
+
 def check_config(cfg: Any, backbone: Any) -> None:
     settings = analyze_settings(cfg)
+    _main_name(settings, backbone)
     if backbone.regression:
         raise ConfigError("analyze reads every layer's class predictions and probabilities, and this head is a "
                           "regression (num_labels=1): stages=[classify] writes its per-layer scores (layer_scores.csv)")
@@ -172,6 +211,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
     for m in settings.models:
         if m.path is not None:
             _check_export(m.path, m.key)
+            _check_other_model(m.path, m.key, backbone, settings.same_tokenizer)
     if "gating" in settings.analyses:
         _policy_specs(cfg, settings, backbone.num_layers, 1)
 
@@ -262,7 +302,8 @@ def analyze_model(
         out["confidence"] = confidence.confidence_rows(rec)
     skip = {"skip_ratio": float("nan"), "skip_policy": None}
     if "gating" in todo or "suitability" in todo:
-        horizon = int(rec.positions.max())
+        # a decaying threshold's N: data.max_target_length, as the policies stage and decoding use it
+        horizon = (cfg.get("data") or {}).get("max_target_length") or int(rec.positions.max())
         specs = _policy_specs(cfg, settings, L, horizon)
         rows, best = gating.gating_rows(rec.exit_records(), specs + classifiers, layers, settings.consistency)
         if "gating" in todo:
@@ -333,11 +374,7 @@ def _models(cfg: Any, settings: AnalyzeSettings, backbone: Any, data: Any, out_d
     model_dir = backbone.name_or_path
     if model_dir is None and (out_dir / "export").is_dir():
         model_dir = str(out_dir / "export")
-    main_name = settings.name or (_path_name(str(backbone.name_or_path)) if backbone.name_or_path else "model")
-    taken = [m.name for m in settings.models if m.name == main_name]
-    if taken:
-        raise ConfigError(f"analyze: two models are named {main_name!r}; set analyze.name or give the other "
-                          "a name ({name: ..., path: ...})")
+    main_name = _main_name(settings, backbone)
     yield main_name, backbone, data.split_examples(settings.split, "analyze.split"), model_dir
     device = next(backbone.parameters()).device
     for entry in settings.models:
@@ -355,9 +392,7 @@ def _models(cfg: Any, settings: AnalyzeSettings, backbone: Any, data: Any, out_d
         if _same_vocab(other.tokenizer, backbone.tokenizer):
             examples = data.split_examples(settings.split, "analyze.split")
         elif settings.same_tokenizer:
-            raise ConfigError(f"{key}={path!r} has another tokenizer than model.name_or_path; the shared-data "
-                              "comparison (analyze.same_tokenizer=true: the same tokens for every model) needs one "
-                              "tokenizer; set analyze.same_tokenizer=false to let each model read the data with its own")
+            raise ConfigError(_OTHER_TOKENIZER.format(key=key, path=path))
         else:
             examples = instantiate(cfg.data, tokenizer=other.tokenizer, collate_fn=other.collate).split_examples(settings.split, "analyze.split")
         yield entry.name, other, examples, path
