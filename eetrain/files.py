@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -43,6 +44,9 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.rglob("*"):  # what plain open() gives (a library writing through mkstemp gives owner-only)
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
@@ -52,3 +56,11 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike[str], value: Any, **dumps: Any) -> None:
+    """`value` as JSON (indent 2, a final newline) at `path`, atomically (`atomic_file`)."""
+    import json
+
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(value, indent=2, **dumps) + "\n")

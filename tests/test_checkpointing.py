@@ -292,3 +292,28 @@ def test_lightning_checkpoint_names_resolve_in_this_runs_directory(tmp_path):
     (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"x")
     check_named_checkpoint("last", tmp_path)  # hydra.run.dir=<an old run> ckpt_path=last
     check_named_checkpoint("hpc", tmp_path)
+
+
+def test_atomic_files_get_the_modes_open_gives_and_json_is_whole(tmp_path):
+    import json
+    import stat
+    import tempfile
+
+    from eetrain.files import write_json
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "export") as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)  # as a library writing through mkstemp does: owner-only
+            os.close(fd)
+            os.replace(name, tmp / "model.safetensors")
+        assert stat.S_IMODE((tmp_path / "export" / "model.safetensors").stat().st_mode) == 0o644
+        write_json(tmp_path / "summary.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "summary.json", {"b": object()})  # fails midway: the old file stays whole
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1}
+    assert not list(tmp_path.glob(".summary.json.*"))

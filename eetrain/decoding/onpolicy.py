@@ -10,7 +10,6 @@ on real decoding of held-out examples (token consistency with the full model at 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from eetrain.exits.measures import ExitRecords
 from eetrain.exits.policy import ExitPolicy
 from eetrain.exits.settings import exit_points, min_exit_layer
 from eetrain.exits.training import _split, make_classifier, train_exit_classifier
+from eetrain.files import write_json
 
 from .calibration import batches, decode_all, sequences
 from .generate import generate
@@ -112,5 +112,5 @@ def run_on_policy(cfg: Any, backbone: Any, data: Any, out_dir: Path, settings: A
               f"offline consistency {row['offline']['consistency']:.4f} (mean exit {row['offline']['mean_exit_layer']:.2f}), "
               f"on-policy {row['on_policy']['consistency']:.4f} (mean exit {row['on_policy']['mean_exit_layer']:.2f}); "
               f"{kind}.pt is the {row['kept'].replace('_', '-')} one")
-    (Path(out_dir) / "exit_classifiers" / "on_policy.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(out_dir) / "exit_classifiers" / "on_policy.json", report)
     return report

@@ -20,6 +20,7 @@ from eetrain.backbones.base import pad
 from eetrain.errors import ConfigError
 from eetrain.exits.beta_mixture import check_adaptive_policy
 from eetrain.exits.policy import ExitPolicy
+from eetrain.files import write_json
 
 from .adaptive import KEY as ADAPTIVE_KEY
 from .adaptive import AdaptiveThreshold, adaptive_generate, count_adaptive
@@ -297,7 +298,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     scores = task_scores(scored, metrics)
     if scores:
         summary.update(scores, metrics=metrics, scored_examples=len(scored))
-    (out_dir / "generation_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "generation_summary.json", summary)
     from eetrain.wandb_panels import log_generation
 
     layers = [e for o in ee for e in o.exit_layers[o.exit_layers > 0].tolist()]

@@ -13,7 +13,6 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from eetrain.errors import ConfigError
+from eetrain.files import write_json
 
 from .beta_mixture import agreement_pairs, estimate_threshold, is_confidence
 from .calibration import calibrate_threshold, consistency_risk, ltt_scan, make_risk_fn, task_risk
@@ -288,7 +288,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     calibration = []
     if cal_settings.policies:
         calibration = calibrate(specs, records, cal_settings, seed=int(cfg.get("seed", 0) or 0))
-        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+        write_json(out_dir / "calibration.json", calibration)
         print(f"\nLearn-then-Test (epsilon={cal_settings.epsilon}, delta={cal_settings.delta}, "
               f"{cal_settings.offline_risk} risk per {'sequence' if cal_settings.per_sequence else 'token'}):")
         for r in calibration:
@@ -307,7 +307,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
                       f"{free['consistency']:.4f}")
     if cal_settings.online and calibration:
         calibrate_online_stage(cfg, backbone, data, specs, calibration, rows, cal_settings)
-        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+        write_json(out_dir / "calibration.json", calibration)
         csv_path = write_policy_table(rows, out_dir / "policies.csv")
     from eetrain.wandb_panels import log_policies
 
