@@ -10,6 +10,7 @@ the run's data, reports every layer again and refreshes the export's `exit_heads
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import lightning as L
 import torch
 
 from eetrain.errors import ConfigError, check_keys, number, positive_int
+from eetrain.files import write_json
 from eetrain.losses.joint import ExitCrossEntropy, JointLoss
 from eetrain.module import EarlyExitModule
 from eetrain.progress import training_progress_bar
@@ -73,6 +75,15 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     print("\nPer-layer validation report with the trained exit heads")
     print(format_table(rows))
     write_rows(rows, Path(out_dir) / "layer_report.csv")
-    if (Path(out_dir) / "export").is_dir():
-        backbone.save_exit_heads(str(Path(out_dir) / "export"))
+    export = Path(out_dir) / "export"
+    if export.is_dir():
+        backbone.save_exit_heads(str(export))
+        settings_path = export / "early_exit.json"
+        if settings_path.is_file():  # its report and trained exits were the joint training's
+            stored = json.loads(settings_path.read_text())
+            trained, weights = loss.terms["ce"].resolve(backbone.num_layers)
+            stored.setdefault("trained_exits", {})["exit_heads"] = {
+                "layers": list(trained), "weights": [round(float(w), 6) for w in weights]}
+            stored["validation_layers"] = rows
+            write_json(settings_path, stored, sort_keys=True)
     return rows

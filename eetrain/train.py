@@ -20,6 +20,7 @@ from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_p
 from eetrain.config import build
 from eetrain.distributed import full_backbone, training_strategy
 from eetrain.errors import ConfigError, StoppedBySignal, boolean
+from eetrain.files import atomic_file
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
@@ -63,7 +64,7 @@ def exit_settings(cfg: DictConfig, backbone: ExitBackbone, loss: JointLoss, rows
 
 
 def write_rows(rows: list[dict[str, float]], path: Path) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -3,6 +3,8 @@ DeeBERT's second stage (`stages=[exit_heads]`) on a frozen model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +177,9 @@ def test_exit_heads_stage_trains_only_the_heads(tmp_path):
     assert len(rows) == bb.num_layers and (tmp_path / "layer_report.csv").is_file()
     back = load_backbone(str(tmp_path / "export"))
     assert torch.equal(back.exit_heads["1"].proj.weight, bb.exit_heads["1"].proj.weight)
+    stored = json.loads((tmp_path / "export" / "early_exit.json").read_text())  # the report of the trained heads
+    assert stored["validation_layers"] == rows and stored["family"] == "t5"
+    assert stored["trained_exits"]["exit_heads"]["layers"] == list(range(1, bb.num_layers))
     with pytest.raises(ConfigError, match=r"set model.exit_head=per_layer"):
         run_stage(cfg, instantiate(compose([]).model), data, tmp_path)
 
