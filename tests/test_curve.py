@@ -58,6 +58,10 @@ def test_curve_row_hand_checked():
     assert row["consistency"] == pytest.approx(20 / 22)  # the second full sequence is 2 tokens longer
     assert row["sequence_consistency"] == pytest.approx(0.5)
     assert row["rougeL_ratio"] == pytest.approx(0.75)
+    # early exit's output is half as long: per token 1.5x as fast, in total a third of the time (FREE's latency)
+    row = curve_row("softmax_gap", 0.5, [_out(10, 1.0, 0.0, [2] * 10)], [_out(20, 3.0, 0.0, [8] * 20)],
+                    [[1] * 20], {}, {}, "rougeL")
+    assert row["speedup"] == pytest.approx(1.5) and row["normalized_latency"] == pytest.approx(1 / 3)
     rows = [{"policy": "full", "speedup": 1.0, "rougeL_ratio": 1.0}, row,
             {**row, "speedup": 2.0, "rougeL_ratio": 0.9}, {**row, "speedup": 1.2, "rougeL_ratio": 0.98}]
     assert best_point(rows, "rougeL", 0.97)["speedup"] == 1.2

@@ -9,7 +9,9 @@ the machine's drift between rows of the sweep cancels), decisions included.
 Writes to the run directory:
 
 * `quality_speed.csv`: one row per (policy, threshold) with `policy, threshold, mean_exit_layer,
-  speedup, normalized_latency` (early-exit time per token over the full model's), `consistency` (token
+  speedup` (tokens per second over the full model's), `normalized_latency` (FREE's: the split's total
+  early-exit decoding time over the full model's; it differs from 1 / speedup when exits change the
+  output's length), `consistency` (token
   agreement with the full model's output), `sequence_consistency`, `decision_fraction` (share of the
   decode time spent deciding), `flops_ratio` (decoding FLOPs per token over the full model's, counted on
   the batches of the first `decoding.flops_examples` examples, decoded once more untimed;
@@ -173,7 +175,8 @@ def curve_row(
         "threshold": threshold,
         "mean_exit_layer": _mean_exit(ee),
         "speedup": ee_rate / full_rate,
-        "normalized_latency": full_rate / ee_rate,
+        # FREE's: the total decoding time over the full model's (not per token: exits can change the length)
+        "normalized_latency": _sum(ee, "seconds") / _sum(full, "seconds"),
         "consistency": token_consistency(seqs, full_seqs),
         "sequence_consistency": sequence_consistency(seqs, full_seqs),
         "decision_fraction": _sum(ee, "decision_seconds") / _sum(ee, "seconds"),
