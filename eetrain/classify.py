@@ -471,7 +471,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     print(f"\nAccuracy vs speed ({metric}; per-sample exits at batch {size}, speed-up measured against the full "
           "model on the same batches, decisions included)")
     print(format_speed(rows, metric, L))
-    best = best_point(rows, metric, 0.99)
+    best = best_point(rows, metric, 0.99, L)
     if best is not None:
         print(f"\nFastest point with {metric} >= 0.99 x the full model's: {best['policy']} at {best['threshold']}: "
               f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f} of {L}, {metric} "

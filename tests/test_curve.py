@@ -66,6 +66,9 @@ def test_curve_row_hand_checked():
             {**row, "speedup": 2.0, "rougeL_ratio": 0.9}, {**row, "speedup": 1.2, "rougeL_ratio": 0.98}]
     assert best_point(rows, "rougeL", 0.97)["speedup"] == 1.2
     assert best_point(rows, "rougeL", 0.99) is None
+    never = {**row, "speedup": 1.3, "rougeL_ratio": 1.0, "mean_exit_layer": 8.0}  # no token left early: noise
+    assert best_point([*rows, never], "rougeL", 0.97)["speedup"] == 1.3
+    assert best_point([*rows, never], "rougeL", 0.97, num_layers=8)["speedup"] == 1.2
 
 
 def test_at_value_sets_the_threshold_or_the_boolean_parameter():

@@ -396,7 +396,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     print(f"\nQuality vs speed ({metric}; speed-up measured against full decoding of the same batches, "
           "decisions included)")
     print(format_rows(rows, metric))
-    best = best_point(rows, metric, 0.97)
+    best = best_point(rows, metric, 0.97, L)
     if best is not None:
         print(f"\nFastest point with {metric} >= 0.97 x the full model's: {best['policy']} at {best['threshold']}: "
               f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f}, {metric} "
@@ -445,7 +445,12 @@ def adaptive_rows(
     return rows
 
 
-def best_point(rows: Sequence[Mapping[str, Any]], metric: str, ratio: float) -> Mapping[str, Any] | None:
-    """The fastest (policy, threshold) row whose metric is at least `ratio` x the full model's."""
-    ok = [r for r in rows if r["policy"] not in ("full", "oracle") and r.get(f"{metric}_ratio", 0) >= ratio]
+def best_point(
+    rows: Sequence[Mapping[str, Any]], metric: str, ratio: float, num_layers: int | None = None
+) -> Mapping[str, Any] | None:
+    """The fastest (policy, threshold) row whose metric is at least `ratio` x the full model's; with
+    `num_layers`, among rows where some token left early (a point that never exits is the full model, and
+    only timing noise could make it the fastest)."""
+    ok = [r for r in rows if r["policy"] not in ("full", "oracle") and r.get(f"{metric}_ratio", 0) >= ratio
+          and (num_layers is None or r.get("mean_exit_layer", 0) < num_layers)]
     return max(ok, key=lambda r: r["speedup"]) if ok else None
