@@ -28,7 +28,7 @@ class LayerRecords:
     preds ``(L, N)`` long top-1 of every layer's exit head; top2 ``(L, N, 2)`` the two largest
     probabilities; entropies ``(L, N)`` in nats; p_final ``(L, N)`` the probability each layer gives to
     the last layer's top-1 (MEE Fig. 2); top10_final ``(L, N)`` the share of the last layer's top-k
-    (k = ``top_k``) in the layer's top-k; cos_final ``(L + 1, N)`` cos(h_i, h_L) for i = 0..L (row 0:
+    (k = ``top_k``, at most V - 1) in the layer's top-k; cos_final ``(L + 1, N)`` cos(h_i, h_L) for i = 0..L (row 0:
     the input of layer 1, NaN where it was not captured; raw residual states); saturation ``(L, N)``
     cos(h_i, h_{i-1}) in the space ``features`` (``exit.features``: what hidden-state saturation reads).
     labels ``(N,)`` the token teacher-forced at each position (the reference or the greedy output; class
@@ -163,7 +163,7 @@ def collect(
     parts: dict[str, list[Tensor]] = {}
     sub_parts: dict[str, list[Tensor]] = {}
     total, offset, vocab = 0, 0, int(backbone.head_weight.shape[0])
-    k = min(top_k, vocab)
+    k = min(top_k, max(vocab - 1, 1))  # a top-k of every class (a small classifier) would overlap by construction
 
     def add(key: str, value: Tensor, into: dict[str, list[Tensor]] = parts) -> None:
         into.setdefault(key, []).append(value.cpu())
