@@ -291,6 +291,18 @@ def test_stage_on_greedy_targets(tmp_path):
     assert model["target"] == "greedy" and model["tokens"] <= 4 * 5
     # teacher-forced on the model's own greedy output, the last layer is always "right"
     assert csv(tmp_path, "agreement").accuracy.iloc[-1] == 1.0
+    assert summary["files"] == sorted(f"{n}.{x}" for n in ("agreement", "oracle", "subword") for x in ("csv", "png"))
+
+
+def test_a_rerun_in_the_same_directory_names_the_earlier_files(tmp_path, capsys):
+    bb, data = build(cfg := stage_cfg(tmp_path, "analyze.max_examples=2", "analyze.analyses=[agreement,oracle]"))
+    run_stage(cfg, bb, data, tmp_path)
+    cfg = stage_cfg(tmp_path, "analyze.max_examples=2", "analyze.analyses=[oracle]")
+    capsys.readouterr()
+    run_stage(cfg, bb, data, tmp_path)
+    out = capsys.readouterr().out
+    assert f"[analyze] left from an earlier analysis in {tmp_path}, not this run's: agreement.csv, agreement.png" in out
+    assert (tmp_path / "agreement.csv").is_file()  # kept: nothing is deleted
 
 
 def test_stage_on_a_classifier_skips_subword(tmp_path, capsys):

@@ -491,13 +491,24 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
             images[name] = plotters[name](out_dir / f"{name}.png")
     for key, rows in tables.items():
         write_csv(rows, out_dir / f"{key}.csv")
+    files = sorted([f"{k}.csv" for k in tables] + [p.name for p in images.values()])
     summary = {"models": [r["summary"] for r in results.values()], "suitability": suit,
-               "settings": {k: v for k, v in settings.__dict__.items() if k != "models"}}
+               "settings": {k: v for k, v in settings.__dict__.items() if k != "models"}, "files": files}
+    stale = sorted(set(_earlier_files(out_dir / "analysis_summary.json")) - set(files))
     with atomic_file(out_dir / "analysis_summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     logged = _log_wandb(tables, images)
     print_summary(summary["models"], suit)
-    print(f"\nWrote {', '.join(sorted(f'{k}.csv' for k in tables))}, "
-          f"{', '.join(sorted(p.name for p in images.values()))} and analysis_summary.json to {out_dir}"
-          + (" (and to W&B)" if logged else ""))
+    print(f"\nWrote {', '.join(files)} and analysis_summary.json to {out_dir}" + (" (and to W&B)" if logged else ""))
+    if stale:  # kept (nothing is deleted), but they are another run's: say so
+        print(f"[analyze] left from an earlier analysis in {out_dir}, not this run's: {', '.join(stale)}")
     return summary
+
+
+def _earlier_files(path: Path) -> list[str]:
+    """The files an earlier `analysis_summary.json` at `path` lists (none when there is no readable one)."""
+    try:
+        files = json.loads(path.read_text()).get("files") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return []
+    return [str(f) for f in files] if isinstance(files, list) else []
