@@ -242,10 +242,12 @@ def checkable_checkpoint(path: Any) -> bool:
     return not Path(text).expanduser().is_dir()
 
 
-def check_named_checkpoint(name: str, out_dir: Path) -> None:
-    """Lightning's `ckpt_path` names resolve in this run's directory, which a new run has just made: `best`
-    never holds one yet, and `last` / `hpc` only when the run directory is an old run's (`hydra.run.dir`).
-    Lightning warns and trains from scratch; here that is an error naming what to set."""
+def check_named_checkpoint(name: str, out_dir: Path, pinned: bool = False) -> None:
+    """Lightning's `ckpt_path` names resolve in this run's directory: `best` never holds one when a run
+    starts, and `last` / `hpc` only when the directory is an old run's. In a directory this run just made
+    (a new timestamped one) Lightning warns and trains from scratch; here that is an error naming what to
+    set. In a `pinned` directory (`hydra.run.dir` given, a sweep's job directory) an empty one is a first
+    run, which starts fresh (a script that always passes ckpt_path=last)."""
     resume = "resume from a file (ckpt_path=<run>/checkpoints/last.ckpt), or pin the run directory: hydra.run.dir=<run>"
     if name == "best":
         raise ConfigError(f"ckpt_path=best is Lightning's best checkpoint of the fit under way, which a new run does "
@@ -253,7 +255,24 @@ def check_named_checkpoint(name: str, out_dir: Path) -> None:
     found = [out_dir / "checkpoints" / "last.ckpt"] if name == "last" else list(out_dir.glob("hpc_ckpt_*.ckpt"))
     if not any(p.is_file() for p in found):
         where = out_dir / "checkpoints" / "last.ckpt" if name == "last" else out_dir / "hpc_ckpt_*.ckpt"
-        raise ConfigError(f"ckpt_path={name}: there is no {where} (this run's directory); {resume} ckpt_path={name}")
+        if pinned:
+            print(f"[resume] ckpt_path={name}: no {where} yet, so this run starts from scratch")
+            return
+        raise ConfigError(f"ckpt_path={name}: there is no {where} (this run's new directory); {resume} "
+                          f"ckpt_path={name}")
+
+
+def _pinned_run_directory() -> bool:
+    """Whether the run directory was chosen on the command line (`hydra.run.dir`) or is a sweep job's,
+    rather than a new timestamped one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN or any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir"
+                                              for o in hc.overrides.hydra)
 
 
 def check_run_inputs(cfg: Any, module: Any) -> None:
@@ -269,7 +288,7 @@ def check_run_inputs(cfg: Any, module: Any) -> None:
     check_optimizer_and_schedule(module.optimizer_factory, module.scheduler)
     path = cfg.get("ckpt_path")
     if path is not None and cfg.get("train", True) and str(path) in LIGHTNING_CKPT_NAMES:
-        check_named_checkpoint(str(path), Path(str(cfg.paths.output_dir)))
+        check_named_checkpoint(str(path), Path(str(cfg.paths.output_dir)), _pinned_run_directory())
     if path is not None and checkable_checkpoint(path):
         ckpt = check_checkpoint(path, module)
         if cfg.get("train", True):

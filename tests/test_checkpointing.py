@@ -287,6 +287,7 @@ def test_lightning_checkpoint_names_resolve_in_this_runs_directory(tmp_path):
     for name in ("last", "hpc"):
         with pytest.raises(ConfigError, match=f"ckpt_path={name}: there is no {re.escape(str(tmp_path))}/"):
             check_named_checkpoint(name, tmp_path)
+        check_named_checkpoint(name, tmp_path, pinned=True)  # hydra.run.dir given: a first run starts fresh
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"x")
