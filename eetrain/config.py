@@ -97,7 +97,10 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
             raise ConfigError(f"{full}.{unexpected.group(1)} is not a setting of {target.group(1)}{allowed}") from None
         if isinstance(cause, ValueError | TypeError) or type(cause).__name__ == "MisconfigurationException":
             check_types(node, key, skip=kwargs)  # a value of the wrong type, by name, before the bare error
-            raise ConfigError(f"{full}: {cause}") from cause
+            # an experiment for GPUs (trainer=gpu) on a machine without one: Lightning does not say what to set
+            hint = ("; this machine has none: trainer=cpu (or trainer.accelerator=cpu)"
+                    if key == "trainer" and "gpu backend" in str(cause).lower() else "")
+            raise ConfigError(f"{full}: {cause}{hint}") from cause
         if isinstance(cause, LookupError | ArithmeticError):  # e.g. an unknown activation name, a zero size
             raise ConfigError(f"{full}: {type(cause).__name__}: {cause} (check the settings under {full})") from cause
         raise

@@ -59,8 +59,22 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike[str], value: Any, **dumps: Any) -> None:
-    """`value` as JSON (indent 2, a final newline) at `path`, atomically (`atomic_file`)."""
+    """`value` as JSON (indent 2, a final newline) at `path`, atomically (`atomic_file`); NaN and
+    infinities become null (JSON has none: strict parsers refuse Python's `NaN`)."""
     import json
 
     with atomic_file(path) as tmp:
-        Path(tmp).write_text(json.dumps(value, indent=2, **dumps) + "\n")
+        Path(tmp).write_text(json.dumps(_finite(value), indent=2, allow_nan=False, **dumps) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float inside dicts, lists and tuples replaced by None."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -371,3 +371,48 @@ def test_a_head_for_another_number_of_classes_is_refused(name, outputs, tokenize
                                           rf"data.num_labels={data.num_labels}"):
         data.check_fits(make_backbone("bert", num_labels=outputs))
     data.check_fits(make_backbone("bert", num_labels=data.num_labels))
+
+
+def test_an_unlabelled_row_hints_at_the_test_split_only_when_it_is_the_test_split(tmp_path):
+    rows = [{"sentence": "a .", "label": -1, "idx": 0}]
+    cfg = local(tmp_path, "glue_sst2", rows, "data.test_split=test", splits=("train", "validation", "test"),
+                model="bert_tiny")
+    dm, _ = build(cfg)
+    with pytest.raises(DataError, match=r"data.test_split='test': row 0: .* is -1; .*\(GLUE's test splits are "
+                                        r"unlabelled: set data.test_split=validation\)"):
+        dm.split_examples("test")
+    with pytest.raises(DataError) as info:
+        dm.split_examples("validation")
+    assert "is -1" in str(info.value) and "test_split" not in str(info.value)
+
+
+def test_best_point_keeps_higher_is_better_for_negative_scores():
+    from eetrain.decoding.curve import best_point
+
+    rows = [{"policy": "full", "pearson": -26.41, "speedup": 1.0},
+            {"policy": "p", "threshold": 1, "pearson": -27.08, "pearson_ratio": -27.08 / -26.41, "speedup": 1.022,
+             "mean_exit_layer": 2.0},
+            {"policy": "p", "threshold": 2, "pearson": -25.59, "pearson_ratio": -25.59 / -26.41, "speedup": 1.01,
+             "mean_exit_layer": 3.0}]
+    assert best_point(rows, "pearson", 0.99, 6)["threshold"] == 2  # the worse score's ratio is the larger one
+
+
+def test_json_outputs_have_no_nan(tmp_path):
+    from eetrain.files import write_json
+
+    write_json(tmp_path / "s.json", {"ratio": float("nan"), "rows": [1.0, float("inf"), {"x": float("-inf")}]})
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"ratio": None, "rows": [1.0, None, {"x": None}]}
+
+
+def test_a_gpu_trainer_on_a_machine_without_one_says_what_to_set():
+    import torch
+
+    from eetrain.config import build as build_node
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"^trainer: .*; this machine has none: trainer=cpu"):
+        build_node({"_target_": "lightning.pytorch.Trainer", "accelerator": "gpu", "devices": 1, "logger": False},
+                   "trainer")

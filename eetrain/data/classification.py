@@ -90,7 +90,8 @@ class ClassificationDataModule(SplitDataModule):
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            hint = " (GLUE's test splits are unlabelled: set data.test_split=validation)" if value == -1 else ""
+            unlabelled = value == -1 and getattr(self, "loading", None) == "test"
+            hint = " (GLUE's test splits are unlabelled: set data.test_split=validation)" if unlabelled else ""
             raise DataError(f"row {i}: data.label_column={self.label_column!r} is {value!r}; allowed: integers "
                             f"0..{self.num_labels - 1} (data.num_labels={self.num_labels}){hint}")
         return label

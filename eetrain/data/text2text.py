@@ -256,6 +256,7 @@ class SplitDataModule(L.LightningDataModule):
         also = [r for r, s in self.splits.items() if s == split]
         rows = load_rows(split, columns=self.fields, role=role, column_keys=self.column_keys, also=also,
                          formats=self.formats, **self.source)
+        self.loading = role  # (a label check's hint depends on the role)
         try:
             self.datasets[role], self.truncation[role] = self.tokenize(rows)
         except DataError as e:

@@ -451,6 +451,15 @@ def best_point(
     """The fastest (policy, threshold) row whose metric is at least `ratio` x the full model's; with
     `num_layers`, among rows where some token left early (a point that never exits is the full model, and
     only timing noise could make it the fastest)."""
-    ok = [r for r in rows if r["policy"] not in ("full", "oracle") and r.get(f"{metric}_ratio", 0) >= ratio
+    full = next((r.get(metric) for r in rows if r["policy"] == "full"), None)
+
+    def good(r: Mapping[str, Any]) -> bool:
+        if full is None or not isinstance(r.get(metric), int | float):
+            return r.get(f"{metric}_ratio", 0) >= ratio
+        # within (1 - ratio) of the full model's |score|: a plain ratio turns over for a negative score
+        # (pearson, matthews), where a worse point has the larger ratio
+        return r[metric] >= full - (1 - ratio) * abs(full)
+
+    ok = [r for r in rows if r["policy"] not in ("full", "oracle") and good(r)
           and (num_layers is None or r.get("mean_exit_layer", 0) < num_layers)]
     return max(ok, key=lambda r: r["speedup"]) if ok else None
