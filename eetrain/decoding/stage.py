@@ -205,7 +205,7 @@ def format_summary(s: dict[str, Any]) -> str:
                    f"last; decoding.policy.exit_points names others")
         else:
             why = ("no check reached the threshold: lower decoding.policy.threshold, or calibrate one "
-                   "(+experiment=evaluate model.name_or_path=<export>)")
+                   "(stages=[policies,generate] in this run, or +experiment=evaluate model.name_or_path=<export>)")
         lines.append(f"  no token left before the last layer: {why}")
     if s.get("scored_examples", s["examples"]) < s["examples"]:
         lines.append(f"  task metrics over the {s['scored_examples']} of {s['examples']} examples that have a reference")
