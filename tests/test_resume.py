@@ -270,3 +270,23 @@ def test_sigterm_after_the_fit_says_what_it_cut_short():
     finally:
         signal.signal(signal.SIGTERM, before)
         stages.running = None
+
+
+@pytest.mark.parametrize("validating", [True, False])
+def test_sigterm_records_whether_it_came_during_validation(validating):
+    import types
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from eetrain.checkpointing import ModelCheckpoint
+
+    callback = ModelCheckpoint(save_last=True)
+    # not fitting: nothing is saved here (the end-to-end test covers the save); the flag is what train.run reads
+    trainer = types.SimpleNamespace(validating=validating, fast_dev_run=False, sanity_checking=False, global_step=3,
+                                    state=types.SimpleNamespace(fn=TrainerFn.VALIDATING))
+    callback.on_exception(trainer, None, SIGTERMException())
+    assert callback.stopped_in_validation is validating
+    other = ModelCheckpoint(save_last=True)
+    other.on_exception(trainer, None, RuntimeError("not a signal"))
+    assert not hasattr(other, "stopped_in_validation")

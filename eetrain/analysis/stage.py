@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from eetrain.errors import ConfigError, boolean, check_keys, positive_int
-from eetrain.files import atomic_file
+from eetrain.files import write_json
 
 from . import agreement, confidence, gating, oracle, saturation, sublayer, subword, suitability
 from .collect import LayerRecords, collect, example_batches, greedy_examples
@@ -495,8 +495,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
     summary = {"models": [r["summary"] for r in results.values()], "suitability": suit,
                "settings": {k: v for k, v in settings.__dict__.items() if k != "models"}, "files": files}
     stale = sorted(set(_earlier_files(out_dir / "analysis_summary.json")) - set(files))
-    with atomic_file(out_dir / "analysis_summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out_dir / "analysis_summary.json", summary, default=str)
     logged = _log_wandb(tables, images)
     print_summary(summary["models"], suit)
     print(f"\nWrote {', '.join(files)} and analysis_summary.json to {out_dir}" + (" (and to W&B)" if logged else ""))

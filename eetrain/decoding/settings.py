@@ -32,7 +32,7 @@ from eetrain.exits.settings import (
     policy_specs,
 )
 from eetrain.exits.thresholds import DecayingThreshold
-from eetrain.files import atomic_file
+from eetrain.files import atomic_file, write_json
 
 from .adaptive import adaptive_settings
 from .generate import BATCH_MODES, STRATEGIES, check_rollback
@@ -320,8 +320,7 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
     policy["strategy"] = decoding_settings(cfg).strategy  # the strategy it was chosen (and calibrated) for
     settings = json.loads(settings_path.read_text())
     settings["policy"] = policy
-    with atomic_file(settings_path) as tmp:
-        Path(tmp).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_json(settings_path, settings, sort_keys=True)
     return policy
 
 
