@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> float:
             log_export_artifact(out_dir / "export", trainer)  # callbacks.wandb_panels.export_artifact=true
         return rows[-1]["loss"]
     finally:
-        if signal.getsignal(signal.SIGTERM) is _stop_after_fit.handler:
+        if signal.getsignal(signal.SIGTERM) is getattr(_stop_after_fit, "handler", None):  # (set once it ran)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb

@@ -290,3 +290,18 @@ def test_sigterm_records_whether_it_came_during_validation(validating):
     other = ModelCheckpoint(save_last=True)
     other.on_exception(trainer, None, RuntimeError("not a signal"))
     assert not hasattr(other, "stopped_in_validation")
+
+
+def test_a_run_that_fails_in_the_fit_reports_its_own_error(tmp_path, monkeypatch):
+    """`run`'s finally puts back SIGTERM's handler from after the fit, also when the fit failed before that
+    handler existed: it must not raise there (an AttributeError took the place of the real error)."""
+    from eetrain import train
+    from eetrain.config import compose
+    from eetrain.errors import ConfigError
+
+    monkeypatch.delattr(train._stop_after_fit, "handler", raising=False)
+    cfg = compose(["+experiment=demo", "logger=none", "trainer.val_check_interval=2000", "trainer.limit_train_batches=2",
+                   "trainer.enable_progress_bar=false", "callbacks.generation_metrics=null",
+                   f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"trainer.val_check_interval=2000: more steps than an epoch has"):
+        train.run(cfg)
