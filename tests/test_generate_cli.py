@@ -72,6 +72,10 @@ def test_the_summary_says_why_no_token_left_early():
            "layer 3 below the last" in text
     text = format_summary({**summary, "min_exit_layer": 2, "exit_points": [2, 4]})
     assert "no check reached the threshold" in text
+    text = format_summary({**summary, "min_exit_layer": 2, "calibrated_here": True})
+    assert "no check reached the threshold, and this run's policies stage certified none (calibration.json): " \
+           "lower decoding.policy.threshold, or allow more risk (exit.calibration.delta" in text
+    assert "+experiment=evaluate" not in text  # natural_llama-like runs write no export to point at
 
 
 def test_policy_fields_fill_from_the_export_then_the_fallback(tmp_path):

@@ -227,6 +227,23 @@ def test_natural_llama_adds_no_parameters(saved_llama):
     torch.testing.assert_close(bb.exit_logits(bb(batch).hidden[-1]), bb.model_logits(batch))
 
 
+def test_natural_llama_decodes_with_what_its_policies_stage_certified(tmp_path, saved_llama):
+    """The recipe sets no decoding.policy, so a threshold its own calibration certified is the one used
+    (a measure or threshold in the recipe would override it); none certified: softmax gap 0.9."""
+    from hydra.utils import instantiate
+
+    from eetrain.decoding.settings import run_policy_fields
+
+    cfg = compose(["+experiment=natural_llama", f"model.name_or_path={saved_llama}", "exit.min_exit_layer=2"])
+    bb = instantiate(cfg.model)
+    fields, where = run_policy_fields(cfg, bb, tmp_path, str(saved_llama))
+    assert (fields["measure"], fields["threshold"], fields["min_exit_layer"]) == ("softmax_gap", 0.9, 2)
+    (tmp_path / "calibration.json").write_text(json.dumps([{"policy": "softmax_gap", "threshold": 0.37}]))
+    fields, where = run_policy_fields(cfg, bb, tmp_path, str(saved_llama))
+    assert (fields["measure"], fields["threshold"], fields["min_exit_layer"]) == ("softmax_gap", 0.37, 2)
+    assert fields["calibrated"] is True and where == str(tmp_path)
+
+
 def test_layerskip_llama_offline_stops_with_the_hub_message(tmp_path, saved_llama):
     r = cli("+experiment=layerskip_llama", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -298,3 +315,8 @@ def test_natural_llama_on_a_saved_model_without_training(tmp_path, saved_llama):
     calibrated = json.loads((out / "calibration.json").read_text())[0]
     if calibrated["threshold"] is not None:
         assert summary["policy"] == f"{calibrated['policy']}:{calibrated['threshold']:g}"
+        assert "calibrated_here" not in summary
+    else:  # none certified: the hint names this run's calibration, not an export the recipe does not write
+        assert summary["calibrated_here"] is True
+        if summary["mean_exit_layer"] >= summary["num_layers"]:
+            assert "this run's policies stage certified none" in r.stdout

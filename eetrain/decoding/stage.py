@@ -203,6 +203,10 @@ def format_summary(s: dict[str, Any]) -> str:
         elif points is not None and not any(floor <= p < L for p in points):
             why = (f"the policy's exit points {points} (the trained exits) leave none from layer {floor} below the "
                    f"last; decoding.policy.exit_points names others")
+        elif s.get("calibrated_here"):
+            why = ("no check reached the threshold, and this run's policies stage certified none "
+                   "(calibration.json): lower decoding.policy.threshold, or allow more risk "
+                   "(exit.calibration.delta, exit.calibration.epsilon)")
         else:
             why = ("no check reached the threshold: lower decoding.policy.threshold, or calibrate one "
                    "(stages=[policies,generate] in this run, or +experiment=evaluate model.name_or_path=<export>)")
@@ -289,6 +293,10 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
         if policy.exit_points is not None:
             summary["exit_points"] = sorted(policy.exit_points)
     summary.update(flops_summary(counted))
+    node = (cfg.get("decoding") or {}).get("policy") or {}
+    if (Path(out_dir) / "calibration.json").is_file() and policy_dir != str(out_dir) \
+            and node.get("measure") is None and node.get("threshold") is None:
+        summary["calibrated_here"] = True  # this run's policies stage ran and certified no threshold
     from eetrain.task_metrics import TEXT_METRICS
 
     headline = getattr(data, "metric", None)  # text tasks; none for plain text (causal LM packing)
