@@ -320,3 +320,15 @@ def test_natural_llama_on_a_saved_model_without_training(tmp_path, saved_llama):
         assert summary["calibrated_here"] is True
         if summary["mean_exit_layer"] >= summary["num_layers"]:
             assert "this run's policies stage certified none" in r.stdout
+
+
+def test_blocks_past_the_models_positions_get_a_note(tmp_path, capsys):
+    llama = make_backbone("llama")  # max_position_embeddings=128
+    packed(tmp_path, llama.tokenizer).check_fits(llama)
+    assert "note" not in capsys.readouterr().out
+    packed(tmp_path, llama.tokenizer, block_size=256).check_fits(llama)
+    out = capsys.readouterr().out
+    assert "[data] note: data.block_size=256 / data.prompt_length + data.max_target_length=4 reach position 256, " \
+           "past the model's 128 positions (model.config.max_position_embeddings)" in out
+    packed(tmp_path, llama.tokenizer, prompt_length=100, max_target_length=100).check_fits(llama)
+    assert "reach position 200, past the model's 128 positions" in capsys.readouterr().out

@@ -155,6 +155,17 @@ class PackedTextDataModule(SplitDataModule):
             # offline, stop now (before the model is moved or the trainer is built), not at setup
             check_dataset_reachable(hf_name, columns=self.column_keys)
 
+    def check_fits(self, backbone: Any) -> None:
+        super().check_fits(backbone)
+        trained = getattr(backbone.model.config, "max_position_embeddings", None)
+        longest = max(self.block_size, self.prompt_length + self.max_target_length)
+        if isinstance(trained, int) and longest > trained:
+            # rotary positions run past it (no index error), but the model never saw them: a note, not an error
+            print(f"[data] note: data.block_size={self.block_size} / data.prompt_length + data.max_target_length="
+                  f"{self.prompt_length + self.max_target_length} reach position {longest}, past the model's "
+                  f"{trained} positions (model.config.max_position_embeddings); rotary embeddings extrapolate "
+                  "there: lower data.block_size, or extend the model's positions (rope_scaling)")
+
     def texts(self, rows: list[dict[str, Any]]) -> list[str]:
         """Each row's document, stripped (whitespace at a document's ends carries nothing)."""
         if self.template is None:
