@@ -12,8 +12,11 @@ Every metric is on a 0-100 scale and higher is better:
   (effective order) per example.
 - ``squad_em``, ``squad_f1``: SQuAD v1.1's official exact match / token F1 (lowercase, no punctuation,
   no articles a/an/the, single spaces) x 100, max over the ground truths of each example.
-- ``accuracy``, ``f1`` (binary F1 of class 1: GLUE MRPC / QQP), ``matthews`` (CoLA), ``pearson`` and
-  ``spearman`` (STS-B): ``torchmetrics.functional`` x 100.
+- ``accuracy``, ``f1`` (binary F1 of class 1: GLUE MRPC / QQP): ``torchmetrics.functional`` x 100;
+  ``matthews`` (CoLA): sklearn's (GLUE's) formula on the confusion matrix, 0 when the predictions or the
+  labels are all one class (torchmetrics gives +-8 for an exit that always says the majority class);
+  ``pearson`` and ``spearman`` (STS-B): Pearson's r of the scores / of their average ranks (ties share
+  the mean rank, as scipy), NaN for a constant side, a NaN input or a single example.
 
 With several references per example, ROUGE and SQuAD take the best reference per example, BLEU counts
 n-grams against all of them (multi-reference BLEU).
@@ -29,13 +32,13 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
 from torch import Tensor
-from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 from torchmetrics.functional.classification import (
     binary_f1_score,
     multiclass_accuracy,
-    multiclass_matthews_corrcoef,
+    multiclass_confusion_matrix,
 )
 
 from eetrain.errors import ConfigError
@@ -148,12 +151,45 @@ def label_scores(
                 raise ValueError("f1 is the binary F1 of class 1 and needs class ids in {0, 1}")
             out["f1"] = float(binary_f1_score(preds, target))
         if "matthews" in names:
-            out["matthews"] = float(multiclass_matthews_corrcoef(preds, target, num_classes=k))
+            out["matthews"] = matthews(multiclass_confusion_matrix(preds, target, num_classes=k))
     if "pearson" in names:
-        out["pearson"] = float(pearson_corrcoef(preds.double(), target.double()))
+        out["pearson"] = pearson(preds.double(), target.double())
     if "spearman" in names:
-        out["spearman"] = float(spearman_corrcoef(preds.double(), target.double()))
+        out["spearman"] = spearman(preds.double(), target.double())
     return {n: 100.0 * out[n] for n in names}
+
+
+def matthews(confusion: Tensor) -> float:
+    """Matthews correlation of a (K, K) confusion matrix (rows: labels, columns: predictions), the
+    K-class form sklearn and GLUE use: (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)) with c the correct
+    count, s the total, t / p the per-class label / prediction counts; 0 when a factor is 0."""
+    cm = confusion.double()
+    t, p, c, s = cm.sum(1), cm.sum(0), cm.trace(), cm.sum()
+    denominator = (s * s - p @ p) * (s * s - t @ t)
+    return float((c * s - t @ p) / denominator.sqrt()) if denominator > 0 else 0.0
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson's r of (N,) float64 tensors; NaN when either is constant, holds a NaN, or N < 2."""
+    if len(x) < 2 or bool(x.isnan().any() or y.isnan().any()):
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = (dx @ dx * (dy @ dy)).sqrt()
+    return float((dx @ dy) / denominator) if denominator > 0 else float("nan")
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rho of (N,) float64 tensors: Pearson's r of their average ranks; NaN as `pearson`."""
+    if bool(x.isnan().any() or y.isnan().any()):  # ranking would place a NaN as the largest value
+        return float("nan")
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """(N,) ranks 1..N of `x`, tied values sharing the mean of their ranks (scipy's `rankdata`)."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    first = counts.cumsum(0) - counts + 1
+    return (first + (counts - 1) / 2).double()[inverse]
 
 
 def _check_text(predictions: Sequence[str], references: Sequence[Reference]) -> list[list[str]]:

@@ -123,6 +123,20 @@ def test_metric_risks_hand_checked():
     assert want == pytest.approx([0.0, 0.0])  # here early exit matched or beat the full model
 
 
+def test_metric_risks_stay_in_0_1_and_identical_outputs_carry_none():
+    from eetrain.exits.calibration import ltt_scan
+
+    # sacrebleu scores identical texts 100.00000000000004: risks were -4e-16 and 1 + 4e-16, and LTT refused them
+    risks = metric_risks("bleu", ["the cat sat", "a dog"], ["the cat sat", "a cat"])
+    assert risks[0] == 0.0 and 0.0 <= float(risks[1]) <= 1.0
+    assert metric_risks("bleu", ["zzz qqq"], ["the cat sat on the mat"], ["the cat sat on the mat"]).tolist() == [1.0]
+    ltt_scan({0.9: risks}, [0.9], 0.05, 0.1)
+    # outputs identical to the full model's are consistent, even where the metric scores them 0
+    same = ["", "北京欢迎你", "ok"]
+    for metric in ("rougeL", "rouge2", "squad_f1", "bleu"):
+        assert metric_risks(metric, same, same).tolist() == [0.0, 0.0, 0.0], metric
+
+
 def test_metric_risk_settings():
     with pytest.raises(ConfigError, match=r"exit.calibration.risk=rougeL is measured on decoded text: set "
                                           r"exit.calibration.online=true"):
@@ -148,7 +162,10 @@ def test_online_calibration_on_rouge_picks_what_a_hand_run_confirms():
     chosen = None
     for t in grid:
         out = text([s for b in prompts for s in generate(model, b, template.with_threshold(t), max_new_tokens=6).sequences()])
-        risk = sum(1 - r / 100 for r in sentence_scores("rougeL", out, full)) / len(full)
+        # an output identical to the full model's carries no risk, even where ROUGE scores it below 100
+        scores = sentence_scores("rougeL", out, full)
+        risks = [0.0 if o == f else 1 - r / 100 for o, f, r in zip(out, full, scores, strict=True)]
+        risk = sum(risks) / len(full)
         if hoeffding_bentkus_pvalue(risk, delta, len(full)) > epsilon:
             break
         chosen = t

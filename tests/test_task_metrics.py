@@ -283,6 +283,20 @@ def test_label_metrics_hand_checked():
     assert s == pytest.approx({"accuracy": 75.0, "f1": 75.0, "matthews": 50.0})
 
 
+def test_matthews_is_sklearns_in_degenerate_cases():
+    # an exit that always says the majority class, or one class only on either side: 0 (sklearn, GLUE);
+    # torchmetrics gave 8.2 / -8.2 / 100 / -100 here
+    labels = torch.tensor([1] * 69 + [0] * 31)
+    assert label_scores(["matthews"], torch.ones(100, dtype=torch.long), labels)["matthews"] == 0.0
+    assert label_scores(["matthews"], torch.zeros(100, dtype=torch.long), labels)["matthews"] == 0.0
+    assert label_scores(["matthews"], torch.tensor([1, 1, 1]), torch.tensor([1, 1, 1]))["matthews"] == 0.0
+    assert label_scores(["matthews"], torch.tensor([0]), torch.tensor([1]))["matthews"] == 0.0
+    # 3 classes, hand-checked with the K-class formula: labels 0 0 1 1 2 2, preds 0 1 1 1 2 0
+    # t = (2, 2, 2), p = (2, 3, 1), c = 4, s = 6: (4*6 - 12) / sqrt((36 - 14)(36 - 12)) = 12 / sqrt(528)
+    s = label_scores(["matthews"], torch.tensor([0, 1, 1, 1, 2, 0]), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert s["matthews"] == pytest.approx(100 * 12 / 528**0.5)
+
+
 def test_label_metrics_multiclass_accuracy():
     # 3 of 4 right -> 75, whatever num_classes is (inferred 3 here, or given).
     preds, labels = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1, 1, 2])
@@ -296,10 +310,22 @@ def test_label_metrics_correlations():
     x = torch.tensor([0.5, 1.0, 2.5, 4.0, 4.5])
     assert label_scores(["pearson"], x, 2 * x + 1)["pearson"] == pytest.approx(100.0)
     assert label_scores(["pearson"], x, -x)["pearson"] == pytest.approx(-100.0)
-    # Ranks 1 2 3 4 vs 1 2 4 3: sum d^2 = 2, rho = 1 - 6*2 / (4*(16-1)) = 0.8 -> 80 (torchmetrics adds
-    # 1e-6 to the denominator, hence the tolerance).
+    # Ranks 1 2 3 4 vs 1 2 4 3: sum d^2 = 2, rho = 1 - 6*2 / (4*(16-1)) = 0.8 -> 80
     s = label_scores(["spearman"], torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 40.0, 30.0]))
-    assert s["spearman"] == pytest.approx(80.0, abs=1e-3)
+    assert s["spearman"] == pytest.approx(80.0, abs=1e-9)
+    # a perfect ranking is exactly 100 (torchmetrics' 1e-6 in the denominator gave 99.99992)
+    s = label_scores(["spearman"], torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([2.0, 4.0, 6.0, 7.0]))
+    assert s["spearman"] == 100.0
+    # ties share their mean rank: x ranks 1 2.5 2.5 4, y ranks 1 2 3 4; d = 0 .5 -.5 0;
+    # rho = cov / (sd sd) = (sum dx dy) / sqrt(sum dx^2 sum dy^2) = 4.5 / sqrt(4.5 * 5) = 0.948683
+    s = label_scores(["spearman"], torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert s["spearman"] == pytest.approx(100 * 4.5 / (4.5 * 5) ** 0.5)
+    # undefined cases are NaN (scipy's), not a number: a constant side, a NaN score, one example
+    for preds, labels in ((torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])),
+                          (torch.tensor([1.0, float("nan"), 3.0]), torch.tensor([1.0, 2.0, 3.0])),
+                          (torch.tensor([1.0]), torch.tensor([2.0]))):
+        s = label_scores(["pearson", "spearman"], preds, labels)
+        assert math.isnan(s["pearson"]) and math.isnan(s["spearman"]), (preds, labels)
     assert list(label_scores(LABEL_METRICS[3:], x, x**2)) == ["pearson", "spearman"]
 
 

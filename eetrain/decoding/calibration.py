@@ -61,15 +61,18 @@ def metric_risks(
     metric: str, outputs: Sequence[str], full: Sequence[str], references: Sequence[Any] | None = None
 ) -> torch.Tensor:
     """Per-sequence task-metric risk in [0, 1] (metric on 0-100): `1 - m(output, full)/100` without
-    references (textual consistency), `max(0, m(full, ref) - m(output, ref))/100` with them."""
+    references (textual consistency; 0 for an output identical to the full model's, which some metrics
+    score 0: empty text, one word under rouge2, text ROUGE's tokenizer drops), `max(0, m(full, ref) -
+    m(output, ref))/100` with them. Scores are clipped to [0, 100] (sacrebleu gives 100.00000000000004)."""
     from eetrain.task_metrics import sentence_scores
 
+    def scores(texts: Sequence[str], against: Sequence[Any]) -> torch.Tensor:
+        return torch.tensor(sentence_scores(metric, texts, against), dtype=torch.float64).clamp(0.0, 100.0)
+
     if references is None:
-        scores = sentence_scores(metric, outputs, list(full))
-        return 1.0 - torch.tensor(scores, dtype=torch.float64) / 100.0
-    ee = torch.tensor(sentence_scores(metric, outputs, references), dtype=torch.float64)
-    base = torch.tensor(sentence_scores(metric, full, references), dtype=torch.float64)
-    return (base - ee).clamp(min=0.0) / 100.0
+        identical = torch.tensor([o == f for o, f in zip(outputs, full, strict=True)])
+        return torch.where(identical, 0.0, 1.0 - scores(outputs, list(full)) / 100.0)
+    return (scores(full, references) - scores(outputs, references)).clamp(min=0.0) / 100.0
 
 
 def calibrate_online(
