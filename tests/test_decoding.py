@@ -370,6 +370,17 @@ def test_output_accounting(model):
         (dict(policy=ExitPolicy("softmax_gap", 0.5, min_exit_layer=6)), "min_exit_layer=6 exceeds"),
         (dict(policy=ExitPolicy(CalmClassifier(48), 0.5)), "hidden size 48"),
         (dict(temperature=-1.0), "decoding.temperature"),
+        (dict(temperature=float("nan")), "decoding.temperature=nan"),  # nan < 0 is False: it decoded greedily
+        (dict(temperature=float("inf")), "decoding.temperature=inf"),
+        (dict(policy=ScheduledExits("fixed:6", 8)), "exits='fixed:6' was scheduled for 8 layers; the model has 4"),
+        (dict(gather_min_batch=0), "decoding.gather_min_batch=0; allowed: null"),
+        (dict(gather_min_batch=-5), "decoding.gather_min_batch=-5"),
+        # self_speculative ignored these without a word
+        (dict(strategy="self_speculative", batch_mode="gather"), "self_speculative takes no batch_mode"),
+        (dict(strategy="self_speculative", record=True), "self_speculative takes no record"),
+        (dict(strategy="self_speculative", rollback=1.0), "self_speculative takes no rollback"),
+        (dict(strategy="self_speculative", agreement=True, candidates=4), "takes no agreement, candidates"),
+        (dict(strategy="self_speculative", check_every=2), "self_speculative takes no check_every"),
     ],
 )
 def test_bad_input_names_the_key(model, kwargs, match):
@@ -380,6 +391,28 @@ def test_bad_input_names_the_key(model, kwargs, match):
 def test_batch_without_attention_mask_is_refused(model):
     with pytest.raises(ConfigError, match="input_ids and attention_mask"):
         generate(model, {"input_ids": torch.tensor([SOURCE])}, None, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("ids, mask", [
+    ([[5, 6, 7]], [[1, 1]]),  # a narrower mask read as left padding: another prompt, decoded without an error
+    ([5, 6, 7], [1, 1, 1]),
+    ([[5, 6, 7]], [[1, 1, 1], [1, 1, 1]]),
+    (torch.zeros(0, 3), torch.zeros(0, 3)),  # no rows
+])
+def test_ids_and_mask_of_different_shapes_are_refused(model, ids, mask):
+    batch = {"input_ids": torch.as_tensor(ids).long(), "attention_mask": torch.as_tensor(mask).long()}
+    with pytest.raises(ConfigError, match="decoding needs input_ids and attention_mask of one shape"):
+        generate(model, batch, None, max_new_tokens=2)
+
+
+def test_self_speculative_reports_where_its_time_goes(model):
+    out = generate(model, one(), None, strategy="self_speculative", draft_layer=2, draft_tokens=3, max_new_tokens=6,
+                   stop_at_eos=False)
+    assert out.prefill_seconds > 0 and out.layer_seconds > 0 and out.head_seconds > 0
+    assert out.other_seconds < out.seconds and out.seconds_per_layer > 0
+    # rounds of 3 drafts at layers 1..2 and one verification through layers 3..4
+    rounds = out.layer_calls // (3 * 2 + (L - 2))
+    assert rounds >= 1 and out.layer_calls == rounds * (3 * 2 + (L - 2))
 
 
 def test_sequence_head_is_refused():

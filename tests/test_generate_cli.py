@@ -202,6 +202,9 @@ def test_the_export_s_feature_space_reaches_the_decoder(tmp_path):
         ("decoding.policy.kwargs=abc", r"decoding.policy.kwargs='abc'; allowed: null or a mapping"),
         ("decoding.policy.kwargs=[1,2]", r"decoding.policy.kwargs=\[1, 2\]; allowed: null or a mapping"),
         ("decoding.policy.exit_points=3", r"decoding.policy.exit_points=3; allowed: null \(every layer\) or a list"),
+        # an empty list had become null (every layer): tokens exited at layer 1
+        ("decoding.policy.exit_points=[]", r"decoding.policy: exit_points must be ascending distinct integers >= 1, "
+                                           r"got \[\]"),
     ],
 )
 def test_bad_policy_names_the_key(override, match):
@@ -249,7 +252,8 @@ def test_bad_decoding_settings_name_the_key():
         decoding_settings(compose(["decoding.max_examples=0"]))
     for key, value, allowed in (("gather_min_batch", "abc", "null (the measured crossover) or an integer >= 1"),
                                 ("draft_layer", "0", "null (half the model's layers) or an integer >= 1"),
-                                ("temperature", "-1", "a number >= 0"), ("top_p", "0", "0 < top_p <= 1"),
+                                ("temperature", "-1", "a number >= 0"), ("temperature", "nan", "a number >= 0"),
+                                ("temperature", "inf", "a number >= 0"), ("top_p", "0", "0 < top_p <= 1"),
                                 ("top_p", "high", "0 < top_p <= 1"),
                                 ("flops_examples", "-1", "null (every example), 0 (no FLOP count) or a number")):
         with pytest.raises(ConfigError, match=rf"decoding.{key}=.*; allowed: {re.escape(allowed)}"):
@@ -262,6 +266,9 @@ def test_bad_decoding_settings_name_the_key():
     with pytest.raises(ConfigError, match=r"decoding.batch_mode='gather': self_speculative decodes every row at "
                                           r"once.*allowed with it: auto"):
         decoding_settings(compose(["decoding.strategy=self_speculative", "decoding.batch_mode=gather"]))
+    with pytest.raises(ConfigError, match=r"decoding.gather_min_batch=8: self_speculative decodes every row at "
+                                          r"once.*allowed with it: null"):
+        decoding_settings(compose(["decoding.strategy=self_speculative", "decoding.gather_min_batch=8"]))
 
 
 def test_self_speculative_refuses_an_exit_policy_it_would_not_use():

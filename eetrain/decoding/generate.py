@@ -40,6 +40,7 @@ accepting its own drafts and moving on at its own cache slots (LayerSkip decodes
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -201,8 +202,13 @@ def _check(
             f"decoding needs a batch with input_ids and attention_mask (got keys {sorted(batch)}); "
             "build it with the backbone's collate or the tokenizer's padding"
         )
-    if temperature < 0:
-        raise ConfigError(f"decoding.temperature={temperature!r}; allowed: >= 0 (0 = greedy)")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.ndim != 2 or tuple(mask.shape) != tuple(ids.shape) or ids.shape[0] == 0:
+        # a narrower mask would read as left padding (LLaMA) and decode another prompt without an error
+        raise ConfigError(f"decoding needs input_ids and attention_mask of one shape (batch >= 1, length); got "
+                          f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature < math.inf:
+        raise ConfigError(f"decoding.temperature={temperature!r}; allowed: a number >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
         raise ConfigError(f"decoding.top_p={top_p!r}; allowed: 0 < top_p <= 1")
 
@@ -213,6 +219,9 @@ def _as_decider(
     if isinstance(policy, str):
         return ScheduledExits(policy, backbone.num_layers, seed=seed)
     if isinstance(policy, ScheduledExits):
+        if policy.num_layers != backbone.num_layers:
+            raise ConfigError(f"exits={policy.spec!r} was scheduled for {policy.num_layers} layers; the model has "
+                              f"{backbone.num_layers}")
         return policy
     if policy is not None and not isinstance(policy, ExitPolicy):
         raise ConfigError(
@@ -355,6 +364,15 @@ def generate(
                         "decoding.strategy=self_speculative takes no exit policy (it drafts at decoding.draft_layer "
                         "and verifies every draft with the full model); allowed with a policy: copy, parallel"
                     )
+                unused = {"batch_mode": batch_mode != "auto", "record": record, "agreement": agreement,
+                          "rollback": rollback is not None, "candidates": candidates is not None,
+                          "check_every": check_every is not None, "gather_min_batch": gather_min_batch is not None}
+                if any(unused.values()):  # each would be ignored without a word
+                    raise ConfigError(
+                        f"decoding.strategy=self_speculative takes no {', '.join(k for k, v in unused.items() if v)} "
+                        "(it drafts every row at decoding.draft_layer and verifies with the full model); those "
+                        "belong to copy and parallel"
+                    )
                 sampler = _Sampler(temperature, top_p, seed, batch["input_ids"].device)
                 out = _self_speculative(backbone, batch, max_new_tokens, draft_layer, draft_tokens, sampler,
                                         stop_at_eos, counter)
@@ -389,8 +407,12 @@ def _decoder(
     device = batch["input_ids"].device
     if rollback is not None:
         _check_rollback(rollback, strategy, decider, temperature, record)
+    if gather_min_batch is not None and (isinstance(gather_min_batch, bool) or not isinstance(gather_min_batch, int)
+                                         or gather_min_batch < 1):
+        raise ConfigError(f"decoding.gather_min_batch={gather_min_batch!r}; allowed: null (the measured crossover) "
+                          "or an integer >= 1")
     if batch_mode == "auto":
-        crossover = gather_min_batch or GATHER_MIN_BATCH.get(device.type, 64)
+        crossover = gather_min_batch if gather_min_batch is not None else GATHER_MIN_BATCH.get(device.type, 64)
         batch_mode = "gather" if size >= crossover else "ride_along"
     sampler = _Sampler(temperature, top_p, seed, device)
     if record or rollback is not None:  # each row on its own: its own exits, its own deep passes
@@ -911,8 +933,11 @@ def _self_speculative(
     start = time.perf_counter()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     ctx = backbone.decode_init(inputs, max_new + k)  # drafts may run k - 1 slots past the last kept token
+    prefill_seconds = time.perf_counter() - start
     if counter is not None:
         counter.mark()
+    layer_seconds = head_seconds = 0.0
+    layer_calls = 0
     B = ctx.batch_size
     # Rows sit at different slots, so a row's attention spans slots that only rows ahead of it have
     # written: masked, but a masked weight (0) times uninitialised memory (NaN, inf) is still NaN.
@@ -943,10 +968,15 @@ def _self_speculative(
         drafts, states, draft_probs = [], [], []
         for i in range(k):  # draft with layers 1..E
             h = backbone.decode_embed(x[:, None])
+            t0 = time.perf_counter()
             for layer in range(1, E + 1):
                 h = backbone.decode_layer(ctx, layer, h, sub, (base + i)[:, None])
+            t1 = time.perf_counter()
             states.append(h)
             logits = backbone.exit_logits(h[:, 0], E)
+            head_seconds += time.perf_counter() - t1
+            layer_seconds += t1 - t0
+            layer_calls += E
             if sampling:
                 draft_probs.append(sampler.probs(logits))
                 x = torch.multinomial(draft_probs[-1], 1, generator=sampler.generator)[:, 0]
@@ -954,9 +984,14 @@ def _self_speculative(
                 x = logits.argmax(dim=-1)
             drafts.append(x)
         h = torch.cat(states, dim=1)  # (n, k, d): layer-E states of the inputs at base..base+k-1
+        t0 = time.perf_counter()
         for layer in range(E + 1, L + 1):  # verify every row's drafts with the deep layers in one pass
             h = backbone.decode_layer(ctx, layer, h, sub, base[:, None] + offsets)
+        t1 = time.perf_counter()
         full = backbone.exit_logits(h.reshape(-1, h.shape[-1])).view(len(rows), k, -1)
+        head_seconds += time.perf_counter() - t1
+        layer_seconds += t1 - t0
+        layer_calls += L - E
         draft = torch.stack(drafts, dim=1)
         if sampling:
             uniform = torch.rand(draft.shape, generator=sampler.generator, device=dev)
@@ -993,6 +1028,10 @@ def _self_speculative(
         num_layers=L,
         seconds=seconds,
         decision_seconds=0.0,
+        prefill_seconds=prefill_seconds,
+        layer_seconds=layer_seconds,
+        head_seconds=head_seconds,  # the drafts' and the verification's head
+        layer_calls=layer_calls,
         policy=f"draft:{E}x{k}",
         strategy="self_speculative",
         batch_mode="batched",  # every row at once, each at its own slots

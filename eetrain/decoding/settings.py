@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -91,6 +92,9 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
     if node["strategy"] == "self_speculative" and node.get("batch_mode", "auto") != "auto":
         raise ConfigError(f"decoding.batch_mode={node['batch_mode']!r}: self_speculative decodes every row at once, "
                           "each at its own cache slots (no ride_along or gather); allowed with it: auto")
+    if node["strategy"] == "self_speculative" and node.get("gather_min_batch") is not None:
+        raise ConfigError(f"decoding.gather_min_batch={node['gather_min_batch']!r}: self_speculative decodes every row "
+                          "at once (no ride_along or gather to choose between); allowed with it: null")
     positive_int(node.get("max_examples"), "decoding.max_examples", null="the whole split")
     for key in ("max_new_tokens", "batch_size", "draft_tokens"):
         positive_int(node.get(key, 1), f"decoding.{key}")
@@ -101,7 +105,7 @@ def decoding_settings(cfg: Any, model_dir: str | None = None) -> DecodingSetting
         raise ConfigError(f"decoding.flops_examples={flops!r}; allowed: null (every example), 0 (no FLOP count) "
                           "or a number of examples >= 1")
     temperature, top_p = node.get("temperature", 0.0), node.get("top_p", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature < math.inf:
         raise ConfigError(f"decoding.temperature={temperature!r}; allowed: a number >= 0 (0: greedy)")
     if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
         raise ConfigError(f"decoding.top_p={top_p!r}; allowed: 0 < top_p <= 1")
@@ -281,7 +285,7 @@ def _build_policy(
             threshold=threshold,
             min_exit_layer=min_exit_layer,
             measure_kwargs=kwargs,
-            exit_points=tuple(points) if points else None,
+            exit_points=tuple(points) if points is not None else None,
             features=features,
         )
     except ValueError as e:
