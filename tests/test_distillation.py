@@ -38,8 +38,12 @@ def test_uniform_deep_teachers_by_hand(num_layers, shallow, expected):
 @pytest.mark.parametrize(
     "num_layers, shallow, expected",
     [
-        # FREE's table: round(j * L / L_s)
+        # round(j * L / L_s), and FREE's table where it has the depths (equal to the formula but at 24 / 10)
         (24, 6, (4, 8, 12, 16, 20, 24)),  # j * 4
+        (24, 10, (3, 6, 8, 11, 13, 16, 18, 20, 22, 24)),  # FREE's table; the formula gives 2, 5, 7, 10, 12, 14, ...
+        (24, 12, tuple(range(2, 25, 2))),
+        (24, 4, (6, 12, 18, 24)),
+        (12, 3, (4, 8, 12)),
         (12, 4, (3, 6, 9, 12)),  # j * 3
         (24, 8, (3, 6, 9, 12, 15, 18, 21, 24)),
         (12, 6, (2, 4, 6, 8, 10, 12)),
@@ -55,6 +59,15 @@ def test_uniform_deep_teachers_by_hand(num_layers, shallow, expected):
 def test_uniform_teachers_are_frees_table_by_hand(num_layers, shallow, expected):
     assert uniform_teachers(num_layers, shallow) == expected
     assert distillation_pairs("uniform", num_layers, shallow) == tuple(zip(range(1, shallow + 1), expected, strict=True))
+
+
+def test_frees_table_is_the_formula_but_at_24_10():
+    from eetrain.losses.distillation import FREE_TEACHERS
+
+    for num_layers, table in FREE_TEACHERS.items():
+        for shallow, teachers in table.items():
+            formula = tuple(max(j + 1, (2 * j * num_layers + shallow) // (2 * shallow)) for j in range(1, shallow + 1))
+            assert (teachers == formula) == ((num_layers, shallow) != (24, 10)), (num_layers, shallow)
 
 
 def test_uniform_teachers_any_depth():

@@ -10,19 +10,24 @@ with MSE the mean over positions and features, and s_j optionally passed through
 Linear(d, d) first. Mappings:
 
 * ``last``: one pair, (L_s, L).
-* ``uniform`` (FREE's table and the methods sheet): student j (1..L_s) to layer
+* ``uniform`` (the methods sheet; FREE's table where it has one): student j (1..L_s) to layer
   u(j) = max(j + 1, floor(j * L / L_s + 1/2)), i.e. round(j * L / L_s): the layers evenly spaced at
-  the students' relative depths, ending at L. E.g. L=24, L_s=6: 4, 8, ..., 24 (FREE's public table);
-  L=12, L_s=4: 3, 6, 9, 12; L=4, L_s=2: 2, 4. The first teachers may themselves be shallow layers
-  (their states are detached all the same); the floor j + 1 only acts when L < 2 L_s and
-  round(j * L / L_s) would be j itself (a student never learns from its own state), e.g. L=5, L_s=4:
-  2, 3, 4, 5.
+  the students' relative depths, ending at L. E.g. L=24, L_s=6: 4, 8, ..., 24; L=12, L_s=4: 3, 6, 9,
+  12; L=4, L_s=2: 2, 4. The depths FREE's public code tabulates (`FREE_TEACHERS`: L=24 with L_s = 4,
+  6, 8, 10, 12; L=12 with L_s=3) take its table; it equals the formula but for L=24, L_s=10, where
+  FREE has 3, 6, 8, 11, 13, 16, 18, 20, 22, 24 (the formula: 2, 5, 7, 10, 12, 14, 17, 19, 22, 24).
+  The first teachers may themselves be shallow layers (their states are detached all the same);
+  the floor j + 1 only acts when L < 2 L_s and round(j * L / L_s) would be j itself (a student
+  never learns from its own state), e.g. L=5, L_s=4: 2, 3, 4, 5.
 * ``uniform_deep``: every teacher a deep layer: student j to L_s + max(1, floor(j * D / L_s + 1/2)),
   D = L - L_s, the deep layers evenly spaced at the students' relative depths, ending at L. E.g. L=24,
   L_s=6: 9, 12, ..., 24; L=12, L_s=4: 6, 8, 10, 12; L=4, L_s=2: 3, 4. When D < L_s several students
   share a teacher. (eetrain's ``uniform`` before issue 11.)
 * ``closest``: the teachers are the distinct ``uniform_deep`` teachers t_1 < ... < t_n (deep layers only); which student each
-  one pulls is chosen anew every step from the current (detached) MSEs. See `closest_alignment`.
+  one pulls is chosen anew every step from the current (detached) MSEs. See `closest_alignment`. The
+  walk is FREE's dynamic mapping; its teachers are the methods sheet's (the deep layers). FREE's public
+  code walks its uniform table instead, whose first teachers can be shallow layers (L=24, L_s=6: 4, 8,
+  ..., 24), and a shallow teacher can then pull its own layer at MSE 0.
 """
 
 from __future__ import annotations
@@ -53,9 +58,20 @@ def check_shallow_layer(shallow_layer: int, num_layers: int, key: str = "loss.te
     return shallow_layer
 
 
+#: FREE's public table of uniform teachers (`TEACHER_LAYERS` in its util/losses.py), 1-based: L -> L_s -> layers
+FREE_TEACHERS: dict[int, dict[int, tuple[int, ...]]] = {
+    24: {12: tuple(range(2, 25, 2)), 10: (3, 6, 8, 11, 13, 16, 18, 20, 22, 24), 8: tuple(range(3, 25, 3)),
+         6: (4, 8, 12, 16, 20, 24), 4: (6, 12, 18, 24)},
+    12: {3: (4, 8, 12)},
+}
+
+
 def uniform_teachers(num_layers: int, shallow_layer: int) -> tuple[int, ...]:
-    """FREE's uniform map u(j) = max(j + 1, round(j * L / L_s)) for j = 1..L_s (module docstring)."""
+    """The uniform map for j = 1..L_s: FREE's table where it has the depths, else
+    u(j) = max(j + 1, round(j * L / L_s)) (module docstring)."""
     check_shallow_layer(shallow_layer, num_layers)
+    if shallow_layer in FREE_TEACHERS.get(num_layers, {}):
+        return FREE_TEACHERS[num_layers][shallow_layer]
     # Integer form of floor(j * L / L_s + 1/2): round half up, exact for any depth.
     return tuple(
         max(j + 1, (2 * j * num_layers + shallow_layer) // (2 * shallow_layer)) for j in range(1, shallow_layer + 1)
