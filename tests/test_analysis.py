@@ -476,6 +476,26 @@ def test_piece_classes_bpe():
         "word_initial", "continuation", "whole_word"]
 
 
+def test_piece_classes_whitespace_and_brackets_bound_words():
+    # byte-level BPE: "Hello world\nThe cat sat." -- the newline piece is whitespace and the word after it
+    # starts a word (it used to be a "continuation", and "Ġworld" before it "word_initial")
+    pieces = ["Hello", "Ġworld", "Ċ", "The", "Ġcat", "Ġsat", "."]
+    assert piece_classes(pieces, [0] * 7, "bpe") == [
+        "whole_word", "whole_word", "punctuation", "whole_word", "whole_word", "whole_word", "punctuation"]
+    # "The (cat) sat": a lone space piece and "(" that starts a word: "cat" starts the word
+    assert piece_classes(["The", "Ġ", "(", "cat", ")", "Ġsat"], [0] * 6, "bpe") == [
+        "whole_word", "punctuation", "punctuation", "whole_word", "punctuation", "whole_word"]
+    assert piece_classes(["The", "Ġ(", "cat", "Ġun", "real"], [0] * 5, "bpe") == [
+        "whole_word", "punctuation", "whole_word", "word_initial", "continuation"]
+    # punctuation inside a word does not start one: "don't" = "Ġdon" "'" "t"
+    assert piece_classes(["Ġdon", "'", "t"], [0] * 3, "bpe") == ["whole_word", "punctuation", "continuation"]
+    # SentencePiece byte fallback: <0x0A> is a newline
+    assert piece_classes(["▁Hello", "<0x0A>", "World", "</s>"], [0] * 4, "sentencepiece", special=["</s>"]) == [
+        "whole_word", "punctuation", "whole_word", "special"]
+    # pieces of one multi-byte character (byte BPE) stay word pieces: "Ġä" + "¸" "Ń" of 中
+    assert piece_classes(["Ġä", "¸Ń"], [0, 0], "bpe") == ["word_initial", "continuation"]
+
+
 def test_piece_classes_wordpiece():
     pieces = ["[CLS]", "the", "un", "##believ", "##able", "cat", ".", "##.", "[SEP]"]
     assert piece_classes(pieces, [0] * 9, "wordpiece", special={"[CLS]", "[SEP]"}) == [

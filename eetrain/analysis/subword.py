@@ -4,7 +4,8 @@ word-initial pieces of split words exit later than their continuations).
 Conventions: SentencePiece marks a word-initial piece with a leading ``▁``, byte-level BPE with ``Ġ``,
 WordPiece marks a continuation with a leading ``##``. Classes: ``whole_word`` (a word of one piece),
 ``word_initial`` (first piece of a split word), ``continuation`` (any later piece), ``punctuation`` (a
-piece of punctuation only), ``special`` (eos, pad, ...)."""
+piece without letters or digits: punctuation, and whitespace such as a newline piece), ``special`` (eos,
+pad, ...)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from torch import Tensor
 from .plots import by_model, figure, save
 
 PIECE_CLASSES: tuple[str, ...] = ("whole_word", "word_initial", "continuation", "punctuation", "special")
-_MARKERS = {"sentencepiece": "▁", "bpe": "Ġ"}
 
 
 def piece_convention(vocab: Iterable[str]) -> str:
@@ -34,41 +34,80 @@ def piece_convention(vocab: Iterable[str]) -> str:
     return max(counts, key=counts.get)  # type: ignore[arg-type]
 
 
-def _starts_word(piece: str, convention: str) -> bool:
-    if convention == "wordpiece":
-        return not piece.startswith("##")
-    return piece.startswith(_MARKERS[convention])
+def _bpe_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> bytes (GPT-2's `bytes_to_unicode`, inverted): ``Ġ`` is the
+    space, ``Ċ`` the newline, ``ĉ`` the tab."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {chr(b): b for b in kept}, 0
+    for b in range(256):
+        if b not in kept:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
-def _text(piece: str, convention: str) -> str:
+_BPE_BYTES = _bpe_byte_decoder()
+
+
+def _surface(piece: str, convention: str) -> str:
+    """The text a piece stands for, a word start as a leading space: ``▁cat`` / ``Ġcat`` -> " cat",
+    ``Ċ`` / ``<0x0A>`` -> "\\n", ``##able`` -> "able", ``un`` (WordPiece) -> " un". Bytes of a multi-byte
+    character split across pieces read as U+FFFD (a word character here)."""
     if convention == "wordpiece":
-        return piece[2:] if piece.startswith("##") else piece
-    return piece.lstrip(_MARKERS[convention])
+        return piece[2:] if piece.startswith("##") else " " + piece
+    if convention == "bpe":
+        if not all(c in _BPE_BYTES for c in piece):  # an added token: its own text
+            return piece
+        return bytes(_BPE_BYTES[c] for c in piece).decode("utf-8", errors="replace")
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        byte = int(piece[3:5], 16)
+        return chr(byte) if byte < 128 else "\ufffd"
+    return piece.replace("▁", " ")
+
+
+def _kind(piece: str, surface: str, special: set[str]) -> str:
+    """special | blank (whitespace only) | punct (no letter or digit) | word (letters or digits, or
+    bytes of a character split across pieces)."""
+    if piece in special:
+        return "special"
+    text = surface.strip()
+    if surface and not text:
+        return "blank"
+    if text and not any(c.isalnum() or c == "\ufffd" for c in text):
+        return "punct"
+    return "word"
 
 
 def piece_classes(
     pieces: Sequence[str], sequence_ids: Sequence[int], convention: str, special: Iterable[str] = ()
 ) -> list[str]:
-    """The class of each piece of token sequences laid end to end (``sequence_ids`` says where one ends;
-    a sequence's first piece starts a word)."""
+    """The class of each piece of token sequences laid end to end (``sequence_ids`` says where one ends).
+
+    A piece starts a word when it opens its sequence, carries the word-start marker (SentencePiece
+    ``▁``, byte-BPE ``Ġ``; in WordPiece any piece without ``##``), or follows whitespace (a newline
+    piece), a special token, or punctuation that itself starts a word (``Ġ(`` + ``cat``); after
+    punctuation inside a word (``don`` ``'`` ``t``) it continues. A word piece followed by a continuation
+    is ``word_initial``; whitespace pieces count as ``punctuation``."""
     special = set(special)
     n = len(pieces)
-    starts = [
-        i == 0 or sequence_ids[i] != sequence_ids[i - 1] or _starts_word(p, convention) for i, p in enumerate(pieces)
-    ]
+    surfaces = [_surface(p, convention) for p in pieces]
+    kinds = [_kind(p, t, special) for p, t in zip(pieces, surfaces, strict=True)]
+    starts: list[bool] = []
+    for i, t in enumerate(surfaces):
+        opens = i == 0 or sequence_ids[i] != sequence_ids[i - 1]
+        after = not opens and (kinds[i - 1] in ("special", "blank") or (kinds[i - 1] == "punct" and starts[i - 1]))
+        starts.append(opens or (t[:1].isspace()) or after)
     out = []
-    for i, p in enumerate(pieces):
-        text = _text(p, convention)
-        if p in special:
+    for i in range(n):
+        if kinds[i] == "special":
             out.append("special")
-        elif text and not any(c.isalnum() for c in text):
+        elif kinds[i] != "word":
             out.append("punctuation")
         elif not starts[i]:
             out.append("continuation")
         else:
             nxt = i + 1
-            split = (nxt < n and sequence_ids[nxt] == sequence_ids[i] and not starts[nxt]
-                     and pieces[nxt] not in special and any(c.isalnum() for c in _text(pieces[nxt], convention)))
+            split = nxt < n and sequence_ids[nxt] == sequence_ids[i] and kinds[nxt] == "word" and not starts[nxt]
             out.append("word_initial" if split else "whole_word")
     return out
 
