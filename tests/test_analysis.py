@@ -39,7 +39,8 @@ def approx(x):
 
 
 def make_records(preds, *, labels=None, top2=None, entropies=None, p_final=None, cos_final=None,
-                 saturation=None, positions=None, sequence_ids=None, vocab_size=10, **extra) -> LayerRecords:
+                 saturation=None, positions=None, sequence_ids=None, top10_final=None, vocab_size=10,
+                 **extra) -> LayerRecords:
     """A LayerRecords from nested lists; fields not given get neutral values of the right shape."""
     preds = torch.tensor(preds, dtype=torch.long)
     L, N = preds.shape
@@ -52,7 +53,7 @@ def make_records(preds, *, labels=None, top2=None, entropies=None, p_final=None,
         top2=f(top2, (L, N, 2), 0.5),
         entropies=f(entropies, (L, N), 1.0),
         p_final=f(p_final, (L, N), 0.5),
-        top10_final=torch.full((L, N), 0.5),
+        top10_final=f(top10_final, (L, N), 0.5),
         cos_final=f(cos_final, (L + 1, N), 0.5),
         saturation=f(saturation, (L, N), 0.5),
         labels=torch.tensor(labels if labels is not None else [0] * N, dtype=torch.long),
@@ -175,6 +176,10 @@ def test_agreement_rows_hand_checked():
     # population std of row 1: deviations .52 -.13 -.23 .17 -.33, squares sum .478 -> sqrt(.478/5)
     assert rows[0]["similarity_std"] == approx(math.sqrt(0.478 / 5))
     assert rows[3]["similarity_std"] == approx(0.0)
+    # top-k overlap with the last layer: the mean of each layer's row
+    overlap = [[0.0, 0.2, 0.4, 0.6, 0.8], [0.5] * 5, [1.0, 1.0, 0.5, 0.5, 0.0], [1.0] * 5]
+    rows = agreement_rows(main_records(top10_final=overlap))
+    assert [r["topk_final"] for r in rows] == approx([0.4, 0.5, 0.6, 1.0])
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -393,6 +398,7 @@ def test_token_saturation_threshold_edges():
     # L = 1: the only row is s_L
     one = token_saturation(torch.tensor([[0.2], [1.0]]))
     assert one["first_similar"].tolist() == [1] and one["mean"].tolist() == [1.0]
+    assert one["similar_states"].tolist() == [0]  # no layer i < L to count (was 1: s_L itself)
     assert math.isnan(one["monotonic_4"][0]) and one["monotonic_0"].tolist() == [1.0]
 
 

@@ -377,6 +377,36 @@ def test_bad_analyze_settings_name_the_key(tmp_path, overrides, message):
     assert message.replace("EMPTY", str(tmp_path / "empty")) in str(info.value)
 
 
+def test_a_one_layer_model_and_an_empty_before_last_are_accepted():
+    one = make_backbone("t5", num_layers=1, num_decoder_layers=1)
+    check_config(compose([]), one)  # before_last [1, 2, 5, 10] has no count below 1 layer: nothing to show, no error
+    assert analyze_settings(compose(["analyze.before_last=[]"])).before_last == ()  # [] was replaced by the default
+    assert analyze_settings(compose([])).before_last == (1, 2, 5, 10)
+
+
+def test_a_one_layer_model_is_analysed(tmp_path):
+    out = tmp_path / "run"
+    cfg = stage_cfg(out, "model.config.num_layers=1", "model.config.num_decoder_layers=1", "exit.min_exit_layer=1",
+                    "analyze.min_exit_layer=1")
+    bb, data = build(cfg)
+    assert bb.num_layers == 1
+    check_config(cfg, bb)
+    run_stage(cfg, bb, data, out)
+    assert csv(out, "oracle").layer.tolist() == [1]
+    summary = json.loads((out / "analysis_summary.json").read_text())["models"][0]
+    assert summary["oracle"]["mean"] == 1.0 and "before_last_1" not in summary["oracle"]
+    assert summary["saturation"]["all"]["similar_states"] == 0.0  # no layer below the last to count
+
+
+def test_the_printed_oracle_median_is_the_summarys(capsys):
+    from eetrain.analysis.stage import print_summary
+
+    summary = {"model": "m", "num_layers": 4, "tokens": 4, "unit": "token", "examples": 1, "target": "reference",
+               "oracle": {"mean": 2.5, "median": 2.5, "before_last_1": 0.75}}
+    print_summary([summary], None)
+    assert "oracle      mean exit 2.500 of 4 (median 2.5)" in capsys.readouterr().out  # printed 2 (round half even)
+
+
 def test_exports_are_named_after_their_run_directory(tmp_path):
     s = analyze_settings(compose(["analyze.models=[outputs/demo/run1/export,outputs/demo/run2/export]",
                                   "analyze.compare=/models/t5-small"]))

@@ -13,7 +13,8 @@ from .plots import by_model, figure, lines, save
 def agreement_rows(rec: LayerRecords) -> list[dict[str, Any]]:
     """One row per layer 1..L: ``agree`` (share of tokens whose top-1 equals the last layer's),
     ``accuracy`` (top-1 equals the teacher-forced token), ``similarity`` / ``similarity_std``
-    (cos(h_i, h_L) over tokens)."""
+    (cos(h_i, h_L) over tokens), ``topk_final`` (mean share of the last layer's top-k in the layer's
+    top-k, k = analyze.top_k)."""
     final = rec.preds[-1]
     rows = []
     for i in range(rec.num_layers):
@@ -24,6 +25,7 @@ def agreement_rows(rec: LayerRecords) -> list[dict[str, Any]]:
             "accuracy": float((rec.preds[i] == rec.labels).double().mean()),
             "similarity": float(cos.mean()),
             "similarity_std": float(cos.std(unbiased=False)),
+            "topk_final": float(rec.top10_final[i].double().mean()),
         })
     return rows
 

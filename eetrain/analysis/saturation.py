@@ -24,8 +24,9 @@ def token_saturation(cos_final: Tensor, threshold: float = 0.9, starts: Sequence
     ``similar_states`` and ``monotonic_<k>`` (float 1/0, NaN where s_k is not known or k >= L)."""
     L = cos_final.shape[0] - 1
     inner = cos_final[1:L] if L > 1 else cos_final[1:]
-    similar = inner >= threshold
-    first = torch.where(similar.any(0), similar.int().argmax(0) + 1, torch.full_like(similar[0], L, dtype=torch.long))
+    similar = cos_final[1:L] >= threshold  # layers i < L: none when L = 1
+    never = torch.full((cos_final.shape[1],), L, dtype=torch.long)
+    first = torch.where(similar.any(0), similar.int().argmax(0) + 1, never) if L > 1 else never
     out = {"mean": inner.double().mean(0), "first_similar": first.double(), "similar_states": similar.double().sum(0)}
     for k in starts:
         if k >= L:

@@ -120,7 +120,8 @@ def analyze_settings(cfg: Any) -> AnalyzeSettings:
     target = node.get("target", "reference")
     if target not in ("reference", "greedy"):
         raise ConfigError(f"analyze.target={target!r}; allowed: reference, greedy")
-    before = node.get("before_last") or [1, 2, 5, 10]
+    before = node.get("before_last", [1, 2, 5, 10])  # [] is honoured: no before_last_<k> columns
+    before = [1, 2, 5, 10] if before is None else before
     if not isinstance(before, list | tuple):
         raise ConfigError(f"analyze.before_last={before!r}; allowed: a list of layer counts, e.g. [1,2,5,10]")
     threshold = node.get("similarity_threshold", 0.9)
@@ -202,7 +203,8 @@ def check_config(cfg: Any, backbone: Any) -> None:
                           "regression (num_labels=1): stages=[classify] writes its per-layer scores (layer_scores.csv)")
     if settings.min_exit_layer > backbone.num_layers:
         raise ConfigError(f"analyze.min_exit_layer={settings.min_exit_layer}; allowed: 1..{backbone.num_layers}")
-    if all(k >= backbone.num_layers for k in settings.before_last):  # deeper counts are left out of the table
+    if backbone.num_layers > 1 and settings.before_last and all(k >= backbone.num_layers for k in settings.before_last):
+        # deeper counts are left out of the table; a 1-layer model has no count to show (nothing to exit before)
         raise ConfigError(f"analyze.before_last={list(settings.before_last)}: none below the model's "
                           f"{backbone.num_layers} layers; allowed: layer counts in 1..{backbone.num_layers - 1}")
     if settings.target == "greedy" and backbone.head_kind != "token":
@@ -431,7 +433,7 @@ def print_summary(per_model: Sequence[Mapping[str, Any]], suit: Sequence[Mapping
         if "oracle" in s:
             o = s["oracle"]
             before = ", ".join(f"{k[len('before_last_'):]}: {_fmt(v)}" for k, v in o.items() if k.startswith("before_last_"))
-            print(f"  oracle      mean exit {_fmt(o['mean'])} of {L} (median {o['median']:.0f}); "
+            print(f"  oracle      mean exit {_fmt(o['mean'])} of {L} (median {o['median']:g}); "
                   f"could exit >= k layers early: {before}")
         if "gating" in s:
             parts = [f"{p} {_fmt(v['efficiency'])}" for p, v in s["gating"].items()]
