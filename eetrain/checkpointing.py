@@ -323,16 +323,33 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     `every_n_train_steps` only adds a `last.ckpt` every N optimizer steps: in Lightning's it replaces the
     saves at validation, so the last steps and the best score went unsaved and the top-k file of a step
     carried the score of an earlier validation. When SIGTERM stops the fit (preemption, `scancel`),
-    Lightning ends after the current step; `last.ckpt` is written there, so the resumed run loses nothing."""
+    Lightning ends after the current batch; `last.ckpt` is written there, so the resumed run loses nothing.
+
+    Under gradient accumulation both saves wait for the optimizer step: a checkpoint taken inside an
+    accumulation window would lose the gradients of its first batches (they are not saved), so a SIGTERM
+    that comes inside one is held back until the window's last batch (at most
+    `accumulate_grad_batches - 1` more batches)."""
 
     def __init__(self, *args: Any, every_n_train_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_every_n_train_steps = every_n_train_steps or 0
+        self._step_at_batch_start = 0
+        self._held_sigterm = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_start(trainer, pl_module, *args, **kwargs)
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        stepped = trainer.global_step > self._step_at_batch_start  # False inside an accumulation window
+        connector = trainer._signal_connector
+        if not stepped and connector.received_sigterm:  # Lightning would stop after this batch: hold it back
+            connector.received_sigterm, self._held_sigterm = False, True
+        elif stepped and self._held_sigterm:
+            connector.received_sigterm, self._held_sigterm = True, False
         n = self.last_every_n_train_steps
-        if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+        if n and stepped and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
             saved = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             # not a save of this step's top-k: a validation right after it (the epoch's end) still saves

@@ -104,8 +104,10 @@ class EarlyExitModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         states, out = self._step(batch)
-        self._log_loss("val", out, batch["input_ids"].shape[0])
         preds, token_ce, labels = layer_predictions(states, self.backbone)
+        # the epoch's val/ values weight each batch by what it scores (tokens; examples for a sequence head),
+        # so val/loss and val/layer_XX/ce are the token means val/layer_XX/loss and the layer report give
+        self._log_loss("val", out, max(labels.numel(), 1))
         self.val_stats.update(preds, token_ce, labels)
 
     def on_validation_epoch_start(self) -> None:

@@ -208,6 +208,72 @@ def test_sigterm_saves_the_step_it_stops_after_and_exits_143(tmp_path):
     assert not different, different
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["epoch_end", "accumulation"])
+def test_resume_at_an_epoch_end_or_under_accumulation_equals_uninterrupted(tmp_path, case):
+    """epoch_end: the last.ckpt of epoch 0's validation (no step saves); the next epoch's loader used to draw
+    its seed from the global RNG before the resumed run restored it, so every dropout mask differed.
+    accumulation: 2 batches per optimizer step, a step save every 3 steps; saves used to come after the
+    window's first batch too, losing its gradient."""
+    data = tiny_runs.write_data(tmp_path / "data", train=32)
+    common = [*data, "trainer.max_epochs=2", "model.config.dropout_rate=0.1"]
+    if case == "epoch_end":
+        common += ["data.batch_size=4", "trainer.limit_train_batches=4"]
+        stall, saved_step, batches = 5, 4, None
+    else:
+        common += ["data.batch_size=2", "+trainer.accumulate_grad_batches=2", "trainer.limit_train_batches=12",
+                   "callbacks.model_checkpoint.every_n_train_steps=3"]
+        stall, saved_step, batches = 5, 3, 6  # step 3 ends with epoch 0's 6th batch
+    killed_dir, marker = tmp_path / "killed", tmp_path / "stalled"
+    proc = tiny_runs.start(killed_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
+                           f"+callbacks.stall.at_step={stall}", f"+callbacks.stall.marker={marker}")
+    try:
+        _wait_for(marker, proc)
+        last = killed_dir / "checkpoints" / "last.ckpt"
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["global_step"] == saved_step
+        if batches is not None:
+            assert ckpt["Text2TextDataModule"]["train_position"]["batches"] == batches
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
+    tiny_runs.run_here(tmp_path / "reference", *common)
+    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
+    different = [k for k in reference if not torch.equal(reference[k], again[k])]
+    assert not different, different
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_accumulation_window_stops_after_its_optimizer_step(tmp_path):
+    """SIGTERM during the first of a step's 2 batches: the run takes the second batch and the optimizer
+    step, then saves and exits 143 (a save between the two would lose the first batch's gradient)."""
+    data = tiny_runs.write_data(tmp_path / "data", train=32)
+    common = [*data, "data.batch_size=2", "+trainer.accumulate_grad_batches=2", "trainer.max_epochs=1",
+              "model.config.dropout_rate=0.1"]
+    stopped_dir, marker = tmp_path / "stopped", tmp_path / "stalled"
+    proc = tiny_runs.start(stopped_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
+                           "+callbacks.stall.at_step=5", f"+callbacks.stall.marker={marker}",
+                           "+callbacks.stall.until_sigterm=true")
+    try:
+        _wait_for(marker, proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = stopped_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["Text2TextDataModule"]["train_position"]["batches"] == 12
+    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
+    tiny_runs.run_here(tmp_path / "reference", *common)
+    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
+    different = [k for k in reference if not torch.equal(reference[k], again[k])]
+    assert not different, different
+
+
 def test_checkpoints_every_n_steps_keep_the_saves_at_validation(tmp_path):
     """every_n_train_steps adds last.ckpt saves; the best checkpoint is still chosen at each validation with
     the score of the weights it holds, and the last step is saved."""

@@ -54,6 +54,11 @@ def test_demo_short_run_reports_exports_and_checkpoints(tmp_path):
     for col in ("train/loss", "train/layer_01/ce", "train/layer_04/acc", "val/layer_02/acc",
                 "val/layer_03/agree", "val/full/loss"):
         assert col in metrics.columns, col
+    # the epoch's val/ values are token means: a layer's val CE is its val/layer_XX/loss (batches with fewer
+    # target tokens used to weigh as much as full ones; the report reads every validation batch, not 2)
+    val = metrics.dropna(subset=["val/loss"]).iloc[-1]
+    for layer in range(1, 5):
+        assert val[f"val/layer_{layer:02d}/ce"] == pytest.approx(val[f"val/layer_{layer:02d}/loss"], rel=1e-5)
     assert (out / "checkpoints" / "last.ckpt").exists()
     assert not list((out / "checkpoints").glob("*.tmp"))
 

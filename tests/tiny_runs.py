@@ -107,7 +107,7 @@ class Stall(L.Callback):
         self.at_step, self.marker, self.until_sigterm = at_step, Path(marker), until_sigterm
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
+        if trainer.global_step == self.at_step and not self.marker.exists():  # once (a step may span batches)
             self.marker.write_text(str(trainer.global_step))
             end = time.monotonic() + 3600
             while time.monotonic() < end and not (self.until_sigterm and trainer.received_sigterm):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from eetrain.data.sampler import ResumableDataLoader, ResumableSampler
@@ -324,7 +325,15 @@ class SplitDataModule(L.LightningDataModule):
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._generator(),
         )
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: a new iterator (every epoch, every validation) draws its worker base
+        seed from it, not from the global RNG, so a run resumed from a checkpoint draws the same dropout
+        masks as the run that wrote it (Lightning builds the resumed run's iterator before the module
+        restores the global RNG)."""
+        return torch.Generator().manual_seed(self.shuffle_seed)
 
     def _fitting(self) -> Any:
         """The trainer while it fits (then the training order is split across its ranks), else None."""
@@ -351,6 +360,7 @@ class SplitDataModule(L.LightningDataModule):
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._generator(),
         )
 
     def state_dict(self) -> dict[str, Any]:
