@@ -133,6 +133,32 @@ def _wait_for(path, proc, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
+def _stopped_by_sigterm(run_dir: Path, common: list[str], at_step: int) -> Path:
+    """Run until optimizer step `at_step` is about to start, send SIGTERM, expect exit 143; its last.ckpt."""
+    marker = run_dir.parent / f"{run_dir.name}.stalled"
+    proc = tiny_runs.start(run_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
+                           f"+callbacks.stall.at_step={at_step}", f"+callbacks.stall.marker={marker}",
+                           "+callbacks.stall.until_sigterm=true")
+    try:
+        _wait_for(marker, proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def _resumed_equals_uninterrupted(tmp_path: Path, common: list[str], last: Path) -> None:
+    """A restart from `last` and an uninterrupted run of `common` export the same weights, bit for bit."""
+    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
+    tiny_runs.run_here(tmp_path / "reference", *common)
+    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
+    assert set(reference) == set(again)
+    different = [k for k in reference if not torch.equal(reference[k], again[k])]
+    assert not different, different
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     """2 epochs of 6 steps; last.ckpt every 3 steps (atomically). The first run is killed with SIGKILL one
@@ -184,28 +210,13 @@ def test_sigterm_saves_the_step_it_stops_after_and_exits_143(tmp_path):
     data = tiny_runs.write_data(tmp_path / "data", train=32)
     common = [*data, "data.batch_size=4", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
               "callbacks.model_checkpoint.every_n_train_steps=3", "model.config.dropout_rate=0.1"]
-    stopped_dir, marker = tmp_path / "stopped", tmp_path / "stalled"
-    proc = tiny_runs.start(stopped_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
-                           "+callbacks.stall.at_step=10", f"+callbacks.stall.marker={marker}",
-                           "+callbacks.stall.until_sigterm=true")
-    try:
-        _wait_for(marker, proc)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=120) == 143
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    last = stopped_dir / "checkpoints" / "last.ckpt"
+    stopped_dir = tmp_path / "stopped"
+    last = _stopped_by_sigterm(stopped_dir, common, at_step=10)
     assert torch.load(last, weights_only=True)["global_step"] == 11
     log = Path(f"{stopped_dir}.log").read_text()
     assert f"eetrain: error: stopped by SIGTERM after global step 11; {last} holds it: resume with ckpt_path={last}" in log
     assert not (stopped_dir / "export").exists()
-
-    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
-    tiny_runs.run_here(tmp_path / "reference", *common)
-    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
-    different = [k for k in reference if not torch.equal(reference[k], again[k])]
-    assert not different, different
+    _resumed_equals_uninterrupted(tmp_path, common, last)
 
 
 @pytest.mark.slow
@@ -239,11 +250,7 @@ def test_resume_at_an_epoch_end_or_under_accumulation_equals_uninterrupted(tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
-    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
-    tiny_runs.run_here(tmp_path / "reference", *common)
-    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
-    different = [k for k in reference if not torch.equal(reference[k], again[k])]
-    assert not different, different
+    _resumed_equals_uninterrupted(tmp_path, common, last)
 
 
 @pytest.mark.slow
@@ -253,25 +260,10 @@ def test_sigterm_inside_an_accumulation_window_stops_after_its_optimizer_step(tm
     data = tiny_runs.write_data(tmp_path / "data", train=32)
     common = [*data, "data.batch_size=2", "+trainer.accumulate_grad_batches=2", "trainer.max_epochs=1",
               "model.config.dropout_rate=0.1"]
-    stopped_dir, marker = tmp_path / "stopped", tmp_path / "stalled"
-    proc = tiny_runs.start(stopped_dir, *common, "+callbacks.stall._target_=tests.tiny_runs.Stall",
-                           "+callbacks.stall.at_step=5", f"+callbacks.stall.marker={marker}",
-                           "+callbacks.stall.until_sigterm=true")
-    try:
-        _wait_for(marker, proc)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=120) == 143
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    last = stopped_dir / "checkpoints" / "last.ckpt"
+    last = _stopped_by_sigterm(tmp_path / "stopped", common, at_step=5)
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["Text2TextDataModule"]["train_position"]["batches"] == 12
-    tiny_runs.run_here(tmp_path / "resumed", *common, f"ckpt_path={last}")
-    tiny_runs.run_here(tmp_path / "reference", *common)
-    reference, again = tiny_runs.export_weights(tmp_path / "reference"), tiny_runs.export_weights(tmp_path / "resumed")
-    different = [k for k in reference if not torch.equal(reference[k], again[k])]
-    assert not different, different
+    _resumed_equals_uninterrupted(tmp_path, common, last)
 
 
 def test_checkpoints_every_n_steps_keep_the_saves_at_validation(tmp_path):
