@@ -97,6 +97,9 @@ def run(cfg: DictConfig) -> float:
     for term in loss.terms.values():
         if hasattr(term, "resolve"):
             term.resolve(backbone.num_layers)  # bad exit layers or weights fail before any data loads
+    from eetrain.exits.settings import check_min_exit_layers
+
+    check_min_exit_layers(cfg, backbone.num_layers)  # the export's policy uses them, stages or not
     if cfg.get("stages"):
         from eetrain.stages import check_stages
 

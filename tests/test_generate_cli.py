@@ -490,3 +490,26 @@ def test_an_export_says_when_calibration_found_no_threshold(tmp_path, capsys):
     stored = export_policy(compose(["exit.min_exit_layer=2"]), bb, run, tmp_path)
     assert stored["calibrated"] is False and stored["threshold"] == 0.9
     assert "[export] LTT calibration found no threshold that holds (calibration.json)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("exit.min_exit_layer=9", "exit.min_exit_layer=9 exceeds the model depth: it has 4 exit layers; allowed: 1..4"),
+    ("decoding.policy.min_exit_layer=7", "decoding.policy.min_exit_layer=7 exceeds the model's 4 layers; allowed: 1..4"),
+])
+def test_a_minimum_exit_layer_beyond_the_depth_fails_whatever_the_stages(tmp_path, override, message):
+    # without stages the export's policy still uses it: it was clamped to the depth, a policy that never exits
+    r = cli("+experiment=demo", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_export_says_when_its_policy_cannot_exit_early(tmp_path, capsys):
+    from eetrain.decoding.settings import export_policy
+
+    (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5", "num_layers": 3}))
+    policy = export_policy(compose([]), make_backbone("t5"), tmp_path, tmp_path)  # CALM's default 4, 3 layers
+    assert policy["min_exit_layer"] == 3
+    assert "[export] note: the exported policy's minimum exit layer is the model's depth (3; configured 4), so it " \
+           "never exits early: set exit.min_exit_layer" in capsys.readouterr().out
+    export_policy(compose(["exit.min_exit_layer=2"]), make_backbone("t5"), tmp_path, tmp_path)
+    assert "note" not in capsys.readouterr().out

@@ -151,6 +151,22 @@ def export_min_exit_layer(cfg: Any) -> tuple[Any, str]:
     return value, " (null: the export's, from its early_exit.json)"
 
 
+def check_min_exit_layers(cfg: Any, num_layers: int) -> None:
+    """Before training, whatever the stages: a minimum exit layer set beyond the model's depth is an error
+    (the export would clamp it to the depth: a policy that never exits). The default 4 (CALM's) on a
+    shallower model is the export's note instead (`eetrain.decoding.settings.export_policy`)."""
+    exit_value = exit_node(cfg).get("min_exit_layer", 4)
+    decoding = ((cfg.get("decoding") or {}).get("policy") or {}) if hasattr(cfg, "get") else {}
+    for key, value, default in (("exit.min_exit_layer", exit_value, 4),
+                                ("decoding.policy.min_exit_layer", decoding.get("min_exit_layer"), None)):
+        if value is None or value == default:
+            continue
+        if _int(value, key, lo=1) > num_layers:
+            raise ConfigError(f"{key}={value} exceeds the model depth: it has {num_layers} exit layers; "
+                              f"allowed: 1..{num_layers}" if key.startswith("exit.") else
+                              f"{key}={value} exceeds the model's {num_layers} layers; allowed: 1..{num_layers}")
+
+
 def min_exit_layer(cfg: Any, num_layers: int) -> int:
     """The minimum exit layer of every policy: ``max(exit.min_exit_layer, exits.min_layer)``; a null
     ``exit.min_exit_layer`` is the export's (`export_min_exit_layer`).
