@@ -131,6 +131,45 @@ def check_overrides(args: list[str]) -> None:
     )
 
 
+def unknown_key_hint(args: list[str]) -> str | None:
+    """After Hydra refused the command line: for an override of a key the config does not have (Hydra says
+    "Key 'lrr' is not in struct"), the keys its parent has and the closest one; None if none is unknown."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from eetrain.config import compose
+
+    def plain(a: str) -> bool:  # `a.b=v`: an existing key's new value (not a group, +add, ~delete, flag)
+        key = a.split("=", 1)[0]
+        return "=" in a and not a.startswith(("-", "+", "~")) and "." in key and "/" not in key \
+            and not key.startswith("hydra.")
+
+    try:
+        cfg = compose([a for a in args if not plain(a) and not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a group or syntax error: Hydra's own message names it
+        return None
+    missing = object()
+    for arg in filter(plain, args):
+        key = arg.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default=missing) is not missing:
+            continue
+        parts = key.split(".")  # the first part of the key that is not there
+        depth = next(i for i in range(1, len(parts) + 1)
+                     if OmegaConf.select(cfg, ".".join(parts[:i]), default=missing) is missing)
+        parent_key, name = ".".join(parts[: depth - 1]), parts[depth - 1]
+        parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+        if not OmegaConf.is_dict(parent):
+            return f"{key}: no such key ({parent_key} is not a mapping in this config)"
+        key = ".".join(parts[:depth])
+        keys = sorted(str(k) for k in parent)
+        close = difflib.get_close_matches(name, keys, n=1)
+        guess = f" (did you mean {parent_key}.{close[0]}?)" if close else ""
+        return (f"{key}: no such key{guess}; {parent_key or 'the config'} has: {', '.join(keys)} (a new key is "
+                f"added with +{arg.split('=', 1)[0]}=...)")
+    return None
+
+
 def check_slurm(args: list[str]) -> None:
     """`hydra/launcher=slurm` submits with SLURM's `srun`/`sbatch`: without them (not on a cluster's login
     node) submitit stops in a traceback after Hydra has started; say so at once."""
@@ -166,6 +205,9 @@ def main() -> None:
         # Hydra reports an unknown key, config group option or override syntax (naming the key and the
         # options) and exits 1, as it does for a crash; bad input exits 2 everywhere else in eetrain.
         if e.code == 1 and not _composed:
+            hint = unknown_key_hint(sys.argv[1:])
+            if hint:
+                print(f"eetrain: error: {hint}", file=sys.stderr)
             sys.exit(2)
         raise
     except Exception as e:

@@ -204,6 +204,14 @@ def check_optimizer_and_schedule(factory: Any, scheduler: Mapping[str, Any] | No
             factory([torch.nn.Parameter(torch.zeros(1))])
         except Exception as e:  # noqa: BLE001 - built on a stand-in, only its settings can be wrong
             given = getattr(factory, "keywords", {}) or {}
+            target = getattr(factory, "func", None)
+            if isinstance(e, TypeError) and "unexpected keyword argument" in str(e) and target is not None:
+                import inspect
+
+                takes = [n for n in inspect.signature(target).parameters if n not in ("self", "params")]
+                unknown = sorted(set(given) - set(takes))
+                raise ConfigError(f"optimizer: {target.__name__} takes no {', '.join(unknown)}; allowed: "
+                                  f"{', '.join(takes)}") from e
             texts = [f"optimizer.{k}={v!r}" for k, v in given.items() if isinstance(v, str)]
             # torch's own words may name no setting (a short `betas` gives "list index out of range")
             hint = (f" (text where a number may be expected: {', '.join(texts)})" if texts else

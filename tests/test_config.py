@@ -102,6 +102,13 @@ def test_unknown_group_option_and_key(tmp_path):
     assert r.returncode == 2 and "Available options in 'loss'" in r.stderr and "calm" in r.stderr
     r = in_process.cli("+experiment=demo", "trainer.no_such_key=1", cwd=tmp_path)
     assert r.returncode == 2 and "Could not override 'trainer.no_such_key'" in r.stderr
+    # then the keys the parent has and the closest one (Hydra names the bad key only)
+    r = in_process.cli("+experiment=demo", "optimizer.lrr=1e-3", cwd=tmp_path)
+    assert r.returncode == 2 and "eetrain: error: optimizer.lrr: no such key (did you mean optimizer.lr?); optimizer " \
+                                 "has: _partial_, _target_, lr, weight_decay (a new key is added with +optimizer.lrr=" in r.stderr
+    r = in_process.cli("+experiment=demo", "loss.terms.cee.weights=uniform", cwd=tmp_path)
+    assert r.returncode == 2 and "eetrain: error: loss.terms.cee: no such key (did you mean loss.terms.ce?); " \
+                                 "loss.terms has: ce" in r.stderr
     r = in_process.cli("+experiment=demo", "trainer.max_epochs=[", cwd=tmp_path)  # override syntax
     assert r.returncode == 2 and "'trainer.max_epochs=[' is not a valid override: " in r.stderr
     r = in_process.cli("+experiment=demo", "-m", "--cfg", "job", cwd=tmp_path)  # Hydra's flags, checked by Hydra
@@ -143,6 +150,8 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["loss=layerskip", "loss.layer_dropout.seed=abc"], "loss.layer_dropout.seed='abc' must be an integer"),
         (["+optimizer.betas=[0.9]"], "optimizer: list index out of range (the optimizer's settings: "),
         (["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
+        # a key the optimizer does not take: its own names (not the settings given, typo included)
+        (["+optimizer.lrr=1e-3"], "optimizer: AdamW takes no lrr; allowed: lr, betas, eps, weight_decay, amsgrad"),
         (["scheduler.name=zigzag"], "scheduler.name='zigzag'; allowed: linear, cosine"),
         (["scheduler.name=warmup_stable_decay"], "scheduler.name='warmup_stable_decay'; allowed: linear, cosine"),
         (["scheduler.warmup_ratio=1.5"], "scheduler.warmup_ratio=1.5; allowed: a number in [0, 1)"),
