@@ -137,6 +137,17 @@ def test_a_broken_local_model_is_one_message_naming_the_key(tmp_path):
             load_backbone(path)
 
 
+def test_a_classifier_saved_for_other_classes_names_num_labels(tmp_path):
+    from eetrain.backbones import BertBackbone
+
+    make_backbone("bert").save_pretrained(str(tmp_path / "m"))  # 3 classes
+    # data.num_labels=2 reaches the model as model_kwargs.num_labels (model/bert_*.yaml): the head does not
+    # load; the message used to say the directory was not written by save_pretrained
+    with pytest.raises(ConfigError, match=r"model.name_or_path='.*m': its weights have other shapes than the model "
+                                          r"this config builds \(its config.json: num_labels=3, .*data.num_labels"):
+        BertBackbone(name_or_path=str(tmp_path / "m"), model_kwargs={"num_labels": 2})
+
+
 @pytest.mark.parametrize("family,typo,near", [("t5", "num_layer", "num_layers"), ("llama", "hidden_layers", "num_hidden_layers"),
                                              ("bert", "hidden_sizes", "hidden_size")])
 def test_a_config_key_nothing_reads_is_refused(family, typo, near):

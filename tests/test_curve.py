@@ -69,6 +69,11 @@ def test_curve_row_hand_checked():
     never = {**row, "speedup": 1.3, "rougeL_ratio": 1.0, "mean_exit_layer": 8.0}  # no token left early: noise
     assert best_point([*rows, never], "rougeL", 0.97)["speedup"] == 1.3
     assert best_point([*rows, never], "rougeL", 0.97, num_layers=8)["speedup"] == 1.2
+    # a full model that scores 0: every point "keeps" 0.97 of it, and the ratio is nan: no fastest point
+    zero = [{"policy": "full", "speedup": 1.0, "rougeL": 0.0, "rougeL_ratio": float("nan")},
+            {"policy": "softmax_gap", "threshold": 0.5, "speedup": 4.7, "rougeL": 0.0, "rougeL_ratio": float("nan"),
+             "mean_exit_layer": 2.1}]
+    assert best_point(zero, "rougeL", 0.97, num_layers=8) is None
 
 
 def test_at_value_sets_the_threshold_or_the_boolean_parameter():

@@ -36,7 +36,7 @@ def test_demo_short_run_reports_exports_and_checkpoints(tmp_path):
     # the run's log file
     assert (r.stdout + r.stderr).count("GPU available: False") == 1
     assert "[lightning.pytorch.utilities.rank_zero][INFO] - GPU available: False" in r.stdout
-    assert "GPU available: False" in (out / "__main__.log").read_text()
+    assert "GPU available: False" in (out / "eetrain.log").read_text()
     report = pd.read_csv(out / "layer_report.csv")
     assert list(report.layer) == [1, 2, 3, 4] and report.agree.iloc[-1] == 1.0
     # the export loads with plain transformers, and carries the early-exit settings

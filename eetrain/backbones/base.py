@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,25 @@ def _local_files(key: str, value: str, local: bool) -> Iterator[None]:
         if not local or isinstance(e, ConfigError):
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e):
+            raise ConfigError(f"{key}={value!r}: its weights have other shapes than the model this config builds "
+                              f"({_stored_sizes(value)}); model.model_kwargs / model.config override its config.json "
+                              "(a classifier's num_labels comes from data.num_labels): set them as it has them") from e
         raise ConfigError(f"{key}={value!r} does not load ({type(e).__name__}: {reason}); it must be a directory "
                           "written by save_pretrained (config.json, the weights, the tokenizer), such as a "
                           "run's export/") from e
+
+
+def _stored_sizes(directory: str) -> str:
+    """What a saved model's config.json says of the sizes a config override may change."""
+    try:
+        stored = json.loads((Path(directory).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return "its config.json does not read"
+    labels = stored.get("num_labels", len(stored.get("id2label") or {}) or None)
+    keys = {k: stored[k] for k in ("vocab_size", "d_model", "hidden_size") if k in stored}
+    sizes = ", ".join(f"{k}={v}" for k, v in keys.items())
+    return f"its config.json: num_labels={labels}, {sizes}" if labels is not None else f"its config.json: {sizes}"
 
 
 def check_layers(layers: Sequence[int] | None, num_layers: int, key: str = "exit layers") -> tuple[int, ...]:

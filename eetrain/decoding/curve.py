@@ -401,6 +401,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
         print(f"\nFastest point with {metric} >= 0.97 x the full model's: {best['policy']} at {best['threshold']}: "
               f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f}, {metric} "
               f"{best[metric]:.2f} ({best[f'{metric}_ratio']:.3f} x)")
+    elif any(r["policy"] == "full" and r.get(metric) == 0 for r in rows):
+        print(f"\nNo fastest point: the full model's {metric} is 0, so no point's share of it means anything")
     print(f"\nWrote {csv_path} and {png}" + (" (and to W&B)" if logged else ""))
     return rows
 
@@ -450,8 +452,11 @@ def best_point(
 ) -> Mapping[str, Any] | None:
     """The fastest (policy, threshold) row whose metric is at least `ratio` x the full model's; with
     `num_layers`, among rows where some token left early (a point that never exits is the full model, and
-    only timing noise could make it the fastest)."""
+    only timing noise could make it the fastest). None as well when the full model scores 0: a share of
+    it is then no bar at all (every point "keeps" it)."""
     full = next((r.get(metric) for r in rows if r["policy"] == "full"), None)
+    if full == 0:
+        return None
 
     def good(r: Mapping[str, Any]) -> bool:
         if full is None or not isinstance(r.get(metric), int | float):
