@@ -2,7 +2,7 @@
 # Every CUDA figure BENCHMARKS.md lacks, and the GPU tests, in one run of under 9 minutes on the lent
 # device machine (a session has 15 minutes of device time, the machine's start included).
 #
-#   here:   bash ../shared/tools/device-wheels.sh      # hydra-core, omegaconf, datasets, wandb... -> .whl/
+#   here:   pip download -d .whl hydra-core omegaconf datasets wandb ...   # what an offline GPU machine lacks
 #   there:  run(command="bash benchmarks/device_checks.sh", carry=[".whl"], timeout_s=600)
 #   smoke:  bash benchmarks/device_checks.sh smoke      # tiny shapes on the CPU: checks this script
 #

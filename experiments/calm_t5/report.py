@@ -13,7 +13,7 @@ from report_lib import PaperNumber, best_speedup, main, stability_after  # noqa:
 
 CALM = "Schuster et al. 2022, CALM (NeurIPS 2022, arXiv 2207.07061)"
 MEE = "MEE"
-NOTES = "MEE: Laitenberger et al. 2024, Monotonic Early Exiting (/work/shared/seeds/monotonic-early-exiting.md)."
+NOTES = "MEE: Laitenberger et al. 2024, Monotonic Early Exiting for Fast Inference in Transformer-based Generation."
 PAPER = [
     PaperNumber("speed-up at (near) full quality", "up to 3x ('potential speedup of up to x3')",
                 f"{CALM}, abstract", best_speedup),

@@ -13,7 +13,7 @@ from report_lib import PaperNumber, best_speedup, main, stability_after  # noqa:
 
 FREE = "Bae et al. 2023, FREE (EMNLP 2023, arXiv 2310.05424)"
 MEE = "MEE"
-NOTES = "MEE: Laitenberger et al. 2024, Monotonic Early Exiting (/work/shared/seeds/monotonic-early-exiting.md)."
+NOTES = "MEE: Laitenberger et al. 2024, Monotonic Early Exiting for Fast Inference in Transformer-based Generation."
 PAPER = [
     PaperNumber("speed-up and ROUGE-L on CNN/DM (T5-large, shallow exit 6 of 24)",
                 "see the paper's main results table", FREE, best_speedup),

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report_lib import PaperNumber, best_speedup, main, saturation_value, stability_after  # noqa: E402
 
 MEE = "MEE"
-NOTES = "MEE: Laitenberger et al. 2024, Monotonic Early Exiting (/work/shared/seeds/monotonic-early-exiting.md)."
+NOTES = "MEE: Laitenberger et al. 2024, Monotonic Early Exiting for Fast Inference in Transformer-based Generation."
 T1 = f"{MEE}, Table 1 (T5-large, CNN/DM validation, cos >= 0.9)"
 
 
