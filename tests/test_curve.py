@@ -101,7 +101,7 @@ def test_curve_settings_and_policies_name_the_key(tmp_path):
     bb = make_backbone("t5")
     cfg = compose(["curve.policies=[softmax_gap,patience]", "exit.min_exit_layer=2"])
     specs = curve_specs(cfg, bb, curve_settings(cfg).policies, tmp_path, None)
-    assert [s.name for s in specs] == ["softmax_gap", "patience"] and specs[1].values == (1, 2, 3, 4, 5)
+    assert [s.name for s in specs] == ["softmax_gap", "patience"] and specs[1].values == (1, 2, 3, 4, 5, 6, 7, 8)
     with pytest.raises(ConfigError, match=r"curve.policies\[0\]='vibes'; allowed: labels of exit.policies"):
         curve_specs(cfg, bb, ["vibes"], tmp_path, None)
     with pytest.raises(ConfigError, match=r"curve.policies\[0\]='classifier:calm': no saved calm classifier"):
