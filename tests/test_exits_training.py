@@ -60,6 +60,16 @@ def test_targets_compare_with_the_last_layer_not_the_one_before():
     assert targets.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]]
 
 
+def test_held_out_sequences_leave_one_to_train_on():
+    from eetrain.exits.training import _split
+
+    records = _synthetic(n=5)  # 5 sequences of one token
+    train, val = _split(records, 0.95, seed=0)  # round(4.75) = 5 held out: training had 0 tokens and crashed
+    assert train.num_tokens == 1 and val.num_tokens == 4
+    train, val = _split(records, 0.2, seed=0)
+    assert train.num_tokens == 4 and val.num_tokens == 1
+
+
 def test_training_layers():
     assert training_layers(8, 4) == (4, 5, 6, 7)
     assert training_layers(3, 1) == (1, 2)

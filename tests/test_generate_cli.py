@@ -431,6 +431,32 @@ def test_a_calibrated_patience_is_exported_as_the_rule_s_parameter(tmp_path):
     assert policy.measure == "patience" and policy.measure_kwargs == {"patience": 2} and policy.min_exit_layer == 2
 
 
+def test_a_re_export_keeps_the_loaded_exports_minimum_and_leaves_an_uncertified_schedule_out(tmp_path, capsys):
+    from eetrain.decoding.settings import export_policy
+
+    source, run, export = tmp_path / "source", tmp_path / "run", tmp_path / "export"
+    for d in (source, run, export):
+        d.mkdir()
+    (source / "early_exit.json").write_text(json.dumps(
+        {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.9, "min_exit_layer": 2}}))
+    (export / "early_exit.json").write_text(json.dumps({"family": "t5"}))
+    bb = make_backbone("t5")
+    # +experiment=evaluate (exit.min_exit_layer: null = the export's own): the fallback became 4, the depth
+    cfg = compose(["+experiment=evaluate", f"model.name_or_path={source}", "model.config=null"])
+    assert export_policy(cfg, bb, run, export)["min_exit_layer"] == 2
+    # an offline-calibrated threshold was certified with a check at every layer: check_every is not attached
+    (run / "calibration.json").write_text(json.dumps([{"policy": "softmax_gap", "threshold": 0.4}]))
+    cfg = compose(["+experiment=demo", "exit.min_exit_layer=2", "decoding.policy.check_every=2"])
+    stored = export_policy(cfg, bb, run, export)
+    assert stored["threshold"] == 0.4 and "check_every" not in stored
+    assert "[export] decoding.policy.check_every left out of the calibrated policy" in capsys.readouterr().out
+    # calibrated online, it decoded with the schedule: kept
+    (run / "calibration.json").write_text(json.dumps([{"policy": "softmax_gap", "threshold": 0.3, "online": {
+        "threshold": 0.4, "decoded": {}, "scan": [{"n": 8}]}}]))
+    stored = export_policy(cfg, bb, run, export)
+    assert stored["calibrated"] == "online" and stored["check_every"] == 2
+
+
 def test_an_unknown_split_names_the_setting_that_chose_it():
     from hydra.utils import instantiate
 

@@ -188,7 +188,11 @@ def policy_fields(cfg: Any, model_dir: str | None) -> dict[str, Any]:
     fields = {k: v for k, v in node.items() if v is not None}
     if "measure" in fields and fields["measure"] != stored.get("measure"):
         stored = {}  # another measure: the stored threshold and classifier belong to the stored one
-    floor = ((cfg.get("exit") or {}).get("min_exit_layer")) or FALLBACK_POLICY["min_exit_layer"]
+    floor = (cfg.get("exit") or {}).get("min_exit_layer")
+    if floor is None:  # null: the loaded export's own (as the policies stage reads it), else CALM's 4
+        from eetrain.exits.settings import export_min_exit_layer
+
+        floor = export_min_exit_layer(cfg)[0]
     merged = {**FALLBACK_POLICY, "min_exit_layer": floor, **stored, **fields}
     if merged.get("features") is None and not str(merged.get("measure")).startswith("classifier:"):
         merged["features"] = _features(cfg)  # saturation reads exit.features' space; a classifier its own
@@ -324,7 +328,13 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
                   f"keeps the configured decoding.policy ({policy['measure']}, threshold {policy.get('threshold')}, "
                   "calibrated: false); more calibration examples or a looser exit.calibration.epsilon may find one")
     else:
-        policy.update({k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None})
+        schedule = {k: v for k, v in check_schedule(policy_fields(cfg, None)).items() if v is not None}
+        if policy.get("calibrated") == "online":  # online LTT decoded with the schedule: it is what it certified
+            policy.update(schedule)
+        elif schedule:
+            print(f"[export] {', '.join(f'decoding.policy.{k}' for k in schedule)} left out of the calibrated policy: "
+                  "offline calibration certified its threshold with a check at every layer and the full "
+                  "vocabulary; exit.calibration.online=true certifies it with them")
     policy["strategy"] = decoding_settings(cfg).strategy  # the strategy it was chosen (and calibrated) for
     settings = json.loads(settings_path.read_text())
     settings["policy"] = policy

@@ -194,7 +194,7 @@ def _split(records: ExitRecords, val_fraction: float, seed: int) -> tuple[ExitRe
     if ids.numel() < 2:
         return records, None
     gen = torch.Generator().manual_seed(seed)
-    n_val = max(1, int(round(val_fraction * ids.numel())))
+    n_val = max(1, min(ids.numel() - 1, int(round(val_fraction * ids.numel()))))  # one sequence left to train on
     val_ids = ids[torch.randperm(ids.numel(), generator=gen)[:n_val]]
     is_val = torch.isin(records.sequence_ids, val_ids)
     return records.subset(~is_val), records.subset(is_val)
