@@ -14,15 +14,18 @@ Four implementations decode the same random sources with the same randomly initi
 Rows per batch size (``--batches``, default 1,8,64): ``hf`` and ``full`` always; batch 1: ``fixed:4``
 and ``random:4`` x ``copy`` / ``parallel``; batches 2..63: ``random:4`` with ``ride_along`` x
 ``copy`` / ``parallel`` and ``gather`` + ``copy``; batches >= 64: ``random:3`` / ``random:4`` /
-``random:6`` x ``gather`` / ``ride_along`` with ``copy``. Schedules deeper than the model are left out.
+``random:6`` x ``gather`` / ``ride_along`` with ``copy``. Schedules that reach deeper than the model are left
+out (``random:MEAN`` draws exits up to 2 MEAN - 1, so it needs 2 MEAN - 1 <= L).
 At every batch size also ``self_speculative`` (``draft:ExK``: drafts from layer E = L / 2, K per round,
 every row at once): lossless, so it has no ``static`` ceiling; with random weights its acceptance (and
 so its speed-up) says little about a trained model's.
 ``--temperature T`` samples every implementation instead (``hf`` with ``do_sample``); ``self_speculative``
 then draws its drafts at layer E and keeps them by speculative sampling.
-Each ``eetrain`` row gets a ``static`` model at the depth its batch mode can reach: the rounded mean
-exit layer (batch 1, ``gather``) or the rounded mean of the per-step deepest exit (``ride_along``);
-``ceiling_fraction = t_static / t_eetrain`` (1.0: the exits cost nothing beyond the layers run).
+Each ``eetrain`` row gets its own ``static`` run at the depth its batch mode can reach (the mode ``generate``
+reports, which ``rollback`` forces to ``gather``): the rounded mean exit layer (batch 1, ``gather``) or the
+rounded mean of the per-step deepest exit (``ride_along``); ``ceiling_fraction = t_static / t_eetrain``
+(1.0: the exits cost nothing beyond the layers run). The table shows one ``static`` row per depth (the
+first row's static run at that depth).
 
 ``--crossover`` times ``random:4`` + ``copy`` with ``ride_along`` vs ``gather`` (and ``full``) at batch
 sizes 1..64 and prints the smallest from which on ``gather`` is faster (where ``generate``'s
@@ -35,15 +38,18 @@ Usage::
     python benchmarks/decoding.py --shape cpu --device cpu --batches 1,8 --temperature 1.0
     python benchmarks/decoding.py --shape llama-1b --device cuda --json
 
-Timing: every implementation of a batch size is warmed up once, then timed ``--repeats`` times with
-the runs interleaved round robin (round r starts one implementation later than round r - 1), so load
-drift on a shared machine hits all alike; ``s_per_token`` is the median wall time, ``speedup`` and
-``ceiling_fraction`` the median over rounds of the ratio of the two runs of that round
+Timing: every run of a batch size (each static run too) is warmed up once, untimed, then timed
+``--repeats`` times in rounds. A round runs every group once -- ``hf``, ``full``, and each ``eetrain`` row
+followed at once by its own static run -- and starts one group later than round r - 1, so load drift
+on a shared machine hits all alike and a row and its ceiling always run back to back.
+``s_per_token`` is the median wall time; ``speedup`` (t_full / t) and ``ceiling_fraction``
+(t_static / t_eetrain) are medians over rounds of the ratio of the two runs of that round
 (``torch.cuda.synchronize`` around each run on CUDA); ``ceiling_rounds`` keeps every round's ratio. After
-the table, one line per target the rows can answer, with its verdict on the median (``full`` vs ``hf``;
-the ``CEILING_TARGETS`` rows, with the spread of their rounds; ``gather``'s speed-up growing as the mean
-exit falls at batch >= 64). Importing this module has no side effects (torch and eetrain are imported
-lazily).
+the table, one line per target the rows can answer, with its verdict on the median (``full`` vs ``hf``:
+the ``hf`` row's ``speedup``, the median over rounds of t_full / t_hf; the ``CEILING_TARGETS`` rows, with
+the spread of their rounds; ``gather``'s speed-up growing as the mean exit falls at batch >= 64).
+``--crossover``, ``--policies`` and ``--free`` replace each other's rows: at most one of them. Importing
+this module has no side effects (torch and eetrain are imported lazily).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ TARGET_FULL_VS_HF = 1.10  # eetrain's decoder without exits may cost at most thi
 #: the lowest ceiling_fraction each row may reach: (batch, exits, strategy, batch mode, minimum)
 CEILING_TARGETS = (
     *((1, e, s, "ride_along", 0.85) for e in ("fixed:4", "random:4") for s in ("copy", "parallel")),
-    (8, "random:4", "copy", "ride_along", 0.85),
+    *((8, "random:4", s, "ride_along", 0.85) for s in ("copy", "parallel")),
     (64, "random:4", "copy", "gather", 0.70),
 )
 
@@ -91,12 +97,13 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    # For tests only: seconds on any machine. Vocabulary: the demo tokenizer's (441).
+    # For tests only: seconds on any machine. Vocabulary: the demo tokenizer's (441). Eight decoder
+    # layers, so that random:4 (exits up to layer 7) and its gather / ride_along rows exist.
     "tiny": Shape(
         "t5",
-        dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=4,
+        dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=8,
              feed_forward_proj="relu", dropout_rate=0.0),
-        source=8, new_tokens=8, dtype="float32", note="smoke-test shape (T5, 2+4 layers, d=64, V=441)",
+        source=8, new_tokens=8, dtype="float32", note="smoke-test shape (T5, 2+8 layers, d=64, V=441)",
     ),
     # T5-base-like decoder behind a 2-layer encoder: the encoder costs every impl the same, the
     # decoder's 12 layers are what exits save. Unequal depths need the explicit cache in `hf_generate`.
@@ -227,10 +234,17 @@ def plan(batch: int, num_layers: int, crossover: bool = False) -> list[Spec]:
         else:
             specs += [Spec("eetrain", f"random:{m}", "copy", mode)
                       for m in (4, 3, 6) for mode in ("gather", "ride_along")]
-        specs = [s for s in specs if s.impl != "eetrain" or float(s.exits.split(":")[1]) <= num_layers]
+        specs = [s for s in specs if s.impl != "eetrain" or _deepest_exit(s.exits) <= num_layers]
         # LayerSkip's draft-and-verify, every row at once: lossless, so no ceiling (its cost follows acceptance)
         specs.append(Spec("eetrain", f"draft:{num_layers // 2}x{DRAFT_TOKENS}", "self_speculative", "batched"))
     return specs
+
+
+def _deepest_exit(exits: str) -> float:
+    """The deepest layer a schedule exits at: K for `fixed:K`; 2 MEAN - 1 for `random:MEAN` (uniform on
+    1..2 MEAN - 1), which must not be clipped at the depth, or the mean exit would not be MEAN."""
+    kind, value = exits.split(":")
+    return 2 * float(value) - 1 if kind == "random" else float(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +356,12 @@ class _Run:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def batch_mode(self) -> str | None:
+        """The batch mode the run decoded with, as `generate` reports it: it can differ from the one asked
+        for (`rollback` forces `gather`). HF's ids report none: the spec's (None)."""
+        return getattr(self.first, "batch_mode", self.spec.batch_mode)
+
 
 def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int, temperature: float = 0.0) -> _Run:
     from eetrain.decoding import generate
@@ -361,18 +381,20 @@ def _make_run(spec: Spec, backbone, batch: dict, new_tokens: int, temperature: f
                 count=lambda: generate(backbone, batch, policy, **kw, count_flops=True))
 
 
-def _round_robin(runs: list[_Run], repeats: int, sync: Callable[[], None]) -> None:
-    """`repeats` rounds, each calling every run once, starting one run later than the last round."""
+def _round_robin(groups: list[list[_Run]], repeats: int, sync: Callable[[], None]) -> None:
+    """`repeats` rounds, each calling every group's runs once, in order and back to back (a row, then its
+    static run), starting one group later than the last round."""
     for i in range(repeats):
-        k = i % len(runs)
-        for run in runs[k:] + runs[:k]:
-            run(sync)
+        k = i % len(groups)
+        for group in groups[k:] + groups[:k]:
+            for run in group:
+                run(sync)
 
 
 def paired_ratio(a: _Run, b: _Run) -> float:
-    """Median over rounds of t_a / t_b. The two calls of a round run back to back, so they share the
-    machine's state; on a shared VM whose speed drifts by +-20% within seconds, the per-round ratio is
-    far steadier than a ratio of two medians."""
+    """Median over rounds of t_a / t_b, each ratio from the two calls of one round (a row and its static
+    run: back to back), so they share the machine's state; on a shared VM whose speed drifts by +-20%
+    within seconds, the per-round ratio is far steadier than a ratio of two medians."""
     return statistics.median(x / y for x, y in zip(a.seconds, b.seconds, strict=True))
 
 
@@ -418,33 +440,41 @@ def bench_batch(
     for run in runs:  # warm-up; eetrain's exit layers fix the static depths
         run(sync)
     full = next(r for r in runs if r.spec.impl == "full")
-    ceiling: dict[int, _Run] = {L: full}  # depth -> static run (the full depth is `full` itself)
+    # Each eetrain row's own static run, timed right after the row in every round: its ceiling.
+    ceiling: dict[int, _Run] = {}  # id(eetrain run) -> its static run
     if not crossover:
         for run in [r for r in runs if r.spec.impl == "eetrain" and r.spec.strategy != "self_speculative"]:
-            depth = ceiling_depth(run.first, batch_size, run.spec.batch_mode)
-            if depth not in ceiling:
-                if depth not in statics:
-                    statics[depth] = truncate(backbone, depth)
-                spec = Spec("static", f"truncated:{depth}", depth=depth)
-                ceiling[depth] = _make_run(spec, statics[depth], batch, new_tokens, temperature)
-                ceiling[depth](sync)
-                runs.append(ceiling[depth])
+            depth = ceiling_depth(run.first, batch_size, run.batch_mode)
+            if depth < L and depth not in statics:
+                statics[depth] = truncate(backbone, depth)
+            spec = Spec("static", f"truncated:{depth}", depth=depth)
+            static = _make_run(spec, statics[depth] if depth < L else backbone, batch, new_tokens, temperature)
+            static(sync)  # its own warm-up
+            ceiling[id(run)] = static
+    # One static record per depth below L (the full depth is `full`'s row): the first row's static run.
+    shown: dict[int, _Run] = {}
+    for static in ceiling.values():
+        if static.spec.depth < L:
+            shown.setdefault(static.spec.depth, static)
 
     load_before = os.getloadavg()[0]
-    _round_robin(runs, repeats, sync)
+    _round_robin([[run, *([ceiling[id(run)]] if id(run) in ceiling else [])] for run in runs], repeats, sync)
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
     full_tokens = full.tokens
-    per_token = {id(r): r.count().flops_per_token for r in runs if flops and r.count is not None}
+    recorded = [*runs, *shown.values()]
+    # FLOPs are the same for every static run of one depth: counted once, on the one shown
+    per_token = {id(r): r.count().flops_per_token for r in recorded if flops and r.count is not None}
+    depth_flops = {L: per_token.get(id(full))} | {d: per_token.get(id(r)) for d, r in shown.items()}
     records = []
-    for run in runs:
+    for run in recorded:
         spec, out = run.spec, run.first
         t = run.median
         depth = spec.depth or L
         rec: dict[str, Any] = {
             "impl": spec.impl,
             "strategy": spec.strategy,
-            "batch_mode": spec.batch_mode,
+            "batch_mode": run.batch_mode,
             "batch": batch_size,
             "exits": spec.exits,
             "num_layers": depth,
@@ -469,17 +499,17 @@ def bench_batch(
             "times": [round(s, 4) for s in run.seconds],
             "load_avg": load,
         }
-        if spec.impl == "eetrain" and not crossover and spec.strategy != "self_speculative":
-            d = ceiling_depth(out, batch_size, spec.batch_mode)
-            rec["ceiling_depth"] = d
-            rec["ceiling_fraction"] = paired_ratio(ceiling[d], run)
+        if id(run) in ceiling:
+            static = ceiling[id(run)]
+            rec["ceiling_depth"] = static.spec.depth
+            rec["ceiling_fraction"] = paired_ratio(static, run)
             # each round's ratio: how far the machine's noise spreads the median
-            rec["ceiling_rounds"] = [round(x / y, 4) for x, y in zip(ceiling[d].seconds, run.seconds, strict=True)]
+            rec["ceiling_rounds"] = [round(x / y, 4) for x, y in zip(static.seconds, run.seconds, strict=True)]
         if id(run) in per_token:  # FLOPs: the arithmetic side of the same ratios
             rec["flops_per_token"] = per_token[id(run)]
             rec["flops_ratio"] = per_token[id(run)] / per_token[id(full)]
             if rec["ceiling_depth"] is not None:
-                rec["ceiling_flops_fraction"] = per_token[id(ceiling[rec["ceiling_depth"]])] / per_token[id(run)]
+                rec["ceiling_flops_fraction"] = depth_flops[rec["ceiling_depth"]] / per_token[id(run)]
         if free and spec.impl == "eetrain":  # time against the same policy decoding without FREE's extras
             rec["vs_plain"] = paired_ratio(run, runs[1])
             rec["pairs_per_token"] = None if out.agreement is None else out.agreement.confidence.numel() / out.num_tokens
@@ -506,13 +536,15 @@ def run_benchmark(
     import torch
     import transformers
 
-    if repeats < 1 or (new_tokens is not None and new_tokens < 1):
-        raise ValueError(f"repeats ({repeats}) and new_tokens ({new_tokens}) must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature ({temperature}) must be >= 0 (0: greedy)")
+    if repeats < 1 or (new_tokens is not None and new_tokens < 1) or (threads is not None and threads < 1):
+        raise ValueError(f"repeats ({repeats}), new_tokens ({new_tokens}) and threads ({threads}) must be >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature ({temperature}) must be finite and >= 0 (0: greedy)")
+    if sum((crossover, policies, free)) > 1:
+        raise ValueError("crossover, policies and free replace each other's rows: at most one of them")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     shape = SHAPES[shape_name]
     new_tokens = new_tokens or shape.new_tokens
@@ -588,9 +620,9 @@ def target_lines(records: list[dict[str, Any]]) -> list[str]:
     at the largest batch, `gather`'s speed-up growing as the mean exit falls."""
     out = []
     for b in sorted({r["batch"] for r in records}):
-        t = {r["impl"]: r["seconds"] for r in records if r["batch"] == b and r["impl"] in ("hf", "full")}
-        if len(t) == 2:
-            ratio = t["full"] / t["hf"]
+        hf = next((r for r in records if r["batch"] == b and r["impl"] == "hf"), None)
+        if hf is not None:
+            ratio = hf["speedup"]  # the paired figure: median over rounds of t_full / t_hf
             verdict = "met" if ratio <= TARGET_FULL_VS_HF else "NOT met"
             out.append(f"target batch {b}: full <= {TARGET_FULL_VS_HF:.2f} x hf: {ratio:.2f}x -> {verdict}")
     for b, exits, strategy, mode, low in CEILING_TARGETS:
@@ -631,6 +663,26 @@ def _batches(text: str) -> tuple[int, ...]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0 (0: greedy), got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -638,17 +690,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batches", type=_batches, default=None,
                    help="comma-separated batch sizes (default 1,8,64; with --crossover 1,2,4,...,64)")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default: the shape's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per row after one warm-up (median)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--crossover", action="store_true",
-                   help="time random:4 ride_along vs gather per batch size; print where gather wins")
-    p.add_argument("--policies", action="store_true",
-                   help="rows with real exit policies (thresholds tuned to a mean exit near 4): what deciding costs")
-    p.add_argument("--free", action="store_true",
-                   help="batch 1, parallel: a policy as is, collecting FREE's adaptive-threshold pairs, and with "
-                        "RollBack checks: what FREE's extras cost")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--new-tokens", type=_positive_int, default=None,
+                   help="tokens generated per row (default: the shape's)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per row after one warm-up (median)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (CPU)")
+    # each replaces the default rows with its own: combined, all but one would be dropped without a word
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--crossover", action="store_true",
+                      help="time random:4 ride_along vs gather per batch size; print where gather wins")
+    rows.add_argument("--policies", action="store_true",
+                      help="rows with real exit policies (thresholds tuned to a mean exit near 4): what deciding costs")
+    rows.add_argument("--free", action="store_true",
+                      help="batch 1, parallel: a policy as is, collecting FREE's adaptive-threshold pairs, and with "
+                           "RollBack checks: what FREE's extras cost")
+    p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="sample every implementation at this temperature (0: greedy); self_speculative then "
                         "verifies its drafts by speculative sampling")
     p.add_argument("--flops", action="store_true",

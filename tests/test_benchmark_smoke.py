@@ -81,8 +81,53 @@ def test_table_ratios(bench, records):
 def test_bad_arguments(bench):
     with pytest.raises(ValueError, match="warmup"):
         bench.run_impl("tiny", "plain", warmup=0)
+    with pytest.raises(ValueError, match="threads"):  # 0 used to be ignored without a word
+        bench.run_impl("tiny", "plain", threads=0)
+    with pytest.raises(ValueError, match="distinct"):  # both runs' times would land in one list
+        bench.time_interleaved("tiny", ["plain", "plain"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--shape", "nope"])
+    for bad in (["--impl", "plain", "plain"], ["--steps", "-1"], ["--steps", "x"], ["--threads", "0"],
+                ["--warmup", "0"], ["--chunk-size", "0"], ["--steps", "0", "--device", "cuda"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert bench.parse_args(["--steps", "0"]).steps == 0  # memory only, on CPU
+
+
+def test_memory_only_table(bench, capsys):
+    """--steps 0: memory only; the table shows `-` for the times, and only the peak target is answered."""
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--shape", "tiny", "--impl", "plain", "naive", "eetrain", "--steps", "0",
+                           "--threads", "1", "--in-process"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| eetrain ")]
+    assert len(rows) == 1 and rows[0].split(" | ")[2:4] == ["-", "-"]  # time and CPU time vs naive
+    targets = [ln for ln in out.splitlines() if ln.startswith("target")]
+    assert len(targets) == 1 and "step peak" in targets[0]
+
+
+def test_target_lines_per_shape_and_rows(bench):
+    def rec(impl, shape="llama-1b", device="cuda", s_per_step=1.0):
+        return dict(impl=impl, shape=shape, device=device, s_per_step=s_per_step, peak_mib=100.0,
+                    total_peak_mib=1000.0)
+
+    lines = bench.target_lines([rec("plain"), rec("naive", s_per_step=1.25), rec("eetrain")])
+    assert lines == [
+        "target (cuda, llama-1b) eetrain step peak <= 1.10 x plain: 1.00x -> met (total peak incl. "
+        "model+optimizer: 1.00x -> met)",
+        "target (cuda, llama-1b) eetrain time <= 0.85 x naive: 0.80x -> met",
+    ]
+    # the CUDA figures were set for llama-1b: no verdict on another shape
+    assert bench.target_lines([rec(impl, shape="t5-large") for impl in bench.IMPLS]) == []
+    # each target on its own rows: --impl plain eetrain still answers the peak target
+    assert [ln.split(" eetrain ")[1].split(" <=")[0] for ln in bench.target_lines([rec("plain"), rec("eetrain")])] \
+        == ["step peak"]
+    assert [ln.split(" eetrain ")[1].split(" <=")[0] for ln in bench.target_lines([rec("naive"), rec("eetrain")])] \
+        == ["time"]
+    assert bench.target_lines([rec("naive", s_per_step=None), rec("eetrain", s_per_step=None)]) == []
 
 
 def test_time_interleaved(bench):

@@ -108,6 +108,20 @@ def test_mixed_schedule_equals_slow_reference(model, strategy, semantics):
     assert other != ref
 
 
+def test_random_schedule_mean_is_what_it_says():
+    # uniform on 1..2*MEAN-1: half-layer means are fine (random:2.5 on 4 layers draws 1..4) ...
+    for spec, top in (("random:1", 1), ("random:1.5", 2), ("random:2.5", 4)):
+        draws = ScheduledExits(spec, 4, seed=0).draw(4000)
+        assert set(draws.tolist()) == set(range(1, top + 1))
+        assert abs(draws.double().mean().item() - (top + 1) / 2) < 0.1
+    # ... a range deeper than the model (clipping) or rounded to whole layers would shift the mean
+    for spec in ("random:3", "random:4", "random:3.25", "random:1.75"):
+        with pytest.raises(ConfigError, match=r"exits='random:[\d.]+': random:MEAN .* <= 4; allowed MEAN: 1 to 2.5"):
+            ScheduledExits(spec, 4)
+    with pytest.raises(ConfigError, match=r"exits='fixed:2.5': fixed:K exits every token at layer K, a whole layer"):
+        ScheduledExits("fixed:2.5", 4)  # was read as fixed:2
+
+
 def policies(d):
     """Policy templates; thresholds are then picked per model so that exits really vary."""
     torch.manual_seed(3)

@@ -387,7 +387,8 @@ def check_policy(policy: ExitPolicy, num_layers: int, hidden_size: int | None) -
 
 class ScheduledExits:
     """Exit layers fixed in advance: `fixed:K` (every token at layer K) or `random:MEAN` (a seeded
-    per-token draw, uniform on 1..2*MEAN-1, clipped to the depth: its mean is MEAN when 2*MEAN-1 <= L)."""
+    per-token draw, uniform on 1..2*MEAN-1, whose mean is MEAN: 2*MEAN-1 must be a whole number of
+    layers no deeper than the model, so MEAN is one of 1, 1.5, ..., (L+1)/2)."""
 
     def __init__(self, spec: str, num_layers: int, seed: int = 0) -> None:
         match = re.fullmatch(r"(fixed|random):(\d+(?:\.\d+)?)", spec)
@@ -396,6 +397,15 @@ class ScheduledExits:
         self.kind, value = match.group(1), float(match.group(2))
         if not 1 <= value <= num_layers:
             raise ConfigError(f"exits={spec!r}: {value:g} outside 1..{num_layers} (the model's layers)")
+        if self.kind == "fixed" and not value.is_integer():
+            raise ConfigError(f"exits={spec!r}: fixed:K exits every token at layer K, a whole layer in 1..{num_layers}")
+        # A draw clipped at L, or a range rounded to whole layers, would have a mean other than MEAN, and
+        # whatever reports the spec (benchmark rows, labels) would claim the wrong mean exit.
+        if self.kind == "random" and (not (2 * value - 1).is_integer() or 2 * value - 1 > num_layers):
+            raise ConfigError(
+                f"exits={spec!r}: random:MEAN draws uniform on 1..2*MEAN-1, which must be a whole number of layers "
+                f"<= {num_layers}; allowed MEAN: 1 to {(num_layers + 1) / 2:g} in steps of 0.5"
+            )
         self.value, self.num_layers, self.spec = value, num_layers, spec
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -403,8 +413,8 @@ class ScheduledExits:
         """`(size,)` exit layers for one step's tokens."""
         if self.kind == "fixed":
             return torch.full((size,), int(self.value), dtype=torch.long)
-        top = max(1, round(2 * self.value - 1))
-        return torch.randint(1, top + 1, (size,), generator=self.generator).clamp_max(self.num_layers)
+        top = int(2 * self.value - 1)  # a whole number <= num_layers (checked in __init__)
+        return torch.randint(1, top + 1, (size,), generator=self.generator)
 
 
 def describe(policy: ExitPolicy | ScheduledExits | None) -> str:
