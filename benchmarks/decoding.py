@@ -655,12 +655,9 @@ def target_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def _batches(text: str) -> tuple[int, ...]:
     try:
-        out = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return out
+        return tuple(_positive_int(x) for x in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes >= 1, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
