@@ -315,7 +315,7 @@ def export_policy(cfg: Any, backbone: Any, out_dir: Path, export_dir: Path) -> d
         if shared is not None:
             floor = max(floor, positive_int(shared, "exits.min_layer"))
         fields["min_exit_layer"] = min(floor, L)
-        if floor >= L:
+        if floor >= L > 1:
             print(f"[export] note: the exported policy's minimum exit layer is the model's depth ({L}; "
                   f"configured {floor}), so it never exits early: set exit.min_exit_layer (or "
                   f"decoding.policy.min_exit_layer) to a layer in 1..{L - 1}")
