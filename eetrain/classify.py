@@ -18,8 +18,8 @@ records of `eetrain.exits.record`).
 
 Stage `classify` (settings `classify.*`, conf/classify/default.yaml), on a labelled split:
 
-* `layer_scores.csv`: every exit layer's task metrics (`data.metrics`, 0-100) and `agree_last` (share of
-  examples whose prediction equals the last layer's);
+* `layer_scores.csv`: every layer's task metrics (`data.metrics`, 0-100) and `agree_last` (share of
+  examples whose prediction equals the last layer's), layers outside `exits.layers` included;
 * `accuracy_speed.csv`: one row per (policy, value) of `classify.policies` (grids from `exit.policies`)
   with `mean_exit_layer`, `expected_saving` (DeeBERT's, 1 - mean / L), `speedup` (the full model's time
   over early exit's, each batch classified with early exit and then by the full model through the same
@@ -392,7 +392,13 @@ def format_speed(rows: Sequence[Mapping[str, Any]], metric: str, L: int) -> str:
 
 
 def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[str, Any]]:
-    from eetrain.decoding.curve import best_point, log_wandb, plot_quality_speed, write_csv
+    from eetrain.decoding.curve import (
+        best_point,
+        log_wandb,
+        plot_quality_speed,
+        score_against_full,
+        write_csv,
+    )
     from eetrain.exits.settings import min_exit_layer
     from eetrain.layer_metrics import oracle_exit_layers
     from eetrain.progress import progress
@@ -475,6 +481,6 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     if best is not None:
         print(f"\nFastest point with {metric} >= 0.99 x the full model's: {best['policy']} at {best['threshold']}: "
               f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f} of {L}, {metric} "
-              f"{best[metric]:.2f} ({best[f'{metric}_ratio']:.3f} x)")
+              f"{best[metric]:.2f} ({score_against_full(best, rows, metric)})")
     print(f"\nWrote {layer_csv}, {csv_path} and {png}" + (" (and to W&B)" if logged else ""))
     return rows

@@ -416,3 +416,14 @@ def test_a_gpu_trainer_on_a_machine_without_one_says_what_to_set():
     with pytest.raises(ConfigError, match=r"^trainer: .*; this machine has none: trainer=cpu"):
         build_node({"_target_": "lightning.pytorch.Trainer", "accelerator": "gpu", "devices": 1, "logger": False},
                    "trainer")
+
+
+def test_the_fastest_point_shows_the_full_score_when_it_is_negative():
+    from eetrain.decoding.curve import score_against_full
+
+    rows = [{"policy": "full", "pearson": -45.86, "pearson_ratio": 1.0},
+            {"policy": "patience", "threshold": 1, "pearson": -34.82, "pearson_ratio": 0.759}]
+    # a share of a negative score turns over (0.759 x looked worse while the point is better)
+    assert score_against_full(rows[1], rows, "pearson") == "full model -45.86"
+    rows[0]["pearson"], rows[1]["pearson"] = 50.0, 49.0
+    assert score_against_full(rows[1], rows, "pearson") == "0.759 x"

@@ -400,7 +400,7 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> list[dict[st
     if best is not None:
         print(f"\nFastest point with {metric} >= 0.97 x the full model's: {best['policy']} at {best['threshold']}: "
               f"{best['speedup']:.3f}x, mean exit {best['mean_exit_layer']:.2f}, {metric} "
-              f"{best[metric]:.2f} ({best[f'{metric}_ratio']:.3f} x)")
+              f"{best[metric]:.2f} ({score_against_full(best, rows, metric)})")
     elif any(r["policy"] == "full" and r.get(metric) == 0 for r in rows):
         print(f"\nNo fastest point: the full model's {metric} is 0, so no point's share of it means anything")
     print(f"\nWrote {csv_path} and {png}" + (" (and to W&B)" if logged else ""))
@@ -445,6 +445,15 @@ def adaptive_rows(
                     for b, (p, updating) in zip(prompts[:counted], used, strict=False)]
             rows[-1]["flops_ratio"] = flops_per_token(outs) / full_flops
     return rows
+
+
+def score_against_full(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """`row`'s score as a share of the full model's, or, for a negative full score (pearson, matthews),
+    where a share turns over, the full model's score itself."""
+    full = next((r.get(metric) for r in rows if r["policy"] == "full"), None)
+    if isinstance(full, int | float) and full < 0:
+        return f"full model {full:.2f}"
+    return f"{row[f'{metric}_ratio']:.3f} x"
 
 
 def best_point(
