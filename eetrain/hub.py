@@ -66,6 +66,16 @@ def resolve_model(name_or_path: str, key: str = "model.name_or_path") -> tuple[s
     )
 
 
+def datasets_cache() -> Path:
+    """The directory `datasets` caches hub datasets in, resolved as `datasets.config` does (read now, not
+    at its import): HF_DATASETS_CACHE, else HF_HOME/datasets (the Docker images set HF_HOME), else
+    $XDG_CACHE_HOME/huggingface/datasets (~/.cache by default)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "datasets"
+
+
 def check_dataset_reachable(
     name: str, key: str = "data.hf_name", columns: str = "data.source_column and data.target_column"
 ) -> None:
@@ -80,7 +90,7 @@ def check_dataset_reachable(
         return
     if hub_reachable():
         return
-    cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
+    cache = datasets_cache()
     cached_name = name.replace("/", "___")
     if cache.exists() and any(p.name == cached_name for p in cache.iterdir()):
         return
