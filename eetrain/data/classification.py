@@ -7,6 +7,7 @@ JSON/JSONL/CSV/Parquet files (`files`) with the same columns. Examples are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,9 @@ class ClassificationDataModule(SplitDataModule):
         if num_labels == 1 and classes:
             raise ConfigError(f"data.metrics={list(self.metrics)}: {', '.join(classes)} score(s) class ids, and "
                               "data.num_labels=1 is regression (real scores); allowed there: pearson, spearman")
+        if num_labels > 2 and "f1" in self.metrics:  # (GLUE's F1 is the binary F1 of class 1: MRPC, QQP)
+            raise ConfigError(f"data.metrics={list(self.metrics)}: f1 is the binary F1 of class 1, and "
+                              f"data.num_labels={num_labels}; allowed there: accuracy, matthews")
         self.text_columns = tuple(columns)
         self.label_column = label_column
         self.num_labels = int(num_labels)
@@ -62,6 +66,10 @@ class ClassificationDataModule(SplitDataModule):
             raise ConfigError(f"data.label_column={label_column!r} is also one of data.text_columns={columns}")
         self.fields[label_column] = f"data.label_column={label_column!r}"
         self.column_keys = f"data.text_columns={columns} and data.label_column={label_column!r}"
+
+    @property
+    def text_fields(self) -> list[str]:
+        return list(self.text_columns)
 
     def check_fits(self, backbone: Any) -> None:
         super().check_fits(backbone)
@@ -80,10 +88,13 @@ class ClassificationDataModule(SplitDataModule):
     def label(self, value: Any, i: int) -> int | float:
         if self.num_labels == 1:
             try:
-                return float(value)
+                score = float(value)
             except (TypeError, ValueError):
-                raise DataError(f"row {i}: data.label_column={self.label_column!r} is {value!r}, not a number "
-                                "(data.num_labels=1 is regression)") from None
+                score = math.nan
+            if not math.isfinite(score):  # (json.dumps writes NaN; a NaN score would surface as a NaN loss)
+                raise DataError(f"row {i}: data.label_column={self.label_column!r} is {value!r}, not a finite "
+                                "number (data.num_labels=1 is regression)") from None
+            return score
         try:
             label = int(value)
             ok = label == value and 0 <= label < self.num_labels
