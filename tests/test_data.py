@@ -141,3 +141,73 @@ def test_llama_collation_from_same_data(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     n_target = sum(len(e["target_ids"]) for e in dm.datasets["validation"])
     assert int((batch["labels"] != -100).sum()) == n_target
+
+
+def test_csv_text_cells_are_read_as_written(tmp_path):
+    # pandas would type "007" as 7.0 and read "None" / "NA" as missing; an empty cell is still missing
+    path = tmp_path / "rows.csv"
+    path.write_text("document,summary\nthe code is,007\nthe price is,3.10\nwhat is it,None\nwho,NA\n")
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(path), "validation": str(path)},
+                             source_column="document", target_column="summary")
+    dm.setup("fit")
+    assert [e["reference"] for e in dm.datasets["train"]] == ["007", "3.10", "None", "NA"]
+    path.write_text("document,summary\nthe code is,\n")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(path), "validation": str(path)},
+                             source_column="document", target_column="summary")
+    with pytest.raises(DataError, match=r"row 0: data.target_column='summary' is empty"):
+        dm.setup("fit")
+
+
+def test_own_files_beside_the_shipped_demo_test_file_are_refused(tmp_path):
+    from eetrain.data.make_demo import DEMO_DIR
+
+    bb = make_backbone("t5")
+    own = _write(tmp_path / "own.jsonl", ROWS, "jsonl")
+    demo_test = str(DEMO_DIR / "test.jsonl")
+    with pytest.raises(ConfigError, match=r"data.files.train, data.files.validation are your own file\(s\), and "
+                                          r"data.files.test still the shipped demo's \(test.jsonl, ...\): "
+                                          r"set data.files.test=<your file>, or =null"):
+        Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": own, "validation": own, "test": demo_test})
+    # the demo's own training data with a test file of yours is a choice, not a leftover
+    Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": str(DEMO_DIR / "train.jsonl"), "test": own})
+    Text2TextDataModule(bb.tokenizer, bb.collate, files={"train": own, "validation": own, "test": None})
+
+
+def test_a_wrong_hub_config_names_the_key_and_the_configs(tmp_path):
+    ds = tmp_path / "ds"
+    (ds / "de-en").mkdir(parents=True)
+    for split in ("train", "validation"):
+        (ds / "de-en" / f"{split}.jsonl").write_text(json.dumps({"document": "a .", "summary": "b ."}) + "\n")
+    (ds / "README.md").write_text(
+        "---\nconfigs:\n- config_name: de-en\n  data_files:\n  - split: train\n    path: de-en/train.jsonl\n"
+        "  - split: validation\n    path: de-en/validation.jsonl\n---\n")
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, hf_name=str(ds), hf_config="en-de",
+                             source_column="document", target_column="summary")
+    with pytest.raises(ConfigError, match=r"data.hf_config='en-de' is not a config of data.hf_name=.*de-en"):
+        dm.setup("fit")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, hf_name=str(ds), hf_config="de-en",
+                             source_column="document", target_column="summary")
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 1
+
+
+def test_an_offline_dataset_cached_under_hf_home_is_found(tmp_path, monkeypatch):
+    from eetrain import hub
+    from eetrain.errors import HubUnreachableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # as the Docker images set it
+    hub.hub_reachable.cache_clear()
+    try:
+        with pytest.raises(HubUnreachableError, match="not cached"):
+            hub.check_dataset_reachable("abisee/cnn_dailymail")
+        (tmp_path / "hf" / "datasets" / "abisee___cnn_dailymail").mkdir(parents=True)
+        hub.check_dataset_reachable("abisee/cnn_dailymail")
+        monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "elsewhere"))  # it wins over HF_HOME
+        with pytest.raises(HubUnreachableError, match="not cached"):
+            hub.check_dataset_reachable("abisee/cnn_dailymail")
+    finally:
+        hub.hub_reachable.cache_clear()

@@ -248,6 +248,18 @@ def test_stsb_regression_float_labels(tmp_path):
     assert torch.isfinite(bb.model(**batch).loss)  # transformers' own regression loss takes these labels
 
 
+@pytest.mark.parametrize("label", ["NaN", "Infinity", '"inf"', '"x"'])
+def test_stsb_scores_must_be_finite_numbers(tmp_path, label):
+    line = '{"sentence1": "a .", "sentence2": "b .", "label": %s, "idx": 0}\n'
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text(line % "3.2" + line % label)
+    cfg = compose(["model=bert_tiny", "data=glue_stsb", "data.hf_name=null",
+                   f"data.files.train={tmp_path / 'train.jsonl'}", f"data.files.validation={tmp_path / 'validation.jsonl'}"])
+    dm, _ = build(cfg)
+    with pytest.raises(DataError, match=r"row 1: data.label_column='label' is .*, not a finite number"):
+        dm.setup("fit")
+
+
 def test_mnli_validation_matched_from_files_validation(tmp_path):
     rows = [{"premise": "alice met bob .", "hypothesis": "bob met alice .", "label": i, "idx": i} for i in range(3)]
     dm, bb = build(local(tmp_path, "glue_mnli", rows, model="bert_tiny"))
@@ -320,6 +332,8 @@ def test_bad_split_names_the_key_and_the_available(tmp_path):
     ("glue_rte", ["data.hf_name=null"], ConfigError, r"set data.hf_name .* or data.files"),
     ("glue_stsb", ["data.metrics=[accuracy,pearson]"], ConfigError,
      r"data.metrics=\['accuracy', 'pearson'\]: accuracy score\(s\) class ids, and data.num_labels=1 is regression"),
+    ("glue_mnli", ["data.metrics=[f1,accuracy]"], ConfigError,
+     r"data.metrics=\['f1', 'accuracy'\]: f1 is the binary F1 of class 1, and data.num_labels=3; allowed there"),
 ])
 def test_bad_settings(name, overrides, error, message, tokenizer):
     cfg = compose([f"data={name}", *overrides]).data

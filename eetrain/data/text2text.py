@@ -89,6 +89,7 @@ def load_rows(
     column_keys: str = "data.source_column and data.target_column",
     also: Sequence[str] = (),
     formats: Mapping[str, str] = _FORMATS,
+    text_fields: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Load one split as a list of {field: value} rows.
 
@@ -97,6 +98,8 @@ def load_rows(
     `data.files` key and the split key in errors; default: the split name). column_keys: the keys that
     name the columns, for the offline message. also: other `data.files` keys for this split (the roles
     that share its split name). formats: file suffix -> `datasets` builder (TEXT_FORMATS adds `.txt`).
+    text_fields: the fields read as text from a CSV file (default: every field), whose cells pandas would
+    otherwise type ("007" -> 7.0) or read as missing ("NA", "None", "nan"); only an empty cell is missing.
     """
     import datasets
 
@@ -106,12 +109,15 @@ def load_rows(
         try:
             ds = datasets.load_dataset(hf_name, hf_config, split=split)
         except ValueError as e:
-            if "Unknown split" not in str(e):
-                raise
-            raise ConfigError(
-                f"{SPLIT_KEYS.get(role, 'split')}={split!r}: data.hf_name={hf_name!r} "
-                f"(data.hf_config={hf_config!r}) has no such split; {e}"
-            ) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "Unknown split" in str(e):
+                raise ConfigError(
+                    f"{SPLIT_KEYS.get(role, 'split')}={split!r}: data.hf_name={hf_name!r} "
+                    f"(data.hf_config={hf_config!r}) has no such split; {e}"
+                ) from None
+            if "BuilderConfig" in str(e) or "Config name is missing" in str(e):
+                raise ConfigError(f"data.hf_config={hf_config!r} is not a config of data.hf_name={hf_name!r}: {first}") from None
+            raise ConfigError(f"data.hf_name={hf_name!r} (data.hf_config={hf_config!r}) cannot be loaded: {first}") from None
         except RuntimeError as e:
             # datasets >= 4 refuses a repository that is only a loading script (some older hub datasets)
             if "scripts are no longer supported" not in str(e):
@@ -130,7 +136,10 @@ def load_rows(
             raise DataError(f"{where} is empty")
         try:
             # a TXT file's documents are its paragraphs: hard-wrapped lines stay in one document
-            extra = {"sample_by": "paragraph"} if fmt == "text" else {}
+            extra: dict[str, Any] = {"sample_by": "paragraph"} if fmt == "text" else {}
+            if fmt == "csv":
+                text = columns if text_fields is None else text_fields
+                extra.update(converters={f.split(".")[0]: str for f in text}, keep_default_na=False, na_values=[""])
             ds = datasets.load_dataset(fmt, data_files={"rows": str(path)}, split="rows", **extra)
         except ValueError as e:
             # datasets reports a header-only file as "Instruction ... corresponds to no data"
@@ -195,6 +204,24 @@ def check_headline_metric(metric: str, metrics: Sequence[str], kind: str) -> tup
     return str(metric), names
 
 
+def check_own_files(files: Mapping[str, Any] | None) -> None:
+    """Refuse your own training or validation file beside the shipped demo's files: a demo config's
+    `data.files` keep the demo's test file when you override train and validation, and a stage would then
+    decode the demo's test set and score it as yours. (The demo's training data with a test file of your
+    own is allowed.)"""
+    from eetrain.data.make_demo import DEMO_DIR
+
+    given = {k: Path(str(v)).expanduser() for k, v in (files or {}).items() if v is not None}
+    shipped = sorted(k for k, p in given.items() if p.resolve().is_relative_to(DEMO_DIR.resolve()))
+    own = sorted(k for k in given if k not in shipped)
+    if shipped and ({"train", "validation"} & set(own)):
+        raise ConfigError(
+            f"{', '.join(f'data.files.{k}' for k in own)} are your own file(s), and "
+            f"{', '.join(f'data.files.{k}' for k in shipped)} still the shipped demo's ({given[shipped[0]].name}, ...): "
+            f"set {' '.join(f'data.files.{k}=<your file>' for k in shipped)}, or =null for a split no stage reads"
+        )
+
+
 class SplitDataModule(L.LightningDataModule):
     """Splits by role (train / validation / test) from a hub dataset or local files, batched by the
     backbone's collate. Subclasses set `self.fields` ({field: key description}) and `self.column_keys`,
@@ -227,6 +254,8 @@ class SplitDataModule(L.LightningDataModule):
         super().__init__()
         if hf_name is None and not any(v is not None for v in (files or {}).values()):
             raise ConfigError("set data.hf_name (a hub dataset) or data.files (local train/validation files)")
+        if hf_name is None:
+            check_own_files(files)
         positive_int(batch_size, "data.batch_size")
         positive_int(eval_batch_size, "data.eval_batch_size", null="data.batch_size")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -246,6 +275,11 @@ class SplitDataModule(L.LightningDataModule):
         #: (epoch, batches already trained in it) from a checkpoint; applied to the next training loader
         self._resume: tuple[int, int] | None = None
 
+    @property
+    def text_fields(self) -> list[str]:
+        """The fields that hold text (a CSV file's cells are read as written); default: every field."""
+        return list(self.fields)
+
     def tokenize(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
         raise NotImplementedError
 
@@ -256,7 +290,7 @@ class SplitDataModule(L.LightningDataModule):
         split = self.splits.get(role, role)
         also = [r for r, s in self.splits.items() if s == split]
         rows = load_rows(split, columns=self.fields, role=role, column_keys=self.column_keys, also=also,
-                         formats=self.formats, **self.source)
+                         formats=self.formats, text_fields=self.text_fields, **self.source)
         self.loading = role  # (a label check's hint depends on the role)
         try:
             self.datasets[role], self.truncation[role] = self.tokenize(rows)
