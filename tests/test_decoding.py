@@ -499,6 +499,17 @@ def test_check_every_runs_no_check_at_other_layers(model, every):
     assert set(out.exit_layers.flatten().tolist()) <= allowed | {L}
 
 
+def test_check_every_that_meets_no_exit_point_is_refused(model):
+    # layers 1, 3 (every 2nd from 1) are no exit point of (2, 4): falling back to the last layer alone
+    # would switch early exit off unsaid
+    policy = ExitPolicy("softmax_gap", 0.0, min_exit_layer=1, exit_points=(2, 4))
+    with pytest.raises(ConfigError, match=r"decoding.policy.check_every=2 checks layers \[1, 3\].*none of them "
+                                          r"an exit point \[2, 4\]"):
+        generate(model, one(), policy, max_new_tokens=2, check_every=2)
+    out = generate(model, one(), policy, max_new_tokens=2, stop_at_eos=False, check_every=3)  # checks 1, 4
+    assert out.exit_layers.flatten().tolist() == [4, 4]
+
+
 def test_check_every_must_be_positive(model):
     with pytest.raises(ConfigError, match=r"decoding.policy.check_every=0; allowed: an integer >= 1"):
         generate(model, one(), ExitPolicy("softmax_max", 0.5, min_exit_layer=1), max_new_tokens=2, check_every=0)

@@ -354,8 +354,15 @@ def with_check_every(policy: ExitPolicy, every: int | None, num_layers: int) -> 
     start = policy.min_exit_layer
     layers = [i for i in range(start, num_layers + 1) if (i - start) % every == 0]
     if policy.exit_points is not None:
+        checked = layers
         layers = [i for i in layers if i in policy.exit_points]
-    return replace(policy, exit_points=tuple(layers) or (num_layers,), measure_kwargs=dict(policy.measure_kwargs))
+        if not layers:  # (falling back to the last layer alone would switch early exit off unsaid)
+            raise ConfigError(
+                f"decoding.policy.check_every={every} checks layers {checked} (every {every}-th from "
+                f"min_exit_layer={start}), none of them an exit point {sorted(policy.exit_points)}; choose a "
+                "check_every or min_exit_layer that meets an exit point, or check_every=null"
+            )
+    return replace(policy, exit_points=tuple(layers), measure_kwargs=dict(policy.measure_kwargs))
 
 
 def check_policy(policy: ExitPolicy, num_layers: int, hidden_size: int | None) -> None:
