@@ -137,6 +137,28 @@ def test_load_export_policy_decodes_from_python_as_the_cli_would(tmp_path):
         load_export_policy(tmp_path, bb)
 
 
+def test_an_interrupted_write_keeps_the_previous_generations(tmp_path, monkeypatch):
+    export, run = tmp_path / "export", tmp_path / "gen"
+    make_backbone("t5").save_pretrained(export)
+    run.mkdir()
+    (run / "generations.jsonl").write_text('{"earlier": "run"}\n')
+    real, rows = json.dumps, []
+
+    def dumps(obj, *args, **kwargs):  # the disk fills up at the second row
+        if isinstance(obj, dict) and "exit_layers" in obj:
+            rows.append(obj)
+            if len(rows) == 2:
+                raise OSError(28, "No space left on device")
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", dumps)
+    r = cli("+experiment=generate", f"model.name_or_path={export}", f"hydra.run.dir={run}", "exit.min_exit_layer=2",
+            "decoding.max_examples=3", "decoding.max_new_tokens=4", "decoding.flops_examples=0", cwd=tmp_path)
+    assert r.returncode == 1 and "No space left on device" in r.stderr
+    assert (run / "generations.jsonl").read_text() == '{"earlier": "run"}\n'  # not half of the new one
+    assert not list(run.glob(".generations.jsonl.*"))
+
+
 def test_the_export_s_strategy_is_the_default(tmp_path):
     (tmp_path / "early_exit.json").write_text(json.dumps(
         {"family": "t5", "policy": {"measure": "softmax_gap", "threshold": 0.3, "strategy": "parallel"}}

@@ -20,7 +20,7 @@ from eetrain.backbones.base import pad
 from eetrain.errors import ConfigError
 from eetrain.exits.beta_mixture import check_adaptive_policy
 from eetrain.exits.policy import ExitPolicy
-from eetrain.files import write_json
+from eetrain.files import atomic_file, write_json
 
 from .adaptive import KEY as ADAPTIVE_KEY
 from .adaptive import AdaptiveThreshold, adaptive_generate, count_adaptive
@@ -284,9 +284,8 @@ def run_stage(cfg: Any, backbone: Any, data: Any, out_dir: Path) -> dict[str, An
                 **({"full_output": tok.decode(ref.sequences()[r], skip_special_tokens=True)} if ref else {}),
             })
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "generations.jsonl").open("w") as fh:  # first: the decoded text is the costly part
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    with atomic_file(out_dir / "generations.jsonl") as tmp:  # first: the decoded text is the costly part
+        Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = _summary(ee, full or None, settings, label, adaptive, adaptive_seconds)
     if isinstance(policy, ExitPolicy):
         summary["min_exit_layer"] = policy.min_exit_layer
