@@ -210,11 +210,33 @@ def test_bad_lora_config_names_the_key():
         ({"r": "abc", "target_modules": ["q", "v"]}, "model.lora.r='abc'; allowed: an integer >= 1"),
         ({"r": 0, "target_modules": ["q", "v"]}, "model.lora.r=0; allowed: an integer >= 1"),
         ({"r": 4, "lora_alpha": "abc", "target_modules": ["q", "v"]}, "model.lora.lora_alpha='abc'; allowed: a finite number > 0"),
+        ({"r": 4, "target_modules": ["q"], "lora_dropout": "abc"}, "model.lora.lora_dropout='abc'; allowed: a finite number"),
+        ({"r": 4, "target_modules": ["q"], "lora_dropout": -1}, "model.lora.lora_dropout=-1; allowed: a probability in [0, 1)"),
+        ({"r": 4, "target_modules": ["q"], "bias": "maybe"}, "model.lora.bias='maybe'; allowed: none, all, lora_only"),
+        ({"r": 4, "target_modules": ["q"], "rank_pattern": [1]}, "model.lora.rank_pattern=[1]; allowed: a mapping"),
+        ({"r": 4, "target_modules": 5}, "model.lora.target_modules=5; allowed: a list of module names, e.g. [q, v]"),
+        ({"r": 4, "target_modules": ["q"], "bogus": 1}, "model.lora: unknown key(s) bogus; peft's LoraConfig takes"),
+        ({"r": 4, "target_modules": ["q"], "task_type": "XYZ"}, "model.lora is not a valid peft LoraConfig:"),
+        # peft needs one name of the list to match: a misspelt second one was dropped unsaid
+        ({"r": 4, "target_modules": ["q", "v_proj"]}, "model.lora.target_modules: 'v_proj' match(es) no module of the "
+                                                      "t5 model; its linear layers are named"),
     ],
 )
-def test_lora_rank_and_alpha_are_checked_by_name(lora, message):
+def test_lora_settings_are_checked_by_name(lora, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         make_backbone("t5", lora=lora)
+
+
+@pytest.mark.parametrize("family, wrong, right", [
+    ("llama", ["q", "v"], "q_proj, v_proj"), ("bert", ["q", "v"], "query, value"), ("llama", ["q_proj", "v_prj"], "v_proj"),
+])
+def test_lora_targets_of_another_family_name_the_model_s_layers(family, wrong, right):
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules: .* match\(es\) no module of the "
+                                          rf"{family} model; its linear layers are named .*") as info:
+        make_backbone(family, lora={"r": 4, "target_modules": wrong})
+    assert all(name in str(info.value) for name in right.split(", "))
+    with pytest.raises(ConfigError, match=re.escape(f"target_modules: [{right if ',' in right else 'q_proj, v_proj'}]")):
+        make_backbone(family, lora=[4])  # not a mapping: the example is the family's own
 
 
 def test_lora_on_bert_trains_its_new_classifier_whole(tmp_path):
@@ -240,6 +262,19 @@ def test_lora_on_bert_trains_its_new_classifier_whole(tmp_path):
     plain = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**bb.model_inputs(batch)).logits, mine, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_bert_keeps_the_classifier_trained_beside_listed_modules():
+    # a listed module trains whole besides the new classifier (it was replaced: random and frozen);
+    # an explicit null keeps the classifier frozen
+    bb = make_backbone("bert", lora={"r": 4, "target_modules": ["query", "value"], "modules_to_save": ["pooler"]})
+    extra = {n for n, p in bb.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert bb.head_weight.requires_grad
+    assert any(n.startswith("model.classifier.") for n in extra) and any(".pooler." in n for n in extra)
+    bb = make_backbone("bert", lora={"r": 4, "target_modules": ["query", "value"], "modules_to_save": None})
+    assert not bb.head_weight.requires_grad
+    with pytest.raises(ConfigError, match=r"model.lora.modules_to_save: 'poolr' match\(es\) no module"):
+        make_backbone("bert", lora={"r": 4, "target_modules": ["query"], "modules_to_save": ["poolr"]})
 
 
 @pytest.mark.parametrize("family, targets, head", [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -211,6 +212,8 @@ class ExitBackbone(nn.Module):
     #: modules a pretrained checkpoint leaves untrained (a task's new classifier): under LoRA they train
     #: whole (peft's `modules_to_save`, as its SEQ_CLS task type does), else they would stay random
     task_heads: ClassVar[tuple[str, ...]] = ()
+    #: the attention projections to put LoRA on, in examples and messages (`model.lora.target_modules`)
+    lora_targets: ClassVar[tuple[str, ...]] = ("q", "v")
 
     @property
     def max_positions(self) -> int | None:
@@ -289,7 +292,7 @@ class ExitBackbone(nn.Module):
         if lora:
             if not isinstance(lora, Mapping):
                 raise ConfigError(f"model.lora={lora!r} must be a mapping of peft LoraConfig arguments, e.g. "
-                                  "{r: 8, lora_alpha: 16, target_modules: [q, v]}")
+                                  f"{{r: 8, lora_alpha: 16, target_modules: [{', '.join(self.lora_targets)}]}}")
             self._add_lora(dict(lora))
 
     def _exit_heads(self, kind: str | None, layers: Any, name_or_path: str | None) -> nn.ModuleDict | None:
@@ -333,20 +336,40 @@ class ExitBackbone(nn.Module):
         """
         from peft import LoraConfig, get_peft_model
 
-        # peft checks neither (a string rank fails deep inside it with "'<=' not supported ...")
+        # peft checks none of these by name (a string rank fails deep inside it with "'<=' not supported ...")
+        unknown = sorted(set(lora) - {f.name for f in dataclasses.fields(LoraConfig)})
+        if unknown:
+            raise ConfigError(f"model.lora: unknown key(s) {', '.join(unknown)}; peft's LoraConfig takes e.g. r, "
+                              "lora_alpha, lora_dropout, target_modules, modules_to_save, bias, use_rslora, use_dora, "
+                              "init_lora_weights, rank_pattern, alpha_pattern, layers_to_transform")
         if "r" in lora:
             positive_int(lora["r"], "model.lora.r")
         if "lora_alpha" in lora:
             number(lora["lora_alpha"], "model.lora.lora_alpha", above=0)
-        if self.task_heads and "modules_to_save" not in lora:  # (modules_to_save: null keeps them frozen)
-            lora["modules_to_save"] = list(self.task_heads)
+        if "lora_dropout" in lora and not 0 <= number(lora["lora_dropout"], "model.lora.lora_dropout") < 1:
+            raise ConfigError(f"model.lora.lora_dropout={lora['lora_dropout']!r}; allowed: a probability in [0, 1)")
+        if lora.get("bias", "none") not in ("none", "all", "lora_only"):
+            raise ConfigError(f"model.lora.bias={lora['bias']!r}; allowed: none, all, lora_only")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if lora.get(key) is not None and not isinstance(lora[key], Mapping):
+                raise ConfigError(f"model.lora.{key}={lora[key]!r}; allowed: a mapping of module name (or regex) -> value")
+        self._check_lora_names(lora, "target_modules")
+        if self.task_heads:
+            # a task's new head trains whole under LoRA, whatever else is listed (peft's SEQ_CLS task type
+            # adds it too); only an explicit modules_to_save=null keeps it frozen
+            given = lora.get("modules_to_save", [])
+            if given is not None:
+                self._check_lora_names(lora, "modules_to_save")
+                lora["modules_to_save"] = list(dict.fromkeys([*given, *self.task_heads]))
+        else:
+            self._check_lora_names(lora, "modules_to_save")
         try:
             config = LoraConfig(**lora)
-        except TypeError as e:
+        except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise ConfigError(f"model.lora is not a valid peft LoraConfig: {e}") from e
         try:
             self.__dict__["_peft"] = get_peft_model(self.model, config)
-        except ValueError as e:
+        except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise ConfigError(f"model.lora: {e}") from e
         from peft.tuners.lora import LoraLayer
 
@@ -360,6 +383,23 @@ class ExitBackbone(nn.Module):
                 f"{name!r}, which the exits read as one weight matrix; train it whole with "
                 f"model.lora.modules_to_save=[{name}], or leave it out of target_modules"
             )
+
+    def _check_lora_names(self, lora: dict[str, Any], key: str) -> None:
+        """Each name in `model.lora.<key>` (a list) matches a module the way peft matches it (the name, or
+        its dotted suffix): peft needs only one name of the list to match, so a misspelt one was dropped
+        unsaid. A string is peft's regex over full names, left to peft."""
+        names = lora.get(key)
+        if names is None or isinstance(names, str):
+            return
+        if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"model.lora.{key}={names!r}; allowed: a list of module names, e.g. "
+                              f"[{', '.join(self.lora_targets)}], or one regex string")
+        modules = [n for n, _ in self.model.named_modules() if n]
+        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)})
+            raise ConfigError(f"model.lora.{key}: {', '.join(map(repr, missing))} match(es) no module of the "
+                              f"{self.family} model; its linear layers are named {', '.join(linear)}")
 
     # --- family-specific parts -------------------------------------------------------------
     @classmethod

@@ -17,6 +17,7 @@ class BertBackbone(ExitBackbone):
     config_class = BertConfig
     head_kind = "sequence"
     task_heads = ("classifier",)  # new in every fine-tuning of a pretrained BERT
+    lora_targets = ("query", "value")
 
     @classmethod
     def config_defaults(cls, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

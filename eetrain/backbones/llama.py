@@ -22,6 +22,7 @@ class LlamaBackbone(ExitBackbone):
     family = "llama"
     model_class = LlamaForCausalLM
     config_class = LlamaConfig
+    lora_targets = ("q_proj", "v_proj")
 
     @classmethod
     def config_defaults(cls, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
