@@ -66,10 +66,12 @@ def assert_same_records(a: LayerRecords, b: LayerRecords, n: int | None = None) 
             assert x is None and y is None, name
             continue
         y = y[cut] if name in ("labels", "positions", "sequence_ids", "h0") else y[:, cut]
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, equal_nan=True, msg=name)
+        # (chunks of other sizes take other GEMM blockings on some CPUs: float32 rounding, e.g. 1.4e-6 on an
+        # entropy of 5.7 nats with AMD's MKL path)
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, equal_nan=True, msg=name)
     assert a.sublayer.keys() == b.sublayer.keys()
     for point in a.sublayer:
-        torch.testing.assert_close(a.sublayer[point], b.sublayer[point][:, cut], rtol=0, atol=1e-6, msg=point)
+        torch.testing.assert_close(a.sublayer[point], b.sublayer[point][:, cut], rtol=1e-6, atol=1e-6, msg=point)
 
 
 class Counter:
