@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eetrain.errors import ConfigError, boolean, number
+from eetrain.errors import ConfigError, boolean, check_keys, number
 
 from .calibration import PVALUES
 from .classifiers import CLASSIFIERS, FEATURES, ExitClassifier, load_classifier
@@ -534,6 +534,19 @@ def record_settings(cfg: Any) -> RecordSettings:
     )
 
 
+def check_exit_keys(cfg: Any) -> None:
+    """`exit` and its `classifiers` / `calibration` / `record` nodes hold only the keys conf/exit/default.yaml
+    has: a key added with `+exit...` that nothing reads was ignored unsaid (the run used the default)."""
+    from eetrain.config import CONF_DIR
+
+    default = OmegaConf.load(CONF_DIR / "exit" / "default.yaml")
+    node = exit_node(cfg)
+    check_keys(node, set(default), "exit")
+    for name in ("classifiers", "calibration", "record"):
+        if isinstance(node.get(name), Mapping | DictConfig):
+            check_keys(node[name], set(default[name]), f"exit.{name}")
+
+
 def check_config(cfg: Any, backbone: Any) -> None:
     """Validate the whole ``exit`` node against the model (depth, hidden size of saved classifiers).
 
@@ -545,6 +558,7 @@ def check_config(cfg: Any, backbone: Any) -> None:
             "layer's, and this head is a regression (num_labels=1): use stages=[classify] with "
             "classify.policies=[patience_regression] (PABEE's rule on the score; exit.policies.<name>.kwargs.tolerance)"
         )
+    check_exit_keys(cfg)
     num_layers = int(backbone.num_layers)
     feature_space(cfg)
     specs = policy_specs(cfg, num_layers)
