@@ -40,11 +40,21 @@ def console() -> Any:
     return _CONSOLE
 
 
+def check_progress_env() -> None:
+    """A ConfigError naming EETRAIN_PROGRESS when it holds no progress mode."""
+    if os.environ.get("EETRAIN_PROGRESS", "").strip():
+        _mode("off")
+
+
 def _mode(mode: str = "auto", stream: str = "stderr") -> str:
     """`rich`, `lines` or `off`: EETRAIN_PROGRESS, else `mode`; `auto` is `rich` on a terminal."""
-    chosen = os.environ.get("EETRAIN_PROGRESS", "").strip().lower() or mode
+    env = os.environ.get("EETRAIN_PROGRESS", "").strip().lower()
+    chosen = env or mode
     if chosen not in MODES:
-        raise ValueError(f"progress mode {chosen!r}; allowed: {', '.join(MODES)}")
+        from eetrain.errors import ConfigError
+
+        key = "the environment variable EETRAIN_PROGRESS" if env else "progress mode"
+        raise ConfigError(f"{key}={chosen!r}; allowed: {', '.join(MODES)}")
     if chosen != "auto":
         return chosen
     if stream == "stderr":

@@ -19,11 +19,12 @@ from eetrain.backbones.base import ExitBackbone
 from eetrain.checkpointing import AtomicCheckpointIO, check_run_inputs, export_pretrained, monitor_check
 from eetrain.config import build
 from eetrain.distributed import full_backbone, training_strategy
-from eetrain.errors import ConfigError, StoppedBySignal, boolean
+from eetrain.errors import ConfigError, EetrainError, StoppedBySignal, boolean
 from eetrain.files import atomic_file
 from eetrain.layer_metrics import LayerStats, format_table, layer_predictions
 from eetrain.losses.joint import JointLoss
 from eetrain.module import EarlyExitModule
+from eetrain.progress import check_progress_env
 from eetrain.resume import continued_wandb_run, resume_path, slurm_plugins
 from eetrain.wandb_panels import log_export_artifact
 
@@ -81,13 +82,60 @@ def load_module_weights(module: EarlyExitModule, ckpt_path: str | None) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def check_interpolations(node: Any, key: str = "") -> None:
+    """Every `${...}` of the config resolves, else a ConfigError naming its key: OmegaConf raises where a
+    value is first read (deep inside a build, naming no key), and an unset environment variable in
+    `${oc.env:...}` would otherwise end in a traceback."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.errors import InterpolationResolutionError
+
+    names = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for name in names:
+        path = f"{key}.{name}" if key else str(name)
+        if path == "hydra" or OmegaConf.is_missing(node, name):  # (??? is reported where it is built)
+            continue
+        try:
+            value = node[name]
+        except InterpolationResolutionError as e:
+            inner = e.__cause__ or e.__context__
+            while inner is not None and not isinstance(inner, EetrainError):
+                inner = inner.__cause__ or inner.__context__
+            if inner is not None:  # a resolver's own message (eetrain_shallow) names its key
+                raise inner from None
+            message = str(e).splitlines()[0]
+            raise ConfigError(f"{path}={OmegaConf.to_container(node, resolve=False)[name]}: {message}") from None
+        if isinstance(value, DictConfig | ListConfig):
+            check_interpolations(value, path)
+
+
+def check_fresh_run_dir(out_dir: Path) -> None:
+    """A fresh start (no checkpoint to resume) into a run directory that holds another run's checkpoints or
+    metrics is refused: Lightning would save this run's as last-v1.ckpt beside the other's last.ckpt, and
+    the CSV logger append its rows to the other's (`ckpt_path=<run>/checkpoints/last.ckpt` would then
+    resume the wrong run)."""
+    found = sorted(out_dir.glob("checkpoints/*.ckpt")) + sorted(out_dir.glob("csv/**/metrics.csv"))
+    if found:
+        names = ", ".join(str(p.relative_to(out_dir)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ConfigError(
+            f"hydra.run.dir={out_dir} already holds a run ({names}): resume it with "
+            f"ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}, or start this one in another hydra.run.dir"
+        )
+
+
 def run(cfg: DictConfig) -> float:
     """Train with `cfg`; returns the last layer's validation loss (for sweeps)."""
+    check_interpolations(cfg)
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed={seed!r}; allowed: an integer in 0..{2**32 - 1}")
     for key in ("train", "export"):
         boolean(cfg.get(key, True), key)
+    check_progress_env()  # the stages' bars read it after training: a bad value fails now
+    tags = cfg.get("tags")
+    tags = OmegaConf.to_container(tags) if OmegaConf.is_config(tags) else tags
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+        # (W&B takes a lone string as its characters: tags=foo became f, o, o)
+        raise ConfigError(f"tags={tags!r}; allowed: a list of strings, e.g. tags=[foo] or tags=[foo,bar]")
     L.seed_everything(seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +168,8 @@ def run(cfg: DictConfig) -> float:
     )
     check_run_inputs(cfg, module)  # optimizer.lr, and ckpt_path against this model (fit and train=false alike)
     resume = resume_path(cfg, out_dir) if cfg.get("train", True) else None
+    if cfg.get("train", True) and resume is None:
+        check_fresh_run_dir(out_dir)
     loggers = [build(c, f"logger.{k}", **continued_wandb_run(c, out_dir, resume))
                for k, c in (cfg.get("logger") or {}).items()]
     named = {k: build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None}

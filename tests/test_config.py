@@ -200,6 +200,19 @@ def test_cfg_job_prints_composed_config(tmp_path):
         (["model=bert_tiny", "data=demo_classification", "model.config.max_position_embeddings=16"],
          "data.max_length=128 is longer than the bert model's 16 positions (model.config.max_position_embeddings)"),
         (["+exits.foo=1"], "exits: unknown key(s) ['foo']; allowed: ['layers', 'min_layer', 'train_below_min']"),
+        # keys nothing reads under exit (the run used the defaults unsaid)
+        (["stages=[policies]", "+exit.foo=1"], "exit: unknown key(s) ['foo']; allowed: ['calibration', 'classifiers', "),
+        (["stages=[policies]", "+exit.calibration.alpha=0.05"],
+         "exit.calibration: unknown key(s) ['alpha']; allowed: ['calibration_fraction', 'candidates', 'delta', "),
+        (["stages=[exit_classifiers]", "+exit.classifiers.hidden=8"],
+         "exit.classifiers: unknown key(s) ['hidden']; allowed: ['batch_size', 'calm_hidden', "),
+        # an interpolation that does not resolve: one line naming its key (it ended in tracebacks)
+        (["optimizer.lr=${oc.env:EETRAIN_NO_SUCH_VARIABLE}"], "optimizer.lr=${oc.env:EETRAIN_NO_SUCH_VARIABLE}: "
+                                                              "KeyError raised while resolving interpolation: "
+                                                              "\"Environment variable 'EETRAIN_NO_SUCH_VARIABLE' not found\""),
+        (["trainer.max_steps=${nope}"], "trainer.max_steps=${nope}: Interpolation key 'nope' not found"),
+        (["tags=foo"], "tags='foo'; allowed: a list of strings, e.g. tags=[foo]"),  # W&B read it as f, o, o
+        (["tags=5"], "tags=5; allowed: a list of strings"),
         (["train=maybe"], "train='maybe'; allowed: true or false"),
         (["stages=policies"], "stages='policies'; allowed: a list of stages, e.g. stages=[policies]"),
         (["loss.terms.ce.curriculum=rotational"], "loss.terms.ce.curriculum='rotational'; allowed: null or a mapping"),
@@ -225,6 +238,31 @@ def test_bad_input_one_clear_message(tmp_path, overrides, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_bad_progress_mode_in_the_environment_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("EETRAIN_PROGRESS", "verbose")  # (it crashed after training, in the stages' bars)
+    r = in_process.cli("+experiment=demo", "logger=none", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "the environment variable EETRAIN_PROGRESS='verbose'; allowed: auto, rich, lines, off" in r.stderr
+    assert not (tmp_path / "outputs").exists() or not list(tmp_path.glob("outputs/**/*.ckpt"))
+
+
+def test_a_fresh_run_into_another_run_s_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"another run's")
+    r = in_process.cli("+experiment=demo", "logger=none", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"hydra.run.dir={run} already holds a run (checkpoints/last.ckpt): resume it with "
+            f"ckpt_path={run}/checkpoints/last.ckpt, or start this one in another hydra.run.dir") in r.stderr
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"another run's"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "csv" / "version_0" / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    r = in_process.cli("+experiment=demo", "logger=none", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a run (csv/version_0/metrics.csv)" in r.stderr
 
 
 def test_wandb_without_a_key_says_how_to_log_offline(tmp_path, monkeypatch):
