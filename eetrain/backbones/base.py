@@ -358,6 +358,7 @@ class ExitBackbone(nn.Module):
             # a task's new head trains whole under LoRA, whatever else is listed (peft's SEQ_CLS task type
             # adds it too); only an explicit modules_to_save=null keeps it frozen
             given = lora.get("modules_to_save", [])
+            given = [given] if isinstance(given, str) else given
             if given is not None:
                 self._check_lora_names(lora, "modules_to_save")
                 lora["modules_to_save"] = list(dict.fromkeys([*given, *self.task_heads]))
