@@ -193,6 +193,34 @@ def test_a_wrong_hub_config_names_the_key_and_the_configs(tmp_path):
     assert len(dm.datasets["train"]) == 1
 
 
+def test_a_dataset_saved_with_save_to_disk_names_the_way_to_local_files(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    bb = make_backbone("t5")
+    dm = Text2TextDataModule(bb.tokenizer, bb.collate, hf_name=str(tmp_path / "saved"),
+                             source_column="document", target_column="summary")
+    with pytest.raises(ConfigError, match=r"data.hf_name='.*saved' \(data.hf_config=None\) cannot be loaded: .*"
+                                          r"save_to_disk.*; local files load with data.hf_name=null data.files.train="):
+        dm.setup("fit")
+
+
+def test_local_data_for_a_stage_on_an_export_needs_no_training_file(tmp_path):
+    # conf/experiment/generate.yaml's own command: data=local with validation and test files only
+    from hydra.utils import instantiate
+
+    from eetrain.config import compose
+
+    path = _write(tmp_path / "rows.jsonl", ROWS, "jsonl")
+    cfg = compose(["data=local", f"data.files.validation={path}", f"data.files.test={path}",
+                   "data.source_column=document", "data.target_column=summary"])
+    bb = make_backbone("t5")
+    dm = instantiate(cfg.data, tokenizer=bb.tokenizer, collate_fn=bb.collate)
+    assert len(dm.split_examples("test")) == 3
+    with pytest.raises(ConfigError, match=r"data.files.train is not set"):  # training still needs one
+        dm.setup("fit")
+
+
 def test_an_offline_dataset_cached_under_hf_home_is_found(tmp_path, monkeypatch):
     from eetrain import hub
     from eetrain.errors import HubUnreachableError

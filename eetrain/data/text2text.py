@@ -117,7 +117,9 @@ def load_rows(
                 ) from None
             if "BuilderConfig" in str(e) or "Config name is missing" in str(e):
                 raise ConfigError(f"data.hf_config={hf_config!r} is not a config of data.hf_name={hf_name!r}: {first}") from None
-            raise ConfigError(f"data.hf_name={hf_name!r} (data.hf_config={hf_config!r}) cannot be loaded: {first}") from None
+            raise ConfigError(f"data.hf_name={hf_name!r} (data.hf_config={hf_config!r}) cannot be loaded: {first}; "
+                              "local files load with data.hf_name=null data.files.train=... data.files.validation=... "
+                              "(JSON, JSONL, CSV or Parquet)") from None
         except RuntimeError as e:
             # datasets >= 4 refuses a repository that is only a loading script (some older hub datasets)
             if "scripts are no longer supported" not in str(e):
