@@ -561,3 +561,7 @@ def test_the_export_says_when_its_policy_cannot_exit_early(tmp_path, capsys):
            "never exits early: set exit.min_exit_layer" in capsys.readouterr().out
     export_policy(compose(["exit.min_exit_layer=2"]), make_backbone("t5"), tmp_path, tmp_path)
     assert "note" not in capsys.readouterr().out
+    # a one-layer model has no earlier layer to advise (1..0)
+    (tmp_path / "early_exit.json").write_text(json.dumps({"family": "t5", "num_layers": 1}))
+    policy = export_policy(compose([]), make_backbone("t5", num_decoder_layers=1), tmp_path, tmp_path)
+    assert policy["min_exit_layer"] == 1 and "note" not in capsys.readouterr().out
